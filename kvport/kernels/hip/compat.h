@@ -1,0 +1,20 @@
+// HIP spellings of the CUDA runtime names kvport's kernels use, so kernels/cuda/*.cu compile unchanged
+// with hipcc. Only names and the wavefront width live here; never copies of kernels.
+#pragma once
+
+#include <hip/hip_runtime.h>
+
+// AMD CDNA GPUs schedule 64-lane wavefronts; kernels size warp-level work from this.
+#define KVPORT_WARP_SIZE 64
+
+#define cudaError_t hipError_t
+#define cudaSuccess hipSuccess
+#define cudaStream_t hipStream_t
+#define cudaGetErrorString hipGetErrorString
+#define cudaGetLastError hipGetLastError
+#define cudaGetDeviceCount hipGetDeviceCount
+#define cudaRuntimeGetVersion hipRuntimeGetVersion
+#define cudaDriverGetVersion hipDriverGetVersion
+#define cudaMemcpyAsync hipMemcpyAsync
+#define cudaMemcpyDefault hipMemcpyDefault
+#define cudaStreamSynchronize hipStreamSynchronize

@@ -1,0 +1,49 @@
+"""Byte views of engine memory for the pure-torch reference ops, built only from a stream's strides.
+Owns the descriptor -> (rows tensor, slot index) translation; must not copy data or know layouts by name."""
+
+from __future__ import annotations
+
+import torch
+
+from kvport.layouts.descriptor import CopyDescriptor, GroupDesc, StreamDesc
+
+
+def storage_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole storage behind ``tensor`` as a flat uint8 tensor on the same device."""
+    raw = torch.empty(0, dtype=torch.uint8, device=tensor.device)
+    raw.set_(tensor.untyped_storage())
+    return raw
+
+
+def slot_index(group: GroupDesc, block_ids: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block id, in-block slot) for every slot the first ``num_tokens`` tokens touch, in canonical order."""
+    slots = torch.arange(group.slot_count(num_tokens), dtype=torch.int64)
+    spb = group.slots_per_block
+    needed = group.block_count(num_tokens)
+    if block_ids.numel() < needed:
+        raise ValueError(
+            f"group {group.name!r}: {num_tokens} tokens need {needed} blocks, got {block_ids.numel()} block ids"
+        )
+    blocks = block_ids.to(torch.int64).cpu()[slots // spb]
+    return blocks, slots % spb
+
+
+def stream_rows(stream: StreamDesc, group: GroupDesc, max_block: int) -> torch.Tensor:
+    """A [blocks, slots_per_block, rows_per_slot, row_bytes] byte view of one stream, blocks 0..max_block."""
+    raw = storage_bytes(stream.buffer)
+    start = stream.buffer.storage_offset() * stream.buffer.element_size() + stream.offset
+    return raw.as_strided(
+        (max_block + 1, group.slots_per_block, stream.rows_per_slot, stream.row_bytes),
+        (stream.block_stride, stream.slot_stride, stream.row_stride, 1),
+        start,
+    )
+
+
+def per_group_ids(descriptor: CopyDescriptor, block_ids, num_tokens: int):
+    """Yield, per group, the (blocks, slots) index pair; validates the block tables once per call."""
+    tables = descriptor.normalize_block_ids(block_ids)
+    out = []
+    for group, table in zip(descriptor.groups, tables):
+        table = torch.as_tensor(table, dtype=torch.int64)
+        out.append(slot_index(group, table, num_tokens))
+    return out

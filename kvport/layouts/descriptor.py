@@ -1,0 +1,119 @@
+"""Copy descriptors: the compiled, engine-neutral byte address map that every backend's gather/scatter reads.
+Owns the descriptor dataclasses and canonical-chunk size arithmetic; must not know YAML, engines or kernels.
+
+Contract (every backend implements exactly this; the torch backend is the oracle):
+
+* A descriptor has groups (each with its own block table and tokens per block) and streams. A stream is one
+  (group, layer, component) plane of engine memory. Streams are listed in canonical order: group, then layer,
+  then component.
+* Row address of (block b, slot n, sub-row r) in a stream is
+  ``buffer.data_ptr() + offset + b*block_stride + n*slot_stride + r*row_stride``; the row is ``row_bytes``
+  contiguous bytes. All strides and sizes are in bytes.
+* For ``num_tokens`` tokens, a group has ``slot_count(num_tokens)`` slots; slot ``s`` lives in block
+  ``block_ids[group][s // slots_per_block]`` at in-block slot ``s % slots_per_block``.
+* The canonical chunk is the concatenation, over streams in order, of each stream's slots in order, each slot
+  being its ``rows_per_slot`` rows back to back. ``stream_offsets`` gives where each stream starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupDesc:
+    """One layer group: its own block table, block size and slot compression."""
+
+    index: int
+    name: str
+    tokens_per_block: int
+    tokens_per_slot: int = 1
+    # Opaque groups copy whole blocks as one row (in-block bytes are kernel-specific, e.g. vLLM CPU_ATTN);
+    # their canonical form is only meaningful to the same layout.
+    opaque: bool = False
+
+    @property
+    def slots_per_block(self) -> int:
+        return 1 if self.opaque else self.tokens_per_block // self.tokens_per_slot
+
+    def block_count(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.tokens_per_block)
+
+    def slot_count(self, num_tokens: int) -> int:
+        if self.opaque:
+            return self.block_count(num_tokens)
+        # A partially filled compressed slot still exists in engine memory and is copied as it is.
+        return -(-num_tokens // self.tokens_per_slot)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamDesc:
+    """One (group, layer, component) plane of engine memory, addressed in bytes from ``buffer``."""
+
+    group: int
+    layer: int
+    component: str
+    buffer: torch.Tensor = dataclasses.field(compare=False, repr=False)
+    offset: int
+    block_stride: int
+    slot_stride: int
+    row_stride: int
+    rows_per_slot: int
+    row_bytes: int
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.rows_per_slot * self.row_bytes
+
+    @property
+    def base_ptr(self) -> int:
+        return self.buffer.data_ptr() + self.offset
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyDescriptor:
+    """Everything a backend needs to move one model's KV between engine memory and canonical chunks."""
+
+    layout: str
+    groups: tuple[GroupDesc, ...]
+    streams: tuple[StreamDesc, ...]
+    # Identifies the canonical chunk format (model dims, dtype, group shapes); equal fingerprints mean
+    # byte-compatible canonical chunks. Opaque layouts include the layout name in it.
+    fingerprint: str
+
+    def stream_bytes(self, stream: StreamDesc, num_tokens: int) -> int:
+        return self.groups[stream.group].slot_count(num_tokens) * stream.slot_bytes
+
+    def stream_offsets(self, num_tokens: int) -> list[int]:
+        offsets, total = [], 0
+        for stream in self.streams:
+            offsets.append(total)
+            total += self.stream_bytes(stream, num_tokens)
+        return offsets
+
+    def canonical_bytes(self, num_tokens: int) -> int:
+        return sum(self.stream_bytes(s, num_tokens) for s in self.streams)
+
+    def normalize_block_ids(self, block_ids: Sequence) -> list:
+        """Accept one block-id list per group, or a single list when there is one group."""
+        if len(self.groups) == 1 and not _is_nested(block_ids):
+            return [block_ids]
+        if len(block_ids) != len(self.groups):
+            raise ValueError(
+                f"{self.layout}: got {len(block_ids)} block-id lists, expected one per group ({len(self.groups)})"
+            )
+        return list(block_ids)
+
+
+def _is_nested(block_ids: Sequence) -> bool:
+    if hasattr(block_ids, "dim"):
+        return block_ids.dim() > 1
+    if len(block_ids) == 0:
+        return False
+    first = block_ids[0]
+    return isinstance(first, (list, tuple)) or (hasattr(first, "dim") and first.dim() >= 1)
