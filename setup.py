@@ -6,19 +6,21 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
-from setuptools.command.build_ext import build_ext
-from setuptools.command.build_py import build_py
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from kvport._build.compile import build_native  # noqa: E402
 from kvport._build.target import BuildTargetError, resolve_target  # noqa: E402
 
+# Resolved before anything else is imported, so a bad target is one line even where setuptools is missing.
 try:
     TARGET = resolve_target(os.environ)
 except BuildTargetError as exc:
     sys.exit(f"kvport build: {exc}")
+
+from setuptools import Extension, setup  # noqa: E402
+from setuptools.command.build_ext import build_ext  # noqa: E402
+from setuptools.command.build_py import build_py  # noqa: E402
+
+from kvport._build.compile import build_native  # noqa: E402
 
 
 class BuildNative(build_ext):

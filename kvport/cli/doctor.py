@@ -1,0 +1,81 @@
+"""`kvport doctor`: what this machine can do — platform, device, versions, native module, backends and reasons.
+Owns only gathering and printing the report; must not change any state or pick a backend for real work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def collect() -> dict[str, Any]:
+    from kvport import __version__
+    from kvport.hal.native import native_status
+    from kvport.hal.platform import detect_platform
+    from kvport.hal.registry import BackendError, candidates, select_backend
+
+    platform = detect_platform()
+    native = native_status(query_runtime=platform.name in ("cuda", "rocm"))
+    found = candidates(platform)
+    try:
+        selected, selection_error = select_backend(platform).name, None
+    except BackendError as exc:
+        selected, selection_error = None, str(exc)
+    return {
+        "kvport": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.to_dict(),
+        "versions": {"torch": platform.torch_version, "triton": _version("triton")},
+        "native": native.to_dict(),
+        "backends": [
+            {"name": c.name, "priority": c.priority, "available": c.verdict.ok, "reason": c.verdict.reason}
+            for c in found
+        ],
+        "selected_backend": selected,
+        "selection_error": selection_error,
+    }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def render(report: dict[str, Any]) -> str:
+    platform, native = report["platform"], report["native"]
+    device = platform["device_name"] or "none"
+    lines = [
+        f"kvport {report['kvport']} (python {report['python']})",
+        f"platform   {platform['name']}  device: {device}"
+        + (f" x{platform['device_count']}" if platform["device_count"] > 1 else ""),
+        f"versions   torch {report['versions']['torch'] or 'not installed'}, "
+        f"triton {report['versions']['triton'] or 'not installed'}",
+        f"native     target={native['target']} archs={','.join(native['archs']) or '-'} "
+        f"{'loadable' if native['loadable'] else 'not loadable'}: {native['reason']}",
+    ]
+    for name, reason in platform["reasons"].items():
+        lines.append(f"  not {name}: {reason}")
+    lines.append("backends (priority order):")
+    for b in report["backends"]:
+        mark = "yes" if b["available"] else "no "
+        lines.append(f"  [{mark}] {b['name']:<7} {b['reason']}")
+    if report["selected_backend"]:
+        lines.append(f"selected   {report['selected_backend']}")
+    else:
+        lines.append(f"selected   none: {report['selection_error']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = collect()
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0 if report["selected_backend"] else 1

