@@ -1,0 +1,166 @@
+"""Cache configuration: one dataclass, loaded from a YAML file, ``KVPORT_*`` environment variables and overrides.
+Owns parsing, defaults and validation of cache settings; must not allocate memory, touch disk tiers or import torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kvport.errors import UserError
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Every cache setting with its default; docs/cache.md documents each field."""
+
+    # Tokens per chunk; must be a multiple of every layer group's tokens_per_block (checked at bind).
+    chunk_tokens: int = 256
+    # Host memory for the L1 pool, allocated once at bind (pinned when a CUDA/ROCm device exists).
+    l1_bytes: int = 2 * GiB
+    # Directory of the local-disk L2 tier; None disables the disk tier.
+    l2_path: str | None = None
+    # Capacity of the disk tier; the oldest chunks are evicted past it.
+    l2_bytes: int = 64 * GiB
+    # fsync each chunk file before it becomes visible (survives power loss, not only a process crash).
+    l2_fsync: bool = False
+    # Tenant isolation: different salts never share a key.
+    salt: str = ""
+    # Copy backend name (as in the registry); None lets the registry pick (and honours KVPORT_BACKEND).
+    backend: str | None = None
+    # Write chunks to L2 in background threads; False writes them before store() returns.
+    async_store: bool = True
+    # Read L2 chunks ahead of the one being scattered during a load.
+    prefetch: bool = True
+    # Background I/O threads for L2 reads and writes.
+    io_threads: int = 2
+    # Most chunks waiting for an L2 write; past it a chunk stays in L1 only (counted as dropped).
+    max_pending_stores: int = 256
+    # Chunks an L2 load reads ahead of the scatter.
+    prefetch_depth: int = 4
+    # Serve Prometheus metrics on this port (None: only in-process registry).
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("chunk_tokens", self.chunk_tokens > 0, "a positive integer"),
+            ("l1_bytes", self.l1_bytes >= 0, "a non-negative byte count"),
+            ("l2_bytes", self.l2_bytes > 0, "a positive byte count"),
+            ("io_threads", self.io_threads >= 1, "at least 1"),
+            ("max_pending_stores", self.max_pending_stores >= 1, "at least 1"),
+            ("prefetch_depth", self.prefetch_depth >= 1, "at least 1"),
+            ("metrics_port", self.metrics_port is None or 0 < self.metrics_port < 65536, "a TCP port or null"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise UserError(f"cache config: {name}={getattr(self, name)!r}, expected {expected}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(CacheConfig)}
+_BYTE_FIELDS = {"l1_bytes", "l2_bytes"}
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12}
+_UNITS |= {"tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: Any, where: str) -> int:
+    """An int, or a string such as ``"4GiB"`` / ``"512MB"`` (binary and decimal units)."""
+    if isinstance(value, bool):
+        raise UserError(f"{where}: {value!r} is not a byte count (expected e.g. 1073741824 or '1GiB')")
+    if isinstance(value, int):
+        return value
+    match = _BYTES_RE.match(str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise UserError(f"{where}: {value!r} is not a byte count (expected e.g. 1073741824 or '1GiB')")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    if name in _BYTE_FIELDS:
+        return parse_bytes(value, where)
+    kind = _FIELDS[name].type
+    optional = "None" in kind
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        if optional:
+            return None
+        raise UserError(f"{where}: null is not allowed (expected {kind})")
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{where}: {value!r} is not a boolean (expected true/false)")
+    if kind.startswith("int"):
+        if isinstance(value, bool):
+            raise UserError(f"{where}: {value!r} is not an integer")
+        try:
+            return int(str(value).strip()) if not isinstance(value, int) else value
+        except ValueError:
+            raise UserError(f"{where}: {value!r} is not an integer") from None
+    if kind.startswith("str"):
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{where}: {value!r} is not a string")
+        return str(value)
+    raise AssertionError(f"unhandled config field type {kind}")  # a new field type needs a case above
+
+
+def _from_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cache config {path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise UserError(f"cache config {path}:{where} is not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"cache config {path}: expected a mapping of settings, got {type(data).__name__}")
+    # A file may hold only the cache settings, or nest them under `cache:` next to other sections.
+    if set(data) == {"cache"} and isinstance(data["cache"], dict):
+        data = data["cache"]
+    return {str(k): v for k, v in data.items()}
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> CacheConfig:
+    """Defaults < YAML file (``path``, else ``$KVPORT_CONFIG``) < ``KVPORT_<FIELD>`` env < ``overrides``.
+
+    Unknown keys in the file or in overrides are a UserError naming the key. Environment variables are read only
+    for known fields (other kvport components own other ``KVPORT_*`` names, e.g. KVPORT_PLATFORM).
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if path is None and environ.get("KVPORT_CONFIG"):
+        path = environ["KVPORT_CONFIG"]
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        layers.append((f"cache config {path}", _from_yaml(Path(path))))
+    env = {name: environ[f"KVPORT_{name.upper()}"] for name in _FIELDS if f"KVPORT_{name.upper()}" in environ}
+    layers.append(("environment", env))
+    layers.append(("cache config overrides", dict(overrides or {})))
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key not in _FIELDS:
+                known = ", ".join(_FIELDS)
+                raise UserError(f"{source}: unknown key {key!r} (known: {known})")
+            where = f"KVPORT_{key.upper()}" if source == "environment" else f"{source}: {key}"
+            values[key] = _coerce(key, value, where)
+    return CacheConfig(**values)

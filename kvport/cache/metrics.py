@@ -1,0 +1,158 @@
+"""Cache metrics: thread-safe counters and latency histograms per engine, exported through prometheus-client.
+Owns metric names and the Prometheus collector; must not start servers on import or block the data path."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+# Latency buckets (seconds) spanning a ~2 us in-memory lookup to a multi-second disk stall.
+BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# name -> help text. Counters carry labels; stats() flattens them as name_<label values>.
+COUNTERS = {
+    "hits": "chunks found, by tier",
+    "misses": "chunks not found, by tier",
+    "bytes": "bytes moved, by tier and op (read/write)",
+    "seconds": "seconds spent moving those bytes, by tier and op (bytes/seconds = GB/s)",
+    "evictions": "chunks evicted to stay within capacity, by tier",
+    "failures": "chunks rejected or lost: corrupt, truncated, wrong fingerprint, I/O errors; by tier and reason",
+    "skipped": "chunks not stored: L1 exhausted, queue full, already stored; by reason",
+    "tokens_loaded": "tokens scattered into engine memory",
+    "tokens_stored": "tokens gathered out of engine memory into the cache",
+}
+HISTOGRAMS = {"latency": "seconds per operation, by op"}
+
+_live: weakref.WeakSet[CacheMetrics] = weakref.WeakSet()
+_registered = False
+_register_lock = threading.Lock()
+
+
+class CacheMetrics:
+    """Counters and histograms of one cache engine; ``label`` names it in Prometheus (a short namespace id)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._hists: dict[tuple[str, tuple[tuple[str, str], ...]], list] = {}
+        _live.add(self)
+        _ensure_registered()
+
+    def inc(self, name: str, value: float = 1, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + value
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            hist = self._hists.get(key)
+            if hist is None:
+                hist = self._hists[key] = [[0] * (len(BUCKETS) + 1), 0.0, 0]
+            hist[0][bisect.bisect_left(BUCKETS, seconds)] += 1
+            hist[1] += seconds
+            hist[2] += 1
+
+    def transfer(self, tier: str, op: str, nbytes: int, seconds: float) -> None:
+        self.inc("bytes", nbytes, tier=tier, op=op)
+        self.inc("seconds", seconds, tier=tier, op=op)
+
+    def counter(self, name: str, **labels: str) -> float:
+        """Sum of a counter over every label set that matches ``labels``."""
+        with self._lock:
+            return sum(v for (n, lab), v in self._counters.items() if n == name and set(labels.items()) <= set(lab))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Flat dict: totals per counter name, per label set (``hits_l1``, ``bytes_l2_read``), GB/s per tier/op."""
+        with self._lock:
+            counters = dict(self._counters)
+            hists = {k: (list(v[0]), v[1], v[2]) for k, v in self._hists.items()}
+        out: dict[str, Any] = {name: 0 for name in COUNTERS}
+        for (name, labels), value in counters.items():
+            out[name] = out.get(name, 0) + value
+            if labels:
+                flat = f"{name}_" + "_".join(v for _, v in labels)
+                out[flat] = out.get(flat, 0) + value
+        for key in [k for k in out if k.startswith("bytes_")]:
+            seconds = out.get("seconds_" + key[len("bytes_") :], 0)
+            out["gbps_" + key[len("bytes_") :]] = out[key] / seconds / 1e9 if seconds > 0 else 0.0
+        for (name, labels), (_, total, count) in hists.items():
+            flat = f"{name}_" + "_".join(v for _, v in labels)
+            out[f"{flat}_count"] = count
+            out[f"{flat}_mean_s"] = total / count if count else 0.0
+        return out
+
+    def _families(self) -> Iterator[tuple[str, str, dict[str, str], Any]]:
+        with self._lock:
+            counters = dict(self._counters)
+            hists = {k: (list(v[0]), v[1], v[2]) for k, v in self._hists.items()}
+        for (name, labels), value in counters.items():
+            yield "counter", name, dict(labels), value
+        for (name, labels), value in hists.items():
+            yield "histogram", name, dict(labels), value
+
+
+class _Collector:
+    """Exposes every live engine's metrics on prometheus-client's default registry, labelled by engine."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        families: dict[tuple[str, tuple[str, ...]], Any] = {}
+        for metrics in list(_live):
+            for kind, name, labels, value in metrics._families():
+                label_names = ("cache", *sorted(labels))
+                label_values = [metrics.label, *(labels[k] for k in sorted(labels))]
+                fam_key = (name, label_names)
+                if kind == "counter":
+                    fam = families.get(fam_key)
+                    if fam is None:
+                        fam = families[fam_key] = CounterMetricFamily(
+                            f"kvport_cache_{name}", COUNTERS[name], labels=list(label_names)
+                        )
+                    fam.add_metric(label_values, value)
+                else:
+                    fam = families.get(fam_key)
+                    if fam is None:
+                        fam = families[fam_key] = HistogramMetricFamily(
+                            f"kvport_cache_{name}_seconds", HISTOGRAMS[name], labels=list(label_names)
+                        )
+                    counts, total, _ = value
+                    cumulative, buckets = 0, []
+                    for bound, count in zip((*map(str, BUCKETS), "+Inf"), counts):
+                        cumulative += count
+                        buckets.append((bound, cumulative))
+                    fam.add_metric(label_values, buckets, total)
+        yield from families.values()
+
+    def describe(self):
+        return []  # dynamic families; an empty describe keeps registration free of a collect() call
+
+
+def _ensure_registered() -> None:
+    global _registered
+    with _register_lock:
+        if _registered:
+            return
+        from prometheus_client import REGISTRY
+
+        REGISTRY.register(_Collector())
+        _registered = True
+
+
+_served_ports: set[int] = set()
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve every engine's metrics over HTTP (``/metrics``); once per port per process."""
+    from prometheus_client import start_http_server
+
+    with _register_lock:
+        if port in _served_ports:
+            return
+        start_http_server(port, addr=addr)
+        _served_ports.add(port)
