@@ -13,8 +13,10 @@ EXPECTED = os.environ.get("KVPORT_EXPECT_TARGET")
 pytestmark = pytest.mark.skipif(not EXPECTED, reason="only in the nox build(target) session")
 
 
-def doctor_json() -> dict:
-    done = subprocess.run([sys.executable, "-m", "kvport.cli.main", "doctor", "--json"], capture_output=True, text=True)
+def doctor_json(cwd) -> dict:
+    # Run outside the source tree so the installed package, not ./kvport, answers.
+    command = [sys.executable, "-m", "kvport.cli.main", "doctor", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
     assert done.stdout, done.stderr
     return json.loads(done.stdout)
 
@@ -56,8 +58,8 @@ def test_native_module_does_not_link_libtorch():
     assert "libtorch" not in done.stdout and "libc10" not in done.stdout
 
 
-def test_doctor_explains_the_native_state():
-    report = doctor_json()
+def test_doctor_explains_the_native_state(tmp_path):
+    report = doctor_json(tmp_path)
     native = report["native"]
     assert native["target"] == EXPECTED
     assert native["loadable"] is False  # no GPU on the build machine
