@@ -28,6 +28,37 @@ PYBIND11_MODULE(KVPORT_MODULE_NAME, m) {
       },
       py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("stream") = 0,
       "Copy nbytes between device-visible addresses with a kernel on the given stream handle.");
+  m.def(
+      "gather",
+      [](std::uintptr_t table, std::int64_t n_streams, std::uintptr_t blocks, std::uintptr_t chunk, int width,
+         std::int64_t max_supers, std::int64_t max_ctas, std::uintptr_t stream) {
+        check(kvport::gather({table, n_streams, blocks, chunk, width, max_supers, max_ctas, stream}), "gather");
+      },
+      py::arg("table"), py::arg("n_streams"), py::arg("blocks"), py::arg("chunk"), py::arg("width"),
+      py::arg("max_supers"), py::arg("max_ctas") = 0, py::arg("stream") = 0,
+      "Engine memory -> canonical chunk over a segment table (kvport.hal.transfer.segments, anchor 0).");
+  m.def(
+      "scatter",
+      [](std::uintptr_t table, std::int64_t n_streams, std::uintptr_t blocks, std::uintptr_t chunk, int width,
+         std::int64_t max_supers, std::int64_t max_ctas, std::uintptr_t stream) {
+        check(kvport::scatter({table, n_streams, blocks, chunk, width, max_supers, max_ctas, stream}), "scatter");
+      },
+      py::arg("table"), py::arg("n_streams"), py::arg("blocks"), py::arg("chunk"), py::arg("width"),
+      py::arg("max_supers"), py::arg("max_ctas") = 0, py::arg("stream") = 0,
+      "Canonical chunk -> engine memory over a segment table; only addressed slots are written.");
+  m.def(
+      "memcpy_batch",
+      [](std::uintptr_t dsts, std::uintptr_t srcs, std::uintptr_t sizes, std::size_t count, std::uintptr_t stream,
+         bool batched) {
+        check(kvport::memcpy_batch(reinterpret_cast<const std::uintptr_t*>(dsts),
+                                   reinterpret_cast<const std::uintptr_t*>(srcs),
+                                   reinterpret_cast<const std::size_t*>(sizes), count, stream, batched),
+              "memcpy_batch");
+      },
+      py::arg("dsts"), py::arg("srcs"), py::arg("sizes"), py::arg("count"), py::arg("stream") = 0,
+      py::arg("batched") = true,
+      "Copy-engine copies of count regions; dsts/srcs/sizes are host addresses of 64-bit arrays.");
+  m.attr("HAS_BATCHED_MEMCPY") = kvport::has_batched_memcpy();
   m.def("runtime_info", []() {
     int count = 0, runtime = 0, driver = 0;
     const char* error = kvport::runtime_info(&count, &runtime, &driver);

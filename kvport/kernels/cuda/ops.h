@@ -13,4 +13,32 @@ const char* copy_bytes(std::uintptr_t dst, std::uintptr_t src, std::size_t nbyte
 // Runtime facts for `kvport doctor`: device count and runtime/driver versions (0 when unknown).
 const char* runtime_info(int* device_count, int* runtime_version, int* driver_version);
 
+// One segment-copy launch over a table compiled by kvport/hal/transfer/segments.py (anchor 0).
+// table/blocks are device addresses of int64 arrays; chunk is the canonical chunk's device-visible address
+// (device memory, or pinned host memory's mapped address for zero-copy). max_ctas > 0 bounds the grid.
+struct SegmentArgs {
+  std::uintptr_t table;
+  std::int64_t n_streams;
+  std::uintptr_t blocks;
+  std::uintptr_t chunk;
+  int width;
+  std::int64_t max_supers;
+  std::int64_t max_ctas;
+  std::uintptr_t stream;
+};
+
+// Engine memory -> canonical chunk.
+const char* gather(const SegmentArgs& args);
+
+// Canonical chunk -> engine memory (only the addressed slots).
+const char* scatter(const SegmentArgs& args);
+
+// Copy engine transfer of `count` regions (host arrays of addresses and sizes), in stream order.
+// batched: one cudaMemcpyBatchAsync where the runtime has it (CUDA >= 12.8), else per-region async copies.
+const char* memcpy_batch(const std::uintptr_t* dsts, const std::uintptr_t* srcs, const std::size_t* sizes,
+                         std::size_t count, std::uintptr_t stream, bool batched);
+
+// Whether memcpy_batch(batched=true) uses a single batched runtime call in this build.
+bool has_batched_memcpy();
+
 }  // namespace kvport

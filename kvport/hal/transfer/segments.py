@@ -1,0 +1,202 @@
+"""Compiles a CopyDescriptor into the flat per-stream parameter tables that the Triton and native kernels read.
+Owns contiguous-run merging, vector-width choice and the table format; must not launch kernels or pick a path.
+
+Table format (int64, ``NCOL`` columns per stream, all sizes in *elements* of ``width`` bytes):
+
+====  ==============================================================================================
+col   meaning
+====  ==============================================================================================
+0     engine base: (stream.base_ptr - anchor) / width
+1     block stride
+2     super-slot stride (a super-slot is ``merge`` consecutive descriptor slots that are contiguous)
+3     row stride
+4     rows per super-slot
+5     row length
+6     canonical offset of the stream inside the chunk
+7     super-slot count for num_tokens
+8     super-slots per block
+9     offset of the stream's group in the flat block-id table
+10    stream length in the chunk (masks the tail of a partly used super-slot)
+====  ==============================================================================================
+
+The canonical position of (super-slot s, row r, element e) is ``col6 + (s*rows + r)*row_len + e``; it is valid
+only while below ``col6 + col10``. This is exactly descriptor.py's canonical order, because merging only folds
+runs that are contiguous on both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvport.layouts.descriptor import CopyDescriptor, GroupDesc, StreamDesc
+
+if TYPE_CHECKING:
+    import torch
+
+NCOL = 11
+WIDTHS = (16, 8, 4, 2, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MergedStream:
+    """One stream after folding contiguous rows and slots; sizes in bytes."""
+
+    stream: StreamDesc
+    rows: int
+    row_len: int
+    row_stride: int
+    slot_stride: int
+    merge: int  # descriptor slots per super-slot
+    super_per_block: int
+
+    def super_count(self, group: GroupDesc, num_tokens: int) -> int:
+        return -(-group.slot_count(num_tokens) // self.merge)
+
+
+def merge_stream(stream: StreamDesc, group: GroupDesc) -> MergedStream:
+    """Fold rows that touch into one row, then whole blocks into one row when their slots touch too.
+
+    Folding is what makes NHD one 32 KiB copy per (layer, K/V, block) instead of 16 x 2 KiB rows."""
+    rows, row_len, row_stride = stream.rows_per_slot, stream.row_bytes, stream.row_stride
+    if rows > 1 and row_stride == row_len:
+        rows, row_len, row_stride = 1, rows * row_len, rows * row_len
+    spb = group.slots_per_block
+    if rows == 1 and spb > 1 and stream.slot_stride == row_len:
+        return MergedStream(stream, 1, row_len * spb, row_len * spb, stream.block_stride, spb, 1)
+    return MergedStream(stream, rows, row_len, row_stride, stream.slot_stride, 1, spb)
+
+
+@dataclasses.dataclass
+class Launch:
+    """Streams that share one kernel launch (one element width)."""
+
+    width: int
+    stream_indices: list[int]
+    table: list[list[int]]  # NCOL ints per stream, element units
+    max_row_len: int  # elements
+    max_supers: int  # most super-slots of any stream in this launch
+    max_rows: int
+
+
+@dataclasses.dataclass
+class SegmentPlan:
+    """Everything a kernel launcher needs, before any device tensor exists."""
+
+    anchor: int  # address the element offsets are relative to
+    block_offsets: list[int]  # per group, offset into the flat block table
+    launches: list[Launch]
+    canonical_bytes: int
+
+
+def _width_for(values: Sequence[int]) -> int:
+    g = 0
+    for v in values:
+        g = math.gcd(g, abs(int(v)))
+    for w in WIDTHS:
+        if g % w == 0:
+            return w
+    return 1
+
+
+def compile_plan(
+    descriptor: CopyDescriptor,
+    num_tokens: int,
+    chunk_ptr: int,
+    anchor: int,
+    max_width: int = 16,
+) -> SegmentPlan:
+    """Build the launches for one (descriptor, num_tokens) with the canonical chunk at ``chunk_ptr``.
+
+    ``anchor`` is the address element offsets are taken from (the kernels add them to one real pointer);
+    ``max_width`` caps the element width (Triton moves at most 8-byte elements; vectors come from hints)."""
+    groups = descriptor.groups
+    offsets = descriptor.stream_offsets(num_tokens)
+    block_offsets, total = [], 0
+    for group in groups:
+        block_offsets.append(total)
+        total += group.block_count(num_tokens)
+    by_width: dict[int, Launch] = {}
+    for index, (stream, offset) in enumerate(zip(descriptor.streams, offsets)):
+        group = groups[stream.group]
+        merged = merge_stream(stream, group)
+        supers = merged.super_count(group, num_tokens)
+        length = descriptor.stream_bytes(stream, num_tokens)
+        if supers == 0 or length == 0:
+            continue
+        canon = chunk_ptr + offset
+        width = _width_for(
+            [
+                stream.base_ptr - anchor,
+                canon - anchor,
+                stream.block_stride,
+                merged.slot_stride if merged.super_per_block > 1 else 0,
+                merged.row_stride if merged.rows > 1 else 0,
+                merged.row_len,
+                length,
+                max_width,
+            ]
+        )
+        row = [
+            (stream.base_ptr - anchor) // width,
+            stream.block_stride // width,
+            merged.slot_stride // width,
+            merged.row_stride // width,
+            merged.rows,
+            merged.row_len // width,
+            (canon - chunk_ptr) // width,
+            supers,
+            merged.super_per_block,
+            block_offsets[stream.group],
+            length // width,
+        ]
+        launch = by_width.setdefault(width, Launch(width, [], [], 0, 0, 0))
+        launch.stream_indices.append(index)
+        launch.table.append(row)
+        launch.max_row_len = max(launch.max_row_len, row[5])
+        launch.max_supers = max(launch.max_supers, supers)
+        launch.max_rows = max(launch.max_rows, merged.rows)
+    # Widest first: the bulk of the bytes usually sits there.
+    launches = [by_width[w] for w in sorted(by_width, reverse=True)]
+    return SegmentPlan(anchor, block_offsets, launches, descriptor.canonical_bytes(num_tokens))
+
+
+# Columns holding element counts/offsets (scaled when a kernel uses narrower elements than the plan's width).
+ELEMENT_COLUMNS = (0, 1, 2, 3, 5, 6, 10)
+
+
+def scaled_table(launch: Launch, elem_bytes: int) -> list[list[int]]:
+    """The launch's table in units of ``elem_bytes`` (a divisor of launch.width)."""
+    factor = launch.width // elem_bytes
+    return [[v * factor if c in ELEMENT_COLUMNS else v for c, v in enumerate(row)] for row in launch.table]
+
+
+def flat_block_ids(descriptor: CopyDescriptor, block_ids: Sequence, num_tokens: int) -> torch.Tensor:
+    """The block ids each group needs for num_tokens, concatenated in group order (int64, CPU)."""
+    import torch
+
+    tables = descriptor.normalize_block_ids(block_ids)
+    parts = []
+    for group, table in zip(descriptor.groups, tables):
+        need = group.block_count(num_tokens)
+        table = torch.as_tensor(table, dtype=torch.int64).reshape(-1)
+        if table.numel() < need:
+            raise ValueError(
+                f"group {group.name!r}: {num_tokens} tokens need {need} blocks, got {table.numel()} block ids"
+            )
+        parts.append(table[:need].cpu())
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.cat(parts)
+
+
+def check_buffer(name: str, tensor: torch.Tensor, need: int) -> None:
+    import torch
+
+    if tensor.dtype != torch.uint8 or not tensor.is_contiguous() or tensor.numel() < need:
+        raise ValueError(
+            f"{name}: must be a contiguous uint8 tensor with >= {need} bytes, got {tensor.dtype} x {tensor.numel()}"
+            f"{'' if tensor.is_contiguous() else ' (not contiguous)'}"
+        )
