@@ -36,6 +36,8 @@ class GroupDesc:
     # Opaque groups copy whole blocks as one row (in-block bytes are kernel-specific, e.g. vLLM CPU_ATTN);
     # their canonical form is only meaningful to the same layout.
     opaque: bool = False
+    # Blocks the engine tensors hold (0 = not known); lets backends reject out-of-range block ids.
+    num_blocks: int = 0
 
     @property
     def slots_per_block(self) -> int:
