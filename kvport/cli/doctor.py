@@ -20,7 +20,8 @@ def collect() -> dict[str, Any]:
     from kvport.hal.registry import BackendError, candidates, select_backend
 
     platform = detect_platform()
-    native = native_status(query_runtime=platform.name in ("cuda", "rocm"))
+    # Asking the vendor runtime for its device count initialises the driver but creates no context.
+    native = native_status(query_runtime=True)
     found = candidates(platform)
     try:
         selected, selection_error = select_backend(platform).name, None
@@ -60,7 +61,7 @@ def render(report: dict[str, Any]) -> str:
         f"versions   torch {report['versions']['torch'] or 'not installed'}, "
         f"triton {report['versions']['triton'] or 'not installed'}",
         f"native     target={native['target']} archs={','.join(native['archs']) or '-'} "
-        f"{'loadable' if native['loadable'] else 'not loadable'}: {native['reason']}",
+        f"{'usable' if native['usable'] else 'loadable' if native['loadable'] else 'not loadable'}: {native['reason']}",
     ]
     for name, reason in platform["reasons"].items():
         lines.append(f"  not {name}: {reason}")

@@ -18,9 +18,10 @@ NATIVE_TARGETS = ("cuda", "hip")
 class NativeStatus:
     target: str  # "cuda", "hip", "none" or "unknown" (no build record: a source tree, not an install)
     archs: tuple[str, ...]
-    loadable: bool
+    loadable: bool  # the module imports
     reason: str
     runtime: dict[str, Any] | None = None
+    usable: bool = False  # it imports and its runtime sees at least one device (known only with query_runtime)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"archs": list(self.archs)}
@@ -66,11 +67,11 @@ def native_status(query_runtime: bool = False, build_info_path: Path = BUILD_INF
     runtime = None
     if query_runtime:
         runtime = dict(module.runtime_info())
-        if runtime.get("error"):
-            return NativeStatus(target, archs, False, f"{target} runtime error: {runtime['error']}", runtime)
-        if runtime.get("device_count", 0) == 0:
-            return NativeStatus(target, archs, False, f"module loads but the {target} runtime sees no device", runtime)
-    return NativeStatus(target, archs, True, f"kvport._native_{target} loads ({info.get('reason', 'built')})", runtime)
+        if runtime.get("error") or runtime.get("device_count", 0) == 0:
+            why = runtime.get("error") or "no device"
+            return NativeStatus(target, archs, True, f"kvport._native_{target} loads; {target} runtime: {why}", runtime)
+    loads = f"kvport._native_{target} loads ({info.get('reason', 'built')})"
+    return NativeStatus(target, archs, True, loads, runtime, usable=query_runtime)
 
 
 def _importable(target: str) -> bool:
