@@ -60,7 +60,10 @@ class L1Pool:
         self.slot_bytes = -(-chunk_bytes // SLOT_ALIGN) * SLOT_ALIGN
         self.num_slots = capacity_bytes // self.slot_bytes
         self.pinned = bool(pin_memory)
-        self.memory = torch.empty(self.num_slots * self.slot_bytes, dtype=torch.uint8, pin_memory=self.pinned)
+        # The host allocator only promises 64-byte alignment: over-allocate one page and start on a boundary.
+        raw = torch.empty(self.num_slots * self.slot_bytes + SLOT_ALIGN, dtype=torch.uint8, pin_memory=self.pinned)
+        skip = -raw.data_ptr() % SLOT_ALIGN
+        self.memory = raw[skip : skip + self.num_slots * self.slot_bytes]
         self._lock = threading.Lock()
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU first
         self._free = list(range(self.num_slots - 1, -1, -1))

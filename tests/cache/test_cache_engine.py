@@ -1,0 +1,240 @@
+"""Tests for kvport.cache.engine with the torch backend: round trips, longest prefix across L1/L2, partial chunks,
+corrupt chunks stopping a load, exhaustion, async handles, close, metrics, bind-time user errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvfixtures import blocks_equal, nhd_kv, two_group_kv
+
+from kvport.cache import CacheEngine, load_config
+from kvport.cache.l2.local_disk import HEADER_BYTES
+from kvport.errors import UserError
+from kvport.hal.backends.torch_ref import TorchBackend
+
+C = 32  # chunk tokens: two 16-token blocks
+
+
+def make_engine(tmp_path, namespace="model-a|tp0/1", desc=None, **overrides):
+    cfg = {"chunk_tokens": C, "l1_bytes": "1MiB", "l2_path": str(tmp_path / "l2")} | overrides
+    engine = CacheEngine(load_config(overrides=cfg, environ={}), namespace)
+    if desc is not None:
+        engine.bind(desc, TorchBackend())
+    return engine
+
+
+def test_round_trip_into_other_blocks(tmp_path):
+    src, sdesc = nhd_kv(seed=1)
+    tokens = list(range(100))  # 3 full chunks + a 4-token tail
+    with make_engine(tmp_path, desc=sdesc) as engine:
+        assert engine.store(tokens, list(range(7))) == 96
+    dst, ddesc = nhd_kv()
+    with make_engine(tmp_path, desc=ddesc) as engine:  # fresh process-like engine: L1 empty, L2 only
+        assert engine.lookup(tokens) == 96
+        dst_blocks = [20, 3, 9, 11, 30, 31, 5]
+        assert engine.load(tokens, dst_blocks, 100) == 96
+        assert blocks_equal(src, dst, list(range(6)), dst_blocks[:6])
+        untouched = [b for b in range(32) if b not in dst_blocks[:6]]
+        assert all(torch.count_nonzero(t[:, untouched]) == 0 for t in dst)  # nothing written elsewhere
+        assert engine.stats()["hits_load_l2"] == 3
+
+
+def test_two_groups_with_different_block_sizes(tmp_path):
+    src, sdesc = two_group_kv(seed=2)
+    tokens = list(range(128))
+    tables_src = [list(range(8)), [4, 5]]  # 128 tokens: 8 blocks of 16, 2 blocks of 64
+    with make_engine(tmp_path, desc=sdesc, chunk_tokens=64) as engine:
+        assert engine.store(tokens, tables_src) == 128
+    dst, ddesc = two_group_kv()
+    tables_dst = [[9, 8, 7, 6, 5, 4, 3, 2], [0, 1]]
+    with make_engine(tmp_path, desc=ddesc, chunk_tokens=64) as engine:
+        assert engine.load(tokens, tables_dst, 128) == 128
+    assert torch.equal(src[0][tables_src[0]], dst[0][tables_dst[0]])
+    assert torch.equal(src[1][tables_src[1]], dst[1][tables_dst[1]])
+
+
+def test_longest_prefix_across_l1_and_l2(tmp_path):
+    src, sdesc = nhd_kv(seed=3)
+    tokens = list(range(C * 4))
+    engine = make_engine(tmp_path, desc=sdesc)
+    engine.store(tokens, list(range(8)))
+    engine.flush()
+    keys = engine.chunk_keys(tokens)
+    assert engine.l1.discard(keys[0]) and engine.l1.discard(keys[1])  # chunks 0,1: L2 only
+    engine.l2.delete(keys[2])  # chunk 2: L1 only
+    engine.l1.discard(keys[3])
+    engine.l2.delete(keys[3])  # chunk 3: nowhere
+    assert engine.lookup(tokens) == 3 * C
+    scheduler = make_engine(tmp_path)  # lookup-only (scheduler side, no bind): sees the shared L2 only
+    assert scheduler.lookup(tokens) == 2 * C
+    loaded_blocks = [10, 11, 12, 13, 14, 15, 16, 17]
+    # load through the same engine (its L1 holds chunk 2) into other blocks of the same memory
+    expected = [t.clone() for t in src]
+    for t in src:
+        t[:, 10:18].zero_()
+    assert engine.load(tokens, loaded_blocks, len(tokens)) == 3 * C
+    assert blocks_equal(expected, src, list(range(6)), loaded_blocks[:6])
+    assert all(torch.count_nonzero(t[:, 16:18]) == 0 for t in src)  # chunk 3 not loaded
+    engine.close()
+    scheduler.close()
+
+
+def test_prefix_change_misses_from_changed_chunk(tmp_path):
+    src, sdesc = nhd_kv(seed=4)
+    with make_engine(tmp_path, desc=sdesc) as engine:
+        tokens = list(range(C * 3))
+        engine.store(tokens, list(range(6)))
+        changed = tokens[:]
+        changed[C + 5] = -1
+        assert engine.lookup(changed) == C
+        assert engine.lookup(tokens[: C * 2 + 7]) == 2 * C
+
+
+def test_namespace_and_salt_isolation(tmp_path):
+    src, sdesc = nhd_kv(seed=5)
+    tokens = list(range(C * 2))
+    with make_engine(tmp_path, desc=sdesc) as engine:
+        engine.store(tokens, list(range(4)))
+    for other in (make_engine(tmp_path, namespace="model-a|tp1/2"), make_engine(tmp_path, salt="tenant-b")):
+        with other:
+            assert other.lookup(tokens) == 0
+    with make_engine(tmp_path) as same:
+        assert same.lookup(tokens) == 2 * C
+
+
+def test_store_skips_present_and_skip_tokens(tmp_path):
+    src, sdesc = nhd_kv(seed=6)
+    tokens = list(range(C * 3))
+    with make_engine(tmp_path, desc=sdesc) as engine:
+        assert engine.store(tokens, list(range(6)), num_tokens=C * 2) == 2 * C
+        assert engine.store(tokens, list(range(6))) == C  # only the new chunk
+        assert engine.stats()["skipped_present"] == 2
+    with make_engine(tmp_path / "b", desc=nhd_kv(seed=6)[1]) as engine:
+        assert engine.store(tokens, list(range(6)), skip_tokens=C + 5) == 2 * C  # chunk 0 skipped
+        assert engine.lookup(tokens) == 0  # chunk 0 missing: chunks 1,2 unreachable by prefix
+
+
+def test_corrupt_chunk_stops_load_without_touching_its_blocks(tmp_path):
+    src, sdesc = nhd_kv(seed=7)
+    tokens = list(range(C * 3))
+    with make_engine(tmp_path, desc=sdesc) as engine:
+        engine.store(tokens, list(range(6)))
+        keys = engine.chunk_keys(tokens)
+        path = engine.l2.path(keys[1])
+    with open(path, "r+b") as fh:
+        fh.seek(HEADER_BYTES + 100)
+        fh.write(b"\xff\x00\xff")
+    dst, ddesc = nhd_kv()
+    for prefetch in (True, False):
+        with make_engine(tmp_path, desc=ddesc, prefetch=prefetch) as engine:
+            assert engine.load(tokens, list(range(6)), C * 3) == C
+            assert blocks_equal(src, dst, [0, 1], [0, 1])
+            assert all(torch.count_nonzero(t[:, 2:6]) == 0 for t in dst)
+            assert engine.lookup(tokens) == C  # the bad chunk was deleted
+    assert not path.exists()
+
+
+def test_l1_exhaustion_skips_store_and_load_uses_scratch(tmp_path):
+    src, sdesc = nhd_kv(seed=8)
+    chunk_bytes = sdesc.canonical_bytes(C)
+    tokens = list(range(C * 3))
+    engine = make_engine(tmp_path, desc=sdesc, l1_bytes=2 * 4096, l2_path=None)
+    assert engine.chunk_bytes == chunk_bytes and engine.l1.num_slots == 2
+    pins = [engine.l1.reserve("x1"), engine.l1.reserve("x2")]  # every slot pinned (e.g. readers in flight)
+    assert engine.store(tokens, list(range(6))) == 0  # skipped, no exception, no allocation
+    assert engine.stats()["skipped_l1_exhausted"] >= 1
+    for p in pins:
+        engine.l1.abort(p)
+    engine.close()
+    # with L2: a load while L1 is fully pinned still works through the single scratch buffer
+    with make_engine(tmp_path, desc=sdesc) as writer:
+        writer.store(tokens, list(range(6)))
+    dst, ddesc = nhd_kv()
+    reader = make_engine(tmp_path, desc=ddesc, l1_bytes=2 * 4096)
+    pins = [reader.l1.reserve("x1"), reader.l1.reserve("x2")]
+    assert reader.load(tokens, list(range(6)), C * 3) == C * 3
+    assert blocks_equal(src, dst, list(range(6)), list(range(6)))
+    for p in pins:
+        reader.l1.abort(p)
+    reader.close()
+
+
+def test_async_store_and_load_handles(tmp_path):
+    src, sdesc = nhd_kv(seed=9)
+    tokens = list(range(C * 4))
+    with make_engine(tmp_path, desc=sdesc) as engine:
+        handle = engine.store_async(tokens, list(range(8)))
+        assert handle.wait(timeout=30) == 4 * C and handle.done()
+    dst, ddesc = nhd_kv()
+    with make_engine(tmp_path, desc=ddesc) as engine:
+        assert engine.prefetch(tokens).wait(timeout=30) == 4 * C
+        assert engine.stats()["l1_chunks"] == 4
+        handle = engine.load_async(tokens, list(range(8)), C * 4)
+        assert handle.wait(timeout=30) == 4 * C
+        assert engine.stats()["hits_load_l1"] == 4  # served from L1 after the prefetch
+    assert blocks_equal(src, dst, list(range(8)), list(range(8)))
+
+
+def test_sync_store_writes_l2_before_returning(tmp_path):
+    src, sdesc = nhd_kv(seed=10)
+    tokens = list(range(C * 2))
+    engine = make_engine(tmp_path, desc=sdesc, async_store=False)
+    engine.store(tokens, list(range(4)))
+    assert all(engine.l2.contains(k) for k in engine.chunk_keys(tokens))
+    engine.close()
+
+
+def test_close_drains_and_blocks_further_use(tmp_path):
+    src, sdesc = nhd_kv(seed=11, num_blocks=64)
+    tokens = list(range(C * 30))
+    engine = make_engine(tmp_path, desc=sdesc, io_threads=1)
+    engine.store(tokens, list(range(60)))
+    engine.close()
+    with make_engine(tmp_path) as reader:
+        assert reader.lookup(tokens) == 30 * C
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.lookup(tokens)
+
+
+def test_close_without_drain_leaves_whole_chunks_or_none(tmp_path):
+    src, sdesc = nhd_kv(seed=12, num_blocks=64)
+    tokens = list(range(C * 30))
+    engine = make_engine(tmp_path, desc=sdesc, io_threads=1)
+    engine.store(tokens, list(range(60)))
+    engine.close(drain=False)
+    dst, ddesc = nhd_kv(num_blocks=64)
+    with make_engine(tmp_path, desc=ddesc) as reader:
+        n = reader.load(tokens, list(range(60)), len(tokens))
+        assert n % C == 0
+        assert blocks_equal(src, dst, list(range(n // 16)), list(range(n // 16)))
+        assert reader.stats()["failures"] == 0
+
+
+def test_bind_rejects_bad_chunk_size_and_tiny_l1(tmp_path):
+    _, desc = nhd_kv()
+    with pytest.raises(UserError, match="chunk_tokens=40 is not a multiple.*tokens_per_block=16"):
+        make_engine(tmp_path, chunk_tokens=40).bind(desc, TorchBackend())
+    with pytest.raises(UserError, match="l1_bytes=100 is smaller than one chunk"):
+        make_engine(tmp_path, l1_bytes=100).bind(desc, TorchBackend())
+
+
+def test_bind_selects_backend_from_registry_and_requires_bind(tmp_path):
+    _, desc = nhd_kv()
+    engine = make_engine(tmp_path)
+    with pytest.raises(RuntimeError, match="bind"):
+        engine.load([1] * C, [0, 1], C)
+    engine.bind(desc)
+    assert engine.backend.name == "torch"
+    engine.close()
+
+
+def test_prometheus_exposition(tmp_path):
+    from prometheus_client import generate_latest
+
+    src, sdesc = nhd_kv(seed=13)
+    with make_engine(tmp_path, namespace="prom-test", desc=sdesc) as engine:
+        engine.store(list(range(C)), [0, 1])
+        engine.lookup(list(range(C)))
+        text = generate_latest().decode()
+    assert 'kvport_cache_hits_total{cache="prom-test",op="lookup",tier="l1"} 1.0' in text
+    assert 'kvport_cache_latency_seconds_count{cache="prom-test",op="lookup"} 1.0' in text
