@@ -1,0 +1,141 @@
+"""`kvport selftest`: round-trip layouts through a backend; check bytes, untouched blocks and cross-layout moves.
+Owns argument handling and the one-line-per-check report; the checks themselves live in kvport.layouts.roundtrip."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import zlib
+
+from kvport.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--layout", action="append", default=[], metavar="NAME|FILE", help="layout to test (repeatable; default: all)"
+    )
+    parser.add_argument("--backend", help="backend name from the registry (default: the best one for each layout)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for data, block ids and token counts")
+    parser.add_argument("--device", default="cpu", help="device for the engine tensors, e.g. cpu or cuda")
+    parser.add_argument("--no-cross", action="store_true", help="skip the cross-layout transfers")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvport.hal.platform import detect_platform
+    from kvport.hal.registry import BackendError, load_backend, select_backend
+    from kvport.layouts import allocate, catalog_names, load_layout
+    from kvport.layouts.roundtrip import cross, roundtrip
+
+    device = _device(torch, args.device)
+    names = args.layout or catalog_names()
+    specs = [load_layout(name) for name in names]
+    platform = detect_platform()
+    forced = None
+    if args.backend:
+        try:
+            forced = load_backend(args.backend)
+        except BackendError as exc:
+            raise UserError(f"--backend: {exc}") from None
+        except Exception as exc:  # the backend module itself fails to import: its reason, one line
+            print(f"FAIL backend {args.backend}: cannot load: {type(exc).__name__}: {exc}")
+            return 1
+        verdict = forced.available(platform)
+        if not verdict:
+            print(f"FAIL backend {args.backend}: not available on {platform.name}: {verdict.reason}")
+            return 1
+
+    def backend_for(spec):
+        descriptor = allocate(spec, 1, device=device, fill="zeros").descriptor
+        if forced is not None:
+            verdict = forced.supports(descriptor)
+            return (forced, "") if verdict else (None, verdict.reason)
+        try:
+            return select_backend(platform, descriptor), ""
+        except BackendError as exc:
+            return None, str(exc)
+
+    failures = skipped = passed = 0
+    width = max(len(s.name) for s in specs) + 6
+    chosen = {}
+    for spec in specs:
+        backend, why = backend_for(spec)
+        chosen[spec.name] = backend
+        if backend is None:
+            print(f"skip {spec.name:{width}} [{args.backend or '-'}/{device}] {why}")
+            skipped += 1
+            continue
+        result = _guard(functools.partial(roundtrip, spec, backend, str(device), _seed(args.seed, spec.name)))
+        passed, failures = _report(result, f"{spec.name:{width}}", backend, device, passed, failures)
+
+    if not args.no_cross:
+        pool = {s.name: s for s in specs}
+        for name in catalog_names():
+            pool.setdefault(name, load_layout(name))
+        for spec in specs:
+            backend = chosen.get(spec.name)
+            partners = [
+                p
+                for p in pool.values()
+                if p.name != spec.name and p.canonical_fingerprint() == spec.canonical_fingerprint()
+            ]
+            if backend is None or not partners:
+                continue
+            bad = []
+            for partner in partners:
+                if forced is not None and not forced.supports(
+                    allocate(partner, 1, device=device, fill="zeros").descriptor
+                ):
+                    continue
+                seed = _seed(args.seed, spec.name + ">" + partner.name)
+                result = _guard(functools.partial(cross, spec, partner, backend, str(device), seed))
+                if not result.ok:
+                    bad.append(f"{partner.name}: {result.detail}")
+            label = f"cross {spec.name} -> {len(partners)} compatible"
+            if bad:
+                print(f"FAIL {label} [{backend.name}/{device}] {'; '.join(bad)}")
+                failures += 1
+            else:
+                print(f"ok   {label} [{backend.name}/{device}]")
+                passed += 1
+    print(f"selftest: {passed} passed, {failures} failed, {skipped} skipped (seed {args.seed})")
+    return 1 if failures else 0
+
+
+def _report(result, label, backend, device, passed, failures):
+    if result.ok:
+        print(f"ok   {label} [{backend.name}/{device}] {result.detail}")
+        return passed + 1, failures
+    print(f"FAIL {label} [{backend.name}/{device}] {result.detail}")
+    return passed, failures + 1
+
+
+def _guard(check):
+    """Run one check; a backend exception becomes that check's one-line failure, not a traceback."""
+    from kvport.layouts.roundtrip import CheckResult
+
+    try:
+        return check()
+    except UserError:
+        raise
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        return CheckResult(False, f"{type(exc).__name__}: {text}")
+
+
+def _seed(seed: int, name: str) -> int:
+    # Stable per-layout seeds (crc32, not Python's salted hash) so a reported failure reproduces.
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def _device(torch, name: str):
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device: {name!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device: {name} requested but torch sees no CUDA/ROCm device")
+    if device.type not in ("cpu", "cuda") and not getattr(torch, device.type, None):
+        raise UserError(f"--device: torch has no {device.type} support here")
+    return device
