@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 # dependency (say Triton) shows up as that backend's reason, never as an import error of kvport.
 BACKENDS: dict[str, str] = {
     "torch": "kvport.hal.backends.torch_ref:TorchBackend",
+    "triton": "kvport.hal.backends.triton:TritonBackend",
+    "cuda": "kvport.hal.backends.native:CudaBackend",
+    "hip": "kvport.hal.backends.native:HipBackend",
 }
 
 

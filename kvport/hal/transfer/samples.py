@@ -50,8 +50,9 @@ def hnd(d: Dims, device="cpu", generator=None) -> CopyDescriptor:
         kv_size = d.blocks * d.heads * d.block * hrow
         for kv in range(2):
             streams.append(
-                StreamDesc(0, layer, "kv"[kv], buf, kv * kv_size, d.heads * d.block * hrow, hrow, d.block * hrow,
-                           d.heads, hrow)
+                StreamDesc(
+                    0, layer, "kv"[kv], buf, kv * kv_size, d.heads * d.block * hrow, hrow, d.block * hrow, d.heads, hrow
+                )
             )
     return CopyDescriptor("hnd", (GroupDesc(0, "full", d.block),), tuple(streams), "hnd")
 
@@ -67,8 +68,18 @@ def packed(d: Dims, device="cpu", generator=None) -> CopyDescriptor:
     for layer in range(d.layers):
         for kv in range(2):
             streams.append(
-                StreamDesc(0, layer, "kv"[kv], buf, layer * layer_stride + kv * (row + pad), d.layers * layer_stride,
-                           slot, row, 1, row)
+                StreamDesc(
+                    0,
+                    layer,
+                    "kv"[kv],
+                    buf,
+                    layer * layer_stride + kv * (row + pad),
+                    d.layers * layer_stride,
+                    slot,
+                    row,
+                    1,
+                    row,
+                )
             )
     return CopyDescriptor("packed", (GroupDesc(0, "full", d.block),), tuple(streams), "packed")
 

@@ -76,6 +76,8 @@ class TableCache:
 def device_block_ids(descriptor: CopyDescriptor, block_ids: Sequence, num_tokens: int, device) -> torch.Tensor:
     """Flat block ids for the kernels, on ``device`` (one small host-to-device copy per call)."""
     ids = flat_block_ids(descriptor, block_ids, num_tokens)
-    if ids.device.type == "cpu" and str(device) != "cpu":
-        return ids.to(device, non_blocking=False)
-    return ids.to(device)
+    if getattr(device, "type", str(device)) == "cpu":
+        return ids
+    # From pinned memory without a host sync, so back-to-back launches on a side stream stay queued; torch's
+    # pinned allocator keeps the host copy alive until the copy has run.
+    return ids.pin_memory().to(device, non_blocking=True)

@@ -1,5 +1,5 @@
-"""Differential checks shared by the kernel and backend tests: a backend against the torch reference, bytes equal,
-untouched memory untouched. Owns only comparison helpers; must not choose which backends run."""
+"""Differential checks of a backend against the torch reference: bytes equal, untouched memory untouched.
+Owns only comparison helpers for tests and the GPU check run; must not choose which backends run."""
 
 from __future__ import annotations
 

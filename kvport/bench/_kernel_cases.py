@@ -1,0 +1,269 @@
+"""The measurement engine behind `kvport bench kernels`: memcpy limits, each case timed alone and under GEMM load.
+Owns timing with device events and the GEMM load loop; must not print tables (kernels.py does) or run on CPU."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+import torch
+from tqdm import tqdm
+
+from kvport.hal.platform import detect_platform
+from kvport.hal.registry import candidates
+from kvport.hal.transfer.executor import Transfer
+
+GIB = 1 << 30
+
+
+def _events(n: int) -> list[torch.cuda.Event]:
+    return [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+
+
+class Bench:
+    def __init__(self, layouts, tokens, directions, paths, loads, backends, repeat, dims, gemm_n) -> None:
+        self.layouts, self.tokens, self.directions = layouts, tokens, directions
+        self.paths, self.loads, self.repeat, self.dims, self.gemm_n = paths, loads, repeat, dims, gemm_n
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.platform = detect_platform()
+        self.backends = self._backends(backends)
+        self.native = next((b for b in self.backends.values() if hasattr(b, "memcpy_regions")), None)
+        self._memcpy_cache: dict = {}
+        self._gemm_solo_ms: float | None = None
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def _backends(self, names):
+        from kvport.errors import UserError
+
+        found = {c.name: c for c in candidates(self.platform)}
+        wanted = names or [n for n, c in found.items() if c.verdict.ok]
+        out = {}
+        for name in wanted:
+            cand = found.get(name)
+            if cand is None or not cand.verdict.ok:
+                why = cand.verdict.reason if cand else "unknown backend"
+                raise UserError(f"--backend {name}: cannot run here ({why})")
+            out[name] = cand.backend
+        return out
+
+    def _layouts(self):
+        from kvport.layouts import allocate, catalog_names, load_layout
+
+        names = self.layouts or catalog_names()
+        for name in names:
+            spec = load_layout(name)
+            have = dict(spec.dims)
+            spec = load_layout(name, **{k: v for k, v in self.dims.items() if k in have})
+            yield name, spec, allocate
+
+    # -- limits -----------------------------------------------------------------------------------------------
+    def _time(self, fn, reps: int) -> float:
+        """Median milliseconds of fn() on the current stream, after one warm-up."""
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = _events(2)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    def memcpy_gbps(self, direction: str, nbytes: int) -> float:
+        key = (direction, nbytes)
+        if key not in self._memcpy_cache:
+            dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            other = (
+                torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                if direction != "d2d"
+                else torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            )
+            src, dst = (dev, other) if direction == "d2h" else (other, dev)
+            ms = self._time(lambda: dst.copy_(src, non_blocking=True), self.repeat)
+            # D2D counts bytes read plus written, as DESIGN.md's 2926 GB/s does; host links count bytes moved.
+            moved = 2 * nbytes if direction == "d2d" else nbytes
+            self._memcpy_cache[key] = moved / ms / 1e6
+        return self._memcpy_cache[key]
+
+    def gemm_solo_ms(self) -> float:
+        if self._gemm_solo_ms is None:
+            a = torch.randn(self.gemm_n, self.gemm_n, device=self.device, dtype=torch.bfloat16)
+            b = torch.randn(self.gemm_n, self.gemm_n, device=self.device, dtype=torch.bfloat16)
+            self._gemm = (a, b, torch.empty_like(a))
+            self._gemm_solo_ms = self._time(lambda: torch.matmul(a, b, out=self._gemm[2]), 20)
+        return self._gemm_solo_ms
+
+    # -- cases ------------------------------------------------------------------------------------------------
+    def cases(self, layouts):
+        kernels = [b for b in self.backends if b != "torch"]
+        for name, spec, allocate in layouts:
+            for tokens in self.tokens:
+                for direction in self.directions:
+                    rows = []
+                    if direction == "d2d":
+                        rows += [(b, "kernel") for b in kernels]
+                    else:
+                        for path in self.paths:
+                            if path == "dma":
+                                # The copy engines do the work: the same for every kernel backend, measured once.
+                                rows.append(("copy-engine", "dma"))
+                            else:
+                                rows += [(b, path) for b in kernels]
+                    # Baselines users compare against: the torch reference, and one copy per block.
+                    rows.append(("torch", "kernel" if direction == "d2d" else "staged"))
+                    if direction != "d2d" and self.native is not None:
+                        rows.append(("per-block", "dma"))
+                    for backend, path in rows:
+                        for load in self.loads:
+                            yield name, spec, allocate, tokens, direction, backend, path, load
+
+    def run(self) -> dict:
+        layouts = list(self._layouts())
+        cases = list(self.cases(layouts))
+        records = []
+        kv_cache: dict = {}
+        rng = random.Random(0)
+        for case in tqdm(cases, desc="bench kernels", unit="case", file=__import__("sys").stderr):
+            name, spec, allocate, tokens, direction, backend, path, load = case
+            key = (name, tokens)
+            if key not in kv_cache:
+                kv_cache.clear()
+                torch.cuda.empty_cache()
+                groups = spec.groups
+                need = [-(-tokens // g.tokens_per_block) for g in groups]
+                # Twice the blocks needed, ids shuffled: engine block tables are not contiguous in practice.
+                num_blocks = [2 * n + 2 for n in need]
+                kv = allocate(spec, num_blocks if len(groups) > 1 else num_blocks[0], device=self.device)
+                ids = [rng.sample(range(nb), n) for nb, n in zip(num_blocks, need)]
+                kv_cache[key] = (kv, ids)
+            kv, ids = kv_cache[key]
+            try:
+                records.append(self.case(name, kv.descriptor, ids, tokens, direction, backend, path, load))
+            except Exception as exc:  # one failing case must not hide the others; the table shows it
+                records.append(
+                    dict(
+                        layout=name,
+                        backend=backend,
+                        direction=direction,
+                        tokens=tokens,
+                        path=path,
+                        load=load,
+                        error=f"{type(exc).__name__}: {exc}"[:300],
+                    )
+                )
+        return {
+            "device": torch.cuda.get_device_name(self.device),
+            "torch": torch.__version__,
+            "dims": self.dims,
+            "memcpy": {
+                "d2h_gbps": self.memcpy_gbps("d2h", GIB),
+                "h2d_gbps": self.memcpy_gbps("h2d", GIB),
+                "d2d_gbps": self.memcpy_gbps("d2d", GIB),
+            },
+            "gemm": {"n": self.gemm_n, "solo_ms": self.gemm_solo_ms() if "gemm" in self.loads else None},
+            "records": records,
+        }
+
+    def case(self, name, descriptor, ids, tokens, direction, backend_name, path, load) -> dict:
+        nbytes = descriptor.canonical_bytes(tokens)
+        used, enqueue = self._enqueue(descriptor, ids, tokens, direction, backend_name, path, nbytes)
+        if load == "gemm":
+            ms, gemm_ratio = self._under_load(enqueue)
+        else:
+            ms, gemm_ratio = self._time(enqueue, self.repeat), None
+        moved = 2 * nbytes if direction == "d2d" else nbytes
+        gbps = moved / ms / 1e6
+        limit = self.memcpy_gbps(direction, nbytes)
+        return dict(
+            layout=name,
+            backend=backend_name,
+            direction=direction,
+            tokens=tokens,
+            path=path,
+            path_used=used,
+            load=load,
+            bytes=nbytes,
+            ms=ms,
+            gbps=gbps,
+            memcpy_gbps=limit,
+            ratio_to_memcpy=gbps / limit,
+            gemm_ratio=gemm_ratio,
+        )
+
+    def _enqueue(self, descriptor, ids, tokens, direction, backend_name, path, nbytes):
+        """(path actually used, a function that issues one transfer on the current stream's timeline)."""
+        if direction == "d2d":
+            backend = self.backends.get(backend_name) or _torch_backend()
+            staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            return "kernel", lambda: backend.gather(descriptor, ids, staging, tokens)
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        if backend_name == "per-block":
+            from kvport.hal.transfer.regions import regions
+
+            eng, can, size = regions(descriptor, ids, tokens, host.data_ptr())
+            dsts, srcs = (can, eng) if direction == "d2h" else (eng, can)
+
+            def per_block():
+                self.native.memcpy_regions(dsts, srcs, size, batched=False)
+
+            return "dma", per_block
+        if backend_name == "copy-engine":
+            if self.native is None:
+                raise RuntimeError("the DMA path needs the native module (memcpy_batch)")
+            backend_name = next(iter(self.backends))
+        backend = self.backends.get(backend_name) or _torch_backend()
+        transfer = Transfer(backend, self.device, native=self.native)
+        chosen = transfer.plan(descriptor, tokens, direction, path).path
+
+        def one():
+            if direction == "d2h":
+                result = transfer.to_host(descriptor, ids, host, tokens, path=chosen)
+            else:
+                result = transfer.from_host(host, descriptor, ids, tokens, path=chosen)
+            result.wait()  # the timing stream waits for the side streams, as an engine would
+
+        return chosen, one
+
+    def _under_load(self, enqueue) -> tuple[float, float]:
+        """Transfers back to back while a GEMM loop runs on another stream, both started together.
+
+        Returns (median transfer ms, GEMM speed as a ratio to solo: solo ms / mean ms of the GEMMs that ran
+        entirely inside the transfer window)."""
+        solo = self.gemm_solo_ms()
+        a, b, c = self._gemm
+        enqueue()
+        torch.cuda.synchronize()
+        alone = self._time(enqueue, 3)
+        n_gemm = int(alone * self.repeat * 1.5 / solo) + 6
+        load = torch.cuda.Stream(self.device)
+        gemm_events = _events(n_gemm + 1)
+        xfer_events = _events(self.repeat + 1)
+        load.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(load):
+            gemm_events[0].record()
+            for i in range(n_gemm):
+                torch.matmul(a, b, out=c)
+                gemm_events[i + 1].record()
+        xfer_events[0].record()
+        for i in range(self.repeat):
+            enqueue()
+            xfer_events[i + 1].record()
+        torch.cuda.synchronize()
+        times = [xfer_events[i].elapsed_time(xfer_events[i + 1]) for i in range(self.repeat)]
+        t_start, t_end = 0.0, xfer_events[0].elapsed_time(xfer_events[-1])
+        inside = []
+        for i in range(n_gemm):
+            g0 = xfer_events[0].elapsed_time(gemm_events[i])
+            g1 = xfer_events[0].elapsed_time(gemm_events[i + 1])
+            if g0 >= t_start and g1 <= t_end:
+                inside.append(g1 - g0)
+        gemm_ratio = solo / statistics.mean(inside) if inside else float("nan")
+        return statistics.median(times), gemm_ratio
+
+
+def _torch_backend():
+    from kvport.hal.backends.torch_ref import TorchBackend
+
+    return TorchBackend()

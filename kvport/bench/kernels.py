@@ -1,0 +1,146 @@
+"""`kvport bench kernels`: every layout x backend x path vs pinned memcpy of the same bytes, alone and under GEMM load.
+Owns the measurement loop, its table, JSON and plot; must not hold kernels, and imports torch only inside run()."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from kvport.errors import UserError
+
+DIRECTIONS = ("d2h", "h2d", "d2d")
+PATHS = ("dma", "staged", "zero-copy", "auto")
+# Llama-3-8B: 32 layers, 8 KV heads, head_dim 128, bf16, vLLM's default block of 16 tokens. Applied to every
+# catalog layout that has the dim; layouts with other dims (MLA latents) keep their own defaults for the rest.
+BENCH_DIMS = {
+    "layers": 32,
+    "kv_heads": 8,
+    "head_dim": 128,
+    "block_size": 16,
+    "page_size": 16,
+    "dtype": "bfloat16",
+    # hybrid-swa: the 32 layers split evenly between full and sliding-window attention.
+    "full_layers": 16,
+    "swa_layers": 16,
+}
+# 8192^3 bf16 GEMM: ~1.4 ms on an H100 (1.1 TFLOP at ~800 TFLOP/s): long enough to time per launch, short
+# enough that a 20 ms transfer window holds a dozen of them.
+GEMM_N = 8192
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layout", action="append", help="catalog layout name (repeatable; default: whole catalog)")
+    parser.add_argument(
+        "--tokens", type=int, action="append", help="tokens per transfer (repeatable; default 8192 256)"
+    )
+    parser.add_argument("--direction", choices=DIRECTIONS, action="append", help="default: d2h h2d d2d")
+    parser.add_argument("--path", choices=PATHS, action="append", help="host paths (default: dma staged zero-copy)")
+    parser.add_argument("--load", choices=("gemm", "none"), action="append", help="default: none gemm")
+    parser.add_argument("--backend", action="append", help="copy backends (default: every one available here)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed repetitions per case (median reported)")
+    parser.add_argument("--json", type=Path, help="write device, memcpy figures and one record per case")
+    parser.add_argument("--plot", type=Path, help="write a PNG of ratio to memcpy per layout and backend")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("no CUDA/ROCm device visible to torch: the kernel benchmark needs a GPU")
+    if args.repeat < 1:
+        raise UserError(f"--repeat {args.repeat}: expected a positive count")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib (pip install kvport[plot])") from None
+    from kvport.bench._kernel_cases import Bench
+
+    bench = Bench(
+        layouts=args.layout,
+        tokens=args.tokens or [8192, 256],
+        directions=args.direction or list(DIRECTIONS),
+        paths=args.path or ["dma", "staged", "zero-copy"],
+        loads=args.load or ["none", "gemm"],
+        backends=args.backend,
+        repeat=args.repeat,
+        dims=BENCH_DIMS,
+        gemm_n=GEMM_N,
+    )
+    result = bench.run()
+    print(format_table(result), file=sys.stdout)
+    if args.json is not None:
+        _atomic_write(args.json, json.dumps(result, indent=1) + "\n")
+    if args.plot is not None:
+        plot(result, args.plot)
+    return 0
+
+
+def format_table(result: dict) -> str:
+    mem = result["memcpy"]
+    lines = [
+        f"device: {result['device']}  torch {result['torch']}",
+        "memcpy (1 GiB): " + ", ".join(f"{k} {v:.1f}" for k, v in mem.items() if k.endswith("gbps")),
+        f"{'layout':24} {'backend':9} {'dir':4} {'tokens':>6} {'path':10} {'used':10} {'load':5} "
+        f"{'MiB':>7} {'GB/s':>8} {'ratio':>6} {'gemm':>6}",
+    ]
+    for r in result["records"]:
+        gemm = f"{r['gemm_ratio']:.2f}" if r.get("gemm_ratio") is not None else "-"
+        if r.get("error"):
+            lines.append(
+                f"{r['layout']:24} {r['backend']:9} {r['direction']:4} {r['tokens']:>6} {r['path']:10} "
+                f"ERROR {r['error']}"
+            )
+            continue
+        lines.append(
+            f"{r['layout']:24} {r['backend']:9} {r['direction']:4} {r['tokens']:>6} {r['path']:10} "
+            f"{r['path_used']:10} {r['load']:5} {r['bytes'] / 2**20:7.1f} {r['gbps']:8.1f} "
+            f"{r['ratio_to_memcpy']:6.3f} {gemm:>6}"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["records"] if not r.get("error") and r["load"] == "none"]
+    labels = sorted({f"{r['layout']}\n{r['direction']} {r['tokens']}" for r in rows})
+    series = sorted({f"{r['backend']}/{r['path']}" for r in rows})
+    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.9), 5))
+    width = 0.8 / max(1, len(series))
+    for i, name in enumerate(series):
+        ys = []
+        for label in labels:
+            match = [
+                r["ratio_to_memcpy"]
+                for r in rows
+                if f"{r['backend']}/{r['path']}" == name and f"{r['layout']}\n{r['direction']} {r['tokens']}" == label
+            ]
+            ys.append(match[0] if match else 0.0)
+        ax.bar([x + i * width for x in range(len(labels))], ys, width, label=name)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([x + 0.4 for x in range(len(labels))], labels, fontsize=6, rotation=90)
+    ax.set_ylabel("ratio to memcpy (same bytes, same run)")
+    ax.set_title(f"kvport bench kernels on {result['device']}")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def median(values) -> float:
+    return statistics.median(values)

@@ -1,0 +1,111 @@
+"""The native copy backends (cuda, hip): gather/scatter through kvport._native_<target> on the current stream.
+Owns the adapter from the Backend interface to the compiled module; must not build it or hold kernel code."""
+
+from __future__ import annotations
+
+from kvport.hal.backend import Backend, Verdict
+from kvport.hal.transfer.segments import check_buffer
+from kvport.hal.transfer.tables import TableCache, device_block_ids
+
+# Which torch platform each native target serves (ROCm torch still calls its devices "cuda").
+PLATFORM_OF = {"cuda": "cuda", "hip": "rocm"}
+
+
+class NativeBackend(Backend):
+    target = ""
+    priority = 20
+
+    def __init__(self) -> None:
+        self._tables = TableCache("zero", max_width=16)
+        self._module = None
+
+    def module(self):
+        if self._module is None:
+            from kvport.hal.native import load_native
+
+            self._module = load_native(self.target)
+        return self._module
+
+    def available(self, platform) -> Verdict:
+        from kvport.hal.native import native_status
+
+        want = PLATFORM_OF[self.target]
+        if platform.name != want:
+            return Verdict.no(f"native {self.target} kernels need a {want} platform; platform is {platform.name}")
+        status = native_status()
+        if status.target != self.target:
+            return Verdict.no(
+                f"native module not built for {self.target} (build target: {status.target}; "
+                f"{status.reason}); reinstall with KVPORT_TARGET={self.target}"
+            )
+        if not status.loadable:
+            return Verdict.no(status.reason)
+        return Verdict.yes(f"kvport._native_{self.target} ({', '.join(status.archs) or 'archs unknown'})")
+
+    def expected(self, platform) -> bool:
+        from kvport.hal.native import read_build_info
+
+        info = read_build_info() or {}
+        return info.get("target") == self.target and platform.name == PLATFORM_OF[self.target]
+
+    def supports(self, descriptor) -> Verdict:
+        if not descriptor.streams:
+            return Verdict.no(f"{descriptor.layout}: descriptor has no streams")
+        devices = {s.buffer.device for s in descriptor.streams}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            return Verdict.no(
+                f"{descriptor.layout}: native kernels need all streams on one GPU, got {sorted(map(str, devices))}"
+            )
+        return Verdict.yes(f"{descriptor.layout}: strided rows, vectors up to 16 B")
+
+    def gather(self, descriptor, block_ids, dst, num_tokens, max_programs: int | None = None) -> None:
+        self._run(descriptor, block_ids, dst, num_tokens, True, max_programs)
+
+    def scatter(self, src, descriptor, block_ids, num_tokens, max_programs: int | None = None) -> None:
+        self._run(descriptor, block_ids, src, num_tokens, False, max_programs)
+
+    def _run(self, descriptor, block_ids, chunk, num_tokens, gather: bool, max_programs: int | None) -> None:
+        import torch
+
+        check_buffer("gather dst" if gather else "scatter src", chunk, descriptor.canonical_bytes(num_tokens))
+        if num_tokens <= 0:
+            return
+        device = descriptor.streams[0].buffer.device
+        if chunk.device.type == "cpu" and not chunk.is_pinned():
+            raise ValueError(
+                "native gather/scatter: a host chunk must be pinned (it is read through its mapped address)"
+            )
+        module = self.module()
+        _, launches = self._tables.get(descriptor, num_tokens, chunk, lambda width: width)
+        blocks = device_block_ids(descriptor, block_ids, num_tokens, device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        op = module.gather if gather else module.scatter
+        for item in launches:
+            op(
+                item.table.data_ptr(),
+                item.n_streams,
+                blocks.data_ptr(),
+                chunk.data_ptr(),
+                item.launch.width,
+                item.launch.max_supers,
+                max_programs or 0,
+                stream,
+            )
+
+    def memcpy_regions(self, dsts, srcs, sizes, batched: bool = True) -> None:
+        """DMA: copy regions (int64 CPU tensors of addresses and sizes) on the current stream, no SMs."""
+        import torch
+
+        count = int(sizes.numel())
+        stream = torch.cuda.current_stream().cuda_stream
+        self.module().memcpy_batch(dsts.data_ptr(), srcs.data_ptr(), sizes.data_ptr(), count, stream, batched)
+
+
+class CudaBackend(NativeBackend):
+    name = "cuda"
+    target = "cuda"
+
+
+class HipBackend(NativeBackend):
+    name = "hip"
+    target = "hip"

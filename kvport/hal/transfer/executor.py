@@ -1,0 +1,191 @@
+"""Runs a planned transfer between paged engine memory and pinned host memory on side streams, with events.
+Owns stream/event ordering and staging buffers; must not choose the path (planner.py) or hold kernels.
+
+Ordering: a transfer first waits on the stream that was current when it was issued (the engine's compute stream),
+so a gather after the forward pass never reads KV that is still being written; the result's event is what the
+engine must wait on before it reads blocks that a load scattered (``TransferResult.wait``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvport.hal.transfer.planner import CostModel, Plan, plan
+from kvport.hal.transfer.regions import regions
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvport.hal.backend import Backend
+    from kvport.layouts.descriptor import CopyDescriptor
+
+# CTAs/programs a zero-copy kernel may hold: 8 of 132 H100 SMs kept 91% of the link in DESIGN.md's measurement
+# while leaving most SMs to the engine.
+ZERO_COPY_PROGRAMS = 8
+
+
+@dataclasses.dataclass
+class TransferResult:
+    path: str
+    reason: str
+    event: torch.cuda.Event
+    keepalive: list = dataclasses.field(default_factory=list, repr=False)
+
+    def wait(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Make ``stream`` (default: the current one) wait for the transfer, without blocking the host."""
+        import torch
+
+        (stream or torch.cuda.current_stream()).wait_event(self.event)
+
+    def synchronize(self) -> None:
+        self.event.synchronize()
+        self.keepalive.clear()
+
+
+class Transfer:
+    """Moves KV for one device with one backend. Not thread-safe: one per engine worker thread."""
+
+    def __init__(self, backend: Backend, device, model: CostModel | None = None, native=None) -> None:
+        import torch
+
+        self.backend = backend
+        self.device = torch.device(device)
+        self.model = model or CostModel()
+        self.native = native  # a NativeBackend for the DMA path, or None
+        self.kernel_stream = torch.cuda.Stream(self.device)
+        self.dma_stream = torch.cuda.Stream(self.device)
+        self._staging: list[torch.Tensor] = []
+        self._pieces: dict = {}
+
+    def allowed(self, descriptor: CopyDescriptor) -> dict[str, str]:
+        """Per path, "" if it can run here or the reason it cannot."""
+        out = {"dma": "", "staged": "", "zero-copy": ""}
+        if self.native is None:
+            out["dma"] = "needs the native module (memcpy_batch); not loaded"
+        if not self.backend.supports(descriptor):
+            out["staged"] = out["zero-copy"] = self.backend.supports(descriptor).reason
+        elif self.backend.name == "torch":
+            out["zero-copy"] = "the torch backend cannot bound its SM use (no program limit)"
+        return out
+
+    def plan(self, descriptor: CopyDescriptor, num_tokens: int, direction: str, path: str = "auto") -> Plan:
+        return plan(descriptor, num_tokens, direction, self.allowed(descriptor), path, self.model)
+
+    def to_host(
+        self, descriptor, block_ids: Sequence, host: torch.Tensor, num_tokens: int, path: str = "auto", after=None
+    ) -> TransferResult:
+        return self._run("d2h", descriptor, block_ids, host, num_tokens, path, after)
+
+    def from_host(
+        self, host: torch.Tensor, descriptor, block_ids: Sequence, num_tokens: int, path: str = "auto", after=None
+    ) -> TransferResult:
+        return self._run("h2d", descriptor, block_ids, host, num_tokens, path, after)
+
+    def _run(self, direction, descriptor, block_ids, host, num_tokens, path, after) -> TransferResult:
+        import torch
+
+        if host.device.type != "cpu" or not host.is_pinned():
+            raise ValueError("transfer: the host chunk must be a pinned CPU tensor (torch.empty(..., pin_memory=True))")
+        chosen = self.plan(descriptor, num_tokens, direction, path)
+        issuer = torch.cuda.current_stream(self.device)
+        for stream in (self.kernel_stream, self.dma_stream):
+            if after is None:
+                stream.wait_stream(issuer)
+            elif isinstance(after, torch.cuda.Event):
+                stream.wait_event(after)
+            else:
+                stream.wait_stream(after)
+        keep: list = [host]
+        if chosen.path == "dma":
+            self._dma(direction, descriptor, block_ids, host, num_tokens, keep)
+            done = self.dma_stream
+        elif chosen.path == "zero-copy":
+            with torch.cuda.stream(self.kernel_stream):
+                op = self.backend.gather if direction == "d2h" else None
+                if op is not None:
+                    op(descriptor, block_ids, host, num_tokens, max_programs=ZERO_COPY_PROGRAMS)
+                else:
+                    self.backend.scatter(host, descriptor, block_ids, num_tokens, max_programs=ZERO_COPY_PROGRAMS)
+            done = self.kernel_stream
+        else:
+            done = self._staged(direction, descriptor, block_ids, host, num_tokens)
+        event = torch.cuda.Event()
+        event.record(done)
+        return TransferResult(chosen.path, chosen.reason, event, keep)
+
+    def _dma(self, direction, descriptor, block_ids, host, num_tokens, keep) -> None:
+        import torch
+
+        eng, can, size = regions(descriptor, block_ids, num_tokens, host.data_ptr())
+        dsts, srcs = (can, eng) if direction == "d2h" else (eng, can)
+        keep.extend([dsts, srcs, size])
+        with torch.cuda.stream(self.dma_stream):
+            self.native.memcpy_regions(dsts, srcs, size)
+
+    def _piece_list(self, descriptor, num_tokens):
+        key = (id(descriptor), num_tokens, self.model.piece_bytes)
+        hit = self._pieces.get(key)
+        if hit is not None and hit[0] is descriptor:
+            return hit[1]
+        offsets = descriptor.stream_offsets(num_tokens)
+        total = descriptor.canonical_bytes(num_tokens)
+        pieces, start = [], 0
+        for i in range(1, len(descriptor.streams) + 1):
+            end = offsets[i] if i < len(offsets) else total
+            if i == len(descriptor.streams) or end - offsets[start] >= self.model.piece_bytes:
+                sub = dataclasses.replace(descriptor, streams=descriptor.streams[start:i])
+                pieces.append((sub, offsets[start], end - offsets[start]))
+                start = i
+        self._pieces[key] = (descriptor, pieces)
+        return pieces
+
+    def _stage(self, index: int, nbytes: int):
+        import torch
+
+        while len(self._staging) <= index:
+            self._staging.append(torch.empty(0, dtype=torch.uint8, device=self.device))
+        if self._staging[index].numel() < nbytes:
+            # The old buffer may still be in use by queued side-stream work: let that finish before it is freed.
+            self.kernel_stream.synchronize()
+            self.dma_stream.synchronize()
+            self._staging[index] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._staging[index]
+
+    def _staged(self, direction, descriptor, block_ids, host, num_tokens):
+        """Two staging buffers: the kernel fills piece k+1 while the copy engine moves piece k."""
+        import torch
+
+        pieces = self._piece_list(descriptor, num_tokens)
+        size = max(n for _, _, n in pieces)
+        bufs = [self._stage(0, size), self._stage(1, size) if len(pieces) > 1 else None]
+        freed = [None, None]  # event: buffer k%2 is free again
+        for k, (sub, offset, nbytes) in enumerate(pieces):
+            buf = bufs[k % 2][:nbytes]
+            if direction == "d2h":
+                if freed[k % 2] is not None:
+                    self.kernel_stream.wait_event(freed[k % 2])
+                with torch.cuda.stream(self.kernel_stream):
+                    self.backend.gather(sub, block_ids, buf, num_tokens)
+                filled = torch.cuda.Event()
+                filled.record(self.kernel_stream)
+                self.dma_stream.wait_event(filled)
+                with torch.cuda.stream(self.dma_stream):
+                    host[offset : offset + nbytes].copy_(buf, non_blocking=True)
+                freed[k % 2] = torch.cuda.Event()
+                freed[k % 2].record(self.dma_stream)
+            else:
+                if freed[k % 2] is not None:
+                    self.dma_stream.wait_event(freed[k % 2])
+                with torch.cuda.stream(self.dma_stream):
+                    buf.copy_(host[offset : offset + nbytes], non_blocking=True)
+                filled = torch.cuda.Event()
+                filled.record(self.dma_stream)
+                self.kernel_stream.wait_event(filled)
+                with torch.cuda.stream(self.kernel_stream):
+                    self.backend.scatter(buf, sub, block_ids, num_tokens)
+                freed[k % 2] = torch.cuda.Event()
+                freed[k % 2].record(self.kernel_stream)
+        if direction == "d2h":
+            return self.dma_stream
+        return self.kernel_stream

@@ -1,0 +1,99 @@
+"""The transfer planner: picks DMA, staged or zero-copy per transfer from a cost model the benchmark calibrates.
+Owns the cost model and the choice with its reason; must not move data (executor.py does) or import torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from kvport.hal.transfer.regions import region_count
+from kvport.layouts.descriptor import CopyDescriptor
+
+PATHS = ("dma", "staged", "zero-copy")
+DIRECTIONS = ("d2h", "h2d")
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Seconds per transfer = sums of the terms below. Defaults are the H100 figures of DESIGN.md (PCIe Gen5 x16,
+    torch 2.11); `kvport bench kernels --json` measures them again and `from_bench` loads that file."""
+
+    link_gbps: float = 55.0  # pinned cudaMemcpy, 1 GiB, either direction
+    d2d_gbps: float = 2926.0  # D2D memcpy counting read + write
+    # Per-region overhead of the batched copy: 32768 regions of 32 KiB reached 73% (D2H) and 51% (H2D) of the
+    # link alone, i.e. (1/0.73 - 1) * 19.5 ms / 32768 = 0.22 us and (1/0.51 - 1) * 19.5 ms / 32768 = 0.57 us.
+    region_us_d2h: float = 0.22
+    region_us_h2d: float = 0.57
+    launch_us: float = 8.0  # one kernel launch plus its event, from the host
+    # SM kernels through mapped host memory reached 95% of the link (DESIGN.md prototype, NHD).
+    zero_copy_efficiency: float = 0.95
+    # Zero-copy occupies SMs for the whole transfer and slows the engine (GEMM at 49-75% of solo speed), so it is
+    # only for transfers short enough that latency matters more: 4 MiB is ~75 us of link time.
+    zero_copy_max_bytes: int = 4 << 20
+    piece_bytes: int = 64 << 20  # staged pipeline piece: the gather of one piece hides under the DMA of the last
+
+    @classmethod
+    def from_bench(cls, path: Path) -> CostModel:
+        """Calibrate from a `kvport bench kernels --json` file (memcpy figures of that device)."""
+        data = json.loads(Path(path).read_text())
+        memcpy = data.get("memcpy", {})
+        link = [v for k, v in memcpy.items() if k in ("d2h_gbps", "h2d_gbps") and v]
+        fields = {}
+        if link:
+            fields["link_gbps"] = min(link)
+        if memcpy.get("d2d_gbps"):
+            fields["d2d_gbps"] = memcpy["d2d_gbps"]
+        return dataclasses.replace(cls(), **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    path: str
+    reason: str
+    estimates_s: dict[str, float]
+
+
+def estimate(model: CostModel, path: str, nbytes: int, regions: int, direction: str) -> float:
+    link = nbytes / (model.link_gbps * 1e9)
+    if path == "dma":
+        per = model.region_us_d2h if direction == "d2h" else model.region_us_h2d
+        return link + regions * per * 1e-6
+    if path == "staged":
+        pieces = max(1, -(-nbytes // model.piece_bytes))
+        first_piece = 2 * min(nbytes, model.piece_bytes) / (model.d2d_gbps * 1e9)
+        return link + first_piece + pieces * 2 * model.launch_us * 1e-6
+    if path == "zero-copy":
+        return nbytes / (model.link_gbps * model.zero_copy_efficiency * 1e9) + model.launch_us * 1e-6
+    raise ValueError(f"unknown path {path!r}")
+
+
+def plan(
+    descriptor: CopyDescriptor,
+    num_tokens: int,
+    direction: str,
+    allowed: dict[str, str],
+    path: str = "auto",
+    model: CostModel | None = None,
+) -> Plan:
+    """Choose a path. ``allowed`` maps each path to "" when it can run or to the reason it cannot."""
+    model = model or CostModel()
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    nbytes = descriptor.canonical_bytes(num_tokens)
+    regions = region_count(descriptor, num_tokens)
+    est = {p: estimate(model, p, nbytes, regions, direction) for p in PATHS}
+    if path != "auto":
+        if path not in PATHS:
+            raise ValueError(f"path must be auto or one of {PATHS}, got {path!r}")
+        if allowed.get(path):
+            raise ValueError(f"path {path} cannot run: {allowed[path]}")
+        return Plan(path, "requested", est)
+    usable = [p for p in PATHS if not allowed.get(p)]
+    if nbytes > model.zero_copy_max_bytes and "zero-copy" in usable:
+        usable.remove("zero-copy")  # would hold SMs for the whole transfer and slow the engine
+    if not usable:
+        raise ValueError("no transfer path can run: " + "; ".join(f"{p}: {allowed[p]}" for p in PATHS))
+    best = min(usable, key=lambda p: est[p])
+    why = ", ".join(f"{p} {est[p] * 1e3:.3f} ms" for p in usable)
+    return Plan(best, f"{nbytes} B in {regions} regions; estimates: {why}", est)

@@ -1,0 +1,81 @@
+"""Region lists for the DMA path: every contiguous (engine address, chunk address, bytes) run of a transfer.
+Owns region enumeration and merging of touching runs; must not issue copies or choose a path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvport.hal.transfer.segments import flat_block_ids, merge_stream
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvport.layouts.descriptor import CopyDescriptor
+
+
+def region_count(descriptor: CopyDescriptor, num_tokens: int) -> int:
+    """Regions before merging neighbours (what the cost model charges per-region overhead for)."""
+    total = 0
+    for stream in descriptor.streams:
+        group = descriptor.groups[stream.group]
+        merged = merge_stream(stream, group)
+        total += merged.super_count(group, num_tokens) * merged.rows
+    return total
+
+
+def regions(
+    descriptor: CopyDescriptor, block_ids: Sequence, num_tokens: int, chunk_ptr: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(engine addresses, chunk addresses, sizes) as int64 CPU tensors, touching runs merged, canonical order."""
+    import torch
+
+    ids = flat_block_ids(descriptor, block_ids, num_tokens)
+    offsets = descriptor.stream_offsets(num_tokens)
+    block_offset, eng_parts, can_parts, size_parts = {}, [], [], []
+    total = 0
+    for group in descriptor.groups:
+        block_offset[group.index] = total
+        total += group.block_count(num_tokens)
+    for stream, offset in zip(descriptor.streams, offsets):
+        group = descriptor.groups[stream.group]
+        m = merge_stream(stream, group)
+        supers = m.super_count(group, num_tokens)
+        length = descriptor.stream_bytes(stream, num_tokens)
+        if supers == 0 or length == 0:
+            continue
+        s = torch.arange(supers, dtype=torch.int64)
+        table = ids[block_offset[stream.group] : block_offset[stream.group] + group.block_count(num_tokens)]
+        eng = (
+            stream.base_ptr
+            + table[s // m.super_per_block] * stream.block_stride
+            + (s % m.super_per_block) * m.slot_stride
+        )
+        r = torch.arange(m.rows, dtype=torch.int64)
+        eng = (eng[:, None] + r[None, :] * m.row_stride).reshape(-1)
+        start = (s[:, None] * m.rows + r[None, :]).reshape(-1) * m.row_len
+        size = (length - start).clamp(0, m.row_len)
+        keep = size > 0
+        eng_parts.append(eng[keep])
+        can_parts.append(chunk_ptr + offset + start[keep])
+        size_parts.append(size[keep])
+    if not size_parts:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty.clone(), empty.clone()
+    return merge_touching(torch.cat(eng_parts), torch.cat(can_parts), torch.cat(size_parts))
+
+
+def merge_touching(
+    eng: torch.Tensor, can: torch.Tensor, size: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Join region i+1 onto region i where both sides continue exactly (consecutive block ids, say)."""
+    import torch
+
+    if size.numel() <= 1:
+        return eng, can, size
+    joins = (eng[:-1] + size[:-1] == eng[1:]) & (can[:-1] + size[:-1] == can[1:])
+    starts = torch.ones_like(size, dtype=torch.bool)
+    starts[1:] = ~joins
+    group = torch.cumsum(starts.to(torch.int64), 0) - 1
+    merged = torch.zeros(int(group[-1]) + 1, dtype=torch.int64).index_add_(0, group, size)
+    return eng[starts].contiguous(), can[starts].contiguous(), merged
