@@ -24,7 +24,12 @@ def slot_index(group: GroupDesc, block_ids: torch.Tensor, num_tokens: int) -> tu
         raise ValueError(
             f"group {group.name!r}: {num_tokens} tokens need {needed} blocks, got {block_ids.numel()} block ids"
         )
-    blocks = block_ids.to(torch.int64).cpu()[slots // spb]
+    table = block_ids.to(torch.int64).cpu()[:needed]
+    # Negative ids would silently index from the end of the view; ids past the tensors would read other memory.
+    if table.numel() and (int(table.min()) < 0 or (group.num_blocks and int(table.max()) >= group.num_blocks)):
+        limit = f"0..{group.num_blocks - 1}" if group.num_blocks else ">= 0"
+        raise ValueError(f"group {group.name!r}: block ids must be in {limit}, got {table.tolist()}")
+    blocks = table[slots // spb]
     return blocks, slots % spb
 
 
