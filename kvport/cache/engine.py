@@ -113,16 +113,21 @@ class CacheEngine:
         A hit here is a promise load() keeps unless the chunk is evicted or found corrupt meanwhile."""
         self._check_open()
         start = time.perf_counter()
-        found = 0
+        in_l1 = in_l2 = 0
         for key in self.chunk_keys(tokens):
             if self.l1 is not None and self.l1.contains(key):
-                self.metrics.inc("hits", op="lookup", tier="l1")
+                in_l1 += 1
             elif self.l2 is not None and self.l2.contains(key):
-                self.metrics.inc("hits", op="lookup", tier="l2")
+                in_l2 += 1
             else:
                 self.metrics.inc("misses", op="lookup", tier="all")
                 break
-            found += 1
+        # one update per tier, not per chunk: lookups sit on the scheduler's critical path
+        found = in_l1 + in_l2
+        if in_l1:
+            self.metrics.inc("hits", in_l1, op="lookup", tier="l1")
+        if in_l2:
+            self.metrics.inc("hits", in_l2, op="lookup", tier="l2")
         self.metrics.observe("latency", time.perf_counter() - start, op="lookup")
         return found * self.chunk_tokens
 

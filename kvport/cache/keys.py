@@ -3,6 +3,7 @@ Owns key derivation only; must not use Python's ``hash`` (salted per process) or
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ def token_bytes(tokens: Any) -> bytes:
     return struct.pack(f"<{len(tokens)}q", *tokens)
 
 
+@functools.lru_cache(maxsize=64)  # lookups call this per request; the namespace rarely changes
 def root_digest(namespace: str, salt: str = "") -> bytes:
     """The chain's starting point: every key of a namespace/salt pair descends from it, so no key is shared."""
     h = hashlib.blake2b(digest_size=KEY_BYTES)

@@ -1,0 +1,341 @@
+"""`kvport bench storage`: store/lookup/load throughput and latency of an L2 tier next to raw sequential I/O of the
+same bytes on the same path, in the same run. Owns the measurement and its report; imports torch only in run()."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kvport.errors import UserError
+
+BACKENDS = ("local-disk",)
+# Targets from issue 5: store and load at >= 90% of raw sequential throughput; lookup p99 < 100 us at 100k chunks.
+TARGET_RATIO = 0.9
+TARGET_LOOKUP_P99_US = 100.0
+# Payload of the index-only chunks: real, valid chunk files, small so 100k of them take seconds, not gigabytes.
+INDEX_PAYLOAD = 64
+LOOKUP_SAMPLES = 20000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", required=True, help="storage tier and location, e.g. local-disk:/mnt/nvme/kv")
+    parser.add_argument("--chunk-mb", type=float, default=16.0, help="chunk size in MiB (default 16)")
+    parser.add_argument("--chunks", type=int, default=64, help="chunks stored and loaded (default 64)")
+    parser.add_argument("--threads", type=int, default=2, help="I/O threads, as the cache's io_threads (default 2)")
+    parser.add_argument("--index-chunks", type=int, default=100_000, help="chunks indexed for lookups (100000)")
+    parser.add_argument("--cold", action="store_true", help="drop the files from the page cache before each read phase")
+    parser.add_argument("--json", type=Path, help="write the figures as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the benchmark directory afterwards")
+
+
+def parse_backend(spec: str) -> tuple[str, Path]:
+    kind, sep, where = spec.partition(":")
+    if kind not in BACKENDS:
+        raise UserError(f"--backend {spec!r}: unknown storage tier {kind!r}; known: {', '.join(BACKENDS)}")
+    if not sep or not where:
+        raise UserError(f"--backend {spec!r}: expected {kind}:/path/to/directory")
+    return kind, Path(where)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.chunk_mb <= 0:
+        raise UserError(f"--chunk-mb {args.chunk_mb}: expected a positive size")
+    if args.chunks < 2:
+        raise UserError(f"--chunks {args.chunks}: expected at least 2")
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: expected at least 1")
+    if args.index_chunks < 0:
+        raise UserError(f"--index-chunks {args.index_chunks}: expected 0 or more")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    kind, root = parse_backend(args.backend)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--backend {args.backend}: cannot create {root} ({exc.strerror})") from None
+    work = root / f"kvport-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    work.mkdir()
+    try:
+        result = Bench(work, args).run()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    result["backend"] = args.backend
+    print(format_report(result))
+    if args.json is not None:
+        _atomic_write(args.json, json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+class Bench:
+    def __init__(self, work: Path, args: argparse.Namespace) -> None:
+        import torch
+
+        from kvport.cache.l2.local_disk import LocalDiskL2
+
+        self.work = work
+        self.args = args
+        self.chunk_bytes = int(args.chunk_mb * (1 << 20))
+        self.total = self.chunk_bytes * args.chunks
+        # Capacity far above what the run writes: eviction is measured by the tests, not here.
+        self.tier = LocalDiskL2(work / "l2", capacity_bytes=1 << 50)
+        gen = torch.Generator().manual_seed(0)
+        # Random bytes, as KV is incompressible; one buffer per chunk so threads never share one.
+        self.src = [torch.randint(0, 256, (self.chunk_bytes,), dtype=torch.uint8, generator=gen)]
+        self.src += [self.src[0].roll(i * 4099) for i in range(1, min(args.chunks, 8))]
+        self.dst = [torch.empty(self.chunk_bytes, dtype=torch.uint8) for _ in range(args.threads)]
+        self.keys = [hashlib.blake2b(b"bench-%d" % i, digest_size=32).hexdigest() for i in range(args.chunks)]
+        self.fingerprint = "kvport-bench-storage"
+
+    def run(self) -> dict:
+        from kvport.hal.platform import detect_platform
+
+        info = detect_platform()
+        out = {
+            "machine": f"{platform.node()} {os.cpu_count()} cores, platform {info.name}",
+            "chunk_bytes": self.chunk_bytes,
+            "chunks": self.args.chunks,
+            "total_bytes": self.total,
+            "threads": self.args.threads,
+            "cold": self.args.cold,
+        }
+        raw_write, raw_read = self.raw()
+        out["raw"] = {"write_gbps": raw_write, "read_gbps": raw_read}
+        out["store"] = self.store()
+        out["store"]["ratio_to_raw"] = out["store"]["gbps"] / raw_write
+        out["load"] = self.load()
+        out["load"]["ratio_to_raw"] = out["load"]["gbps"] / raw_read
+        out["lookup"] = self.lookup()
+        out["targets"] = {
+            "ratio_to_raw": TARGET_RATIO,
+            "lookup_p99_us": TARGET_LOOKUP_P99_US,
+            "store_met": out["store"]["ratio_to_raw"] >= TARGET_RATIO,
+            "load_met": out["load"]["ratio_to_raw"] >= TARGET_RATIO,
+            "lookup_met": out["lookup"]["hit_p99_us"] < TARGET_LOOKUP_P99_US,
+        }
+        return out
+
+    # ---- raw sequential I/O of the same bytes on the same file system --------------------------------------
+    def raw(self) -> tuple[float, float]:
+        path = self.work / "raw.bin"
+        progress = _progress(2 * self.args.chunks, "raw write+read")
+        start = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for i in range(self.args.chunks):
+                _write_all(fd, memoryview(self.src[i % len(self.src)].numpy()))
+                progress.update()
+            os.fsync(fd)  # on the medium, as the store phase's final sync
+        finally:
+            os.close(fd)
+        write = self.total / (time.perf_counter() - start) / 1e9
+        if self.args.cold:
+            _drop_cache([path])
+        view = memoryview(self.dst[0].numpy())
+        start = time.perf_counter()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i in range(self.args.chunks):
+                done = 0
+                while done < self.chunk_bytes:
+                    done += os.preadv(fd, [view[done:]], i * self.chunk_bytes + done)
+                progress.update()
+        finally:
+            os.close(fd)
+        read = self.total / (time.perf_counter() - start) / 1e9
+        progress.close()
+        os.unlink(path)
+        return write, read
+
+    # ---- the tier --------------------------------------------------------------------------------------------
+    def store(self) -> dict:
+        progress = _progress(self.args.chunks, "store")
+        latencies: list[float] = []
+
+        def put(i: int) -> None:
+            t0 = time.perf_counter()
+            if not self.tier.put(self.keys[i], self.fingerprint, self.src[i % len(self.src)]):
+                raise RuntimeError(f"store of chunk {i} failed (disk full or I/O error under {self.work})")
+            latencies.append(time.perf_counter() - t0)
+            progress.update()
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(self.args.threads) as pool:
+            list(pool.map(put, range(self.args.chunks)))
+        _syncfs(self.work)  # same durability point as the raw phase's fsync
+        elapsed = time.perf_counter() - start
+        progress.close()
+        return _summary(self.total, elapsed, latencies)
+
+    def load(self) -> dict:
+        from kvport.cache.l2.base import ReadResult
+
+        if self.args.cold:
+            _drop_cache([self.tier.path(k) for k in self.keys])
+        progress = _progress(self.args.chunks, "load")
+        latencies: list[float] = []
+        local = threading.local()
+        counter = iter(range(len(self.dst)))
+        lock = threading.Lock()
+
+        def get(i: int) -> None:
+            if not hasattr(local, "buf"):
+                with lock:
+                    local.buf = self.dst[next(counter)]
+            t0 = time.perf_counter()
+            result = self.tier.get_into(self.keys[i], self.fingerprint, local.buf)
+            if result is not ReadResult.HIT:
+                raise RuntimeError(f"load of chunk {i}: {result.value}")
+            latencies.append(time.perf_counter() - t0)
+            progress.update()
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(self.args.threads) as pool:
+            list(pool.map(get, range(self.args.chunks)))
+        elapsed = time.perf_counter() - start
+        progress.close()
+        return _summary(self.total, elapsed, latencies)
+
+    def lookup(self) -> dict:
+        """Latency of CacheEngine.lookup for a one-chunk prefix (key derivation + tier check), hits and misses,
+        with ``--index-chunks`` valid chunk files in the same directory tree."""
+        import torch
+
+        from kvport.cache import CacheEngine, load_config
+        from kvport.cache.keys import chunk_keys
+
+        chunk_tokens = 256
+        n = self.args.index_chunks
+        payload = torch.zeros(INDEX_PAYLOAD, dtype=torch.uint8)
+        progress = _progress(n, "index chunks")
+        token_sets = []
+        for i in range(n):
+            tokens = [i, *range(chunk_tokens - 1)]
+            key = chunk_keys(tokens, chunk_tokens, "bench-lookup")[0]
+            self.tier.put(key, self.fingerprint, payload)
+            if i < LOOKUP_SAMPLES:
+                token_sets.append(tokens)
+            progress.update()
+        progress.close()
+        cfg = load_config(overrides={"chunk_tokens": chunk_tokens, "l2_path": str(self.work / "l2")}, environ={})
+        engine = CacheEngine(cfg, "bench-lookup")
+        samples = token_sets or [[0] * chunk_tokens]
+        hits, misses = [], []
+        for i in range(min(LOOKUP_SAMPLES, max(n, 1000))):
+            tokens = samples[(i * 7919) % len(samples)]  # strided order: not the creation order
+            if n:
+                t0 = time.perf_counter()
+                found = engine.lookup(tokens)
+                hits.append(time.perf_counter() - t0)
+                if found != chunk_tokens:
+                    raise RuntimeError("an indexed chunk was not found by lookup")
+            t0 = time.perf_counter()
+            engine.lookup([-1 - i, *range(chunk_tokens - 1)])
+            misses.append(time.perf_counter() - t0)
+        engine.close()
+        pct = lambda xs, q: _percentile(xs, q) * 1e6 if xs else float("nan")  # noqa: E731
+        return {
+            "indexed_chunks": n,
+            "samples": len(misses),
+            "hit_p50_us": pct(hits, 50),
+            "hit_p99_us": pct(hits, 99),
+            "miss_p50_us": pct(misses, 50),
+            "miss_p99_us": pct(misses, 99),
+        }
+
+
+def _summary(total: int, elapsed: float, latencies: list[float]) -> dict:
+    return {
+        "gbps": total / elapsed / 1e9,
+        "seconds": elapsed,
+        "p50_ms": _percentile(latencies, 50) * 1e3,
+        "p99_ms": _percentile(latencies, 99) * 1e3,
+    }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    return statistics.quantiles(ordered, n=100, method="inclusive")[int(q) - 1]
+
+
+def _write_all(fd: int, buf: memoryview) -> None:
+    done = 0
+    while done < len(buf):
+        done += os.write(fd, buf[done:])
+
+
+def _syncfs(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if hasattr(os, "syncfs"):
+            os.syncfs(fd)
+        else:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _drop_cache(paths: list[Path]) -> None:
+    """Evict clean pages of these files from the page cache (no root needed), so reads hit the medium."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="chunk", file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
+
+
+def format_report(r: dict) -> str:
+    s, ld, lk = r["store"], r["load"], r["lookup"]
+    mib = r["chunk_bytes"] / (1 << 20)
+    lines = [
+        f"storage: {r['backend']}  {r['chunks']} chunks x {mib:g} MiB, {r['threads']} threads"
+        + (", cold page cache" if r["cold"] else ", warm page cache"),
+        f"machine: {r['machine']}",
+        f"raw sequential   write {r['raw']['write_gbps']:.3f} GB/s   read {r['raw']['read_gbps']:.3f} GB/s",
+        f"store  {s['gbps']:.3f} GB/s  ratio {s['ratio_to_raw']:.2f}  p50 {s['p50_ms']:.2f} ms  "
+        f"p99 {s['p99_ms']:.2f} ms",
+        f"load   {ld['gbps']:.3f} GB/s  ratio {ld['ratio_to_raw']:.2f}  p50 {ld['p50_ms']:.2f} ms  "
+        f"p99 {ld['p99_ms']:.2f} ms",
+        f"lookup ({lk['indexed_chunks']} chunks indexed)  hit p50 {lk['hit_p50_us']:.1f} us  "
+        f"p99 {lk['hit_p99_us']:.1f} us   miss p50 {lk['miss_p50_us']:.1f} us  p99 {lk['miss_p99_us']:.1f} us",
+    ]
+    t = r["targets"]
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    lines.append(
+        f"targets: store >= {t['ratio_to_raw']:.0%} of raw {verdict(t['store_met'])}, load {verdict(t['load_met'])}, "
+        f"lookup p99 < {t['lookup_p99_us']:.0f} us {verdict(t['lookup_met'])}"
+    )
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--json {path}: cannot write ({exc.strerror})") from None
