@@ -1,0 +1,260 @@
+"""vLLM V1 KV connector backed by the kvport cache engine (load with kv_connector="KVPortConnector",
+kv_connector_module_path="kvport.engines.vllm"). Owns only the glue to vLLM's hooks; must not contain copy code."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    SupportsHMA,
+)
+
+from kvport.engines.vllm_layouts import AttentionInfo, load_for, tensors_in_order
+from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, TransferSpec
+from kvport.engines.vllm_worker import WorkerSide
+from kvport.errors import UserError
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvport.vllm")
+
+# kv_connector_extra_config keys the adapter itself reads; every other key is a cache setting (kvport.cache.config).
+ADAPTER_KEYS = ("config", "layout", "namespace", "stats_dir", "debug_random_load")
+
+
+@dataclasses.dataclass
+class KVPortMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, once per step: the loads to run before the forward and the stores after it."""
+
+    loads: list[TransferSpec] = dataclasses.field(default_factory=list)
+    stores: list[TransferSpec] = dataclasses.field(default_factory=list)
+
+
+def split_extra_config(extra: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(adapter options, cache-config overrides) from kv_connector_extra_config."""
+    extra = dict(extra or {})
+    options = {k: extra.pop(k) for k in ADAPTER_KEYS if k in extra}
+    return options, extra
+
+
+class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
+    """Scheduler side: prefix lookup and load/store planning. Worker side: descriptor binding and transfers."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        from kvport.cache import CacheEngine, load_config
+
+        options, overrides = split_extra_config(self._kv_transfer_config.kv_connector_extra_config)
+        self._options = options
+        self._cache_config = load_config(options.get("config"), overrides)
+        groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+        self._block_size = groups[0].kv_cache_spec.block_size if groups else vllm_config.cache_config.block_size
+        rank, world = _tp_rank_world(role)
+        self._rank = rank
+        self._engine = CacheEngine(self._cache_config, _namespace(vllm_config, options, rank, world))
+        self._stats_dir = options.get("stats_dir")
+        self._plan: SchedulerPlan | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._plan = SchedulerPlan(self._engine.lookup, self._cache_config.chunk_tokens, self._block_size)
+            if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
+                log.warning(
+                    "kvport: kv_load_failure_policy=%s: a chunk that fails its checksum fails the request; "
+                    "set kv_load_failure_policy='recompute' to recompute it instead",
+                    self._kv_transfer_config.kv_load_failure_policy,
+                )
+
+    # ==== worker side ==========================================================================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from kvport.layouts import compile_descriptor
+
+        infos = _attention_infos(self._vllm_config, self._kv_cache_config)
+        override = self._options.get("layout")
+        if len(infos) > 1 and not override:
+            raise UserError(
+                f"vLLM has {len(infos)} KV cache groups; kvport maps multi-group models only through an explicit "
+                "multi-group spec: set kv_connector_extra_config.layout"
+            )
+        spec = load_for(infos[0], override)
+        per_group = [tensors_in_order(kv_caches, info.layer_names) for info in infos]
+        descriptor = compile_descriptor(spec, per_group[0] if len(per_group) == 1 else per_group)
+        self._engine.bind(descriptor)
+        self._device = next(iter(kv_caches.values())).device
+        self._worker = WorkerSide(self._engine, self._block_size, bool(self._options.get("debug_random_load")))
+        if self._worker.debug_random_load:
+            log.warning("kvport: debug_random_load is ON: loaded KV is replaced by random bytes (test only)")
+        log.info(
+            "kvport: bound %d layers, backend %s, layout %s -> %s, copy backend %s, chunk %d tokens",
+            len(infos[0].layer_names),
+            infos[0].backend,
+            infos[0].layout,
+            spec.name,
+            self._engine.backend.name,
+            self._cache_config.chunk_tokens,
+        )
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if self._worker is not None and isinstance(meta, KVPortMetadata) and meta.loads:
+            self._worker.load(meta.loads)
+            self._write_stats()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv finished every load before the forward
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # whole-step stores in wait_for_save: one gather per chunk instead of one per layer
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        if self._worker is None or not isinstance(meta, KVPortMetadata) or not meta.stores:
+            return
+        _wait_for_compute(self._device)
+        self._worker.store(meta.stores)
+        self._write_stats()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_invalid_blocks() if self._worker is not None else set()
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.close(drain=True)
+            self._write_stats()
+
+    # ==== scheduler side =======================================================================================
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        prompt = request.prompt_token_ids
+        if not prompt:
+            return 0, False
+        return self._plan.match(request.request_id, prompt, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if request.prompt_token_ids:
+            self._plan.after_alloc(request.request_id, request.prompt_token_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        scheduled = scheduler_output.num_scheduled_tokens
+        steps, prompts = [], {}
+        for new in scheduler_output.scheduled_new_reqs:
+            if new.prompt_token_ids:
+                prompts[new.req_id] = new.prompt_token_ids
+            steps.append(StepRequest(new.req_id, new.num_computed_tokens, scheduled.get(new.req_id, 0), ()))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            steps.append(StepRequest(req_id, cached.num_computed_tokens[i], scheduled.get(req_id, 0), ()))
+        for step in steps:
+            step.block_ids = self._kv_cache_manager.get_block_ids(step.req_id)
+        loads, stores = self._plan.build(steps, prompts)
+        if loads or stores:
+            self._write_stats()
+        return KVPortMetadata(loads, stores)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Stores ran after the steps that computed each chunk, so nothing is left to save: free the blocks now.
+        self._plan.finished(request.request_id)
+        return False, None
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self._plan.finished(request.request_id)
+        return False, None
+
+    # ==== stats ================================================================================================
+    def stats(self) -> dict[str, Any]:
+        if self._plan is not None:
+            p = self._plan
+            return {
+                "role": "scheduler",
+                "requests": p.requests,
+                "hit_requests": p.hit_requests,
+                "hit_tokens": p.hit_tokens,
+                "prompt_tokens": p.prompt_tokens,
+            }
+        out = {"role": "worker", "rank": self._rank}
+        if self._worker is not None:
+            out |= self._worker.stats()
+        return out
+
+    def _write_stats(self) -> None:
+        """Atomically write this side's counters to ``stats_dir`` (for tests, the demo and dashboards)."""
+        if not self._stats_dir:
+            return
+        directory = Path(self._stats_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        name = "scheduler.json" if self._plan is not None else f"worker{self._rank}.json"
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+        with os.fdopen(fd, "w") as out:
+            json.dump(self.stats(), out, default=str)
+        os.replace(tmp, directory / name)
+
+
+def _tp_rank_world(role: KVConnectorRole) -> tuple[int, int]:
+    if role != KVConnectorRole.WORKER:
+        return 0, 1  # every rank stores the same chunks (per its shard); rank 0's presence stands for all
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+def _namespace(vllm_config: VllmConfig, options: dict[str, Any], rank: int, world: int) -> str:
+    """Model identity + KV dtype + shard: chunks of different models or shards never share a key."""
+    model = vllm_config.model_config
+    base = options.get("namespace") or f"vllm:{model.model}:{model.revision or ''}"
+    dtype = vllm_config.cache_config.cache_dtype
+    if dtype == "auto":
+        dtype = str(model.dtype).removeprefix("torch.")
+    world = max(world, vllm_config.parallel_config.tensor_parallel_size)
+    return f"{base}|kv={dtype}|tp{rank}/{world}"
+
+
+def _attention_infos(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> list[AttentionInfo]:
+    """What vLLM declares for each KV cache group: backend name (from the layers), resolved layout, dims."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    layout = getattr(kv_cache_config, "kv_cache_layout", None) or vllm_config.cache_config.kv_cache_layout
+    infos = []
+    for group in kv_cache_config.kv_cache_groups:
+        layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, group.layer_names)
+        backends = {layer.get_attn_backend().get_name() for layer in layers.values()}
+        if len(backends) != 1:
+            raise UserError(f"vLLM KV cache group {group.layer_names[:2]}...: mixed attention backends {backends}")
+        spec = group.kv_cache_spec
+        infos.append(
+            AttentionInfo(
+                backend=backends.pop(),
+                layout=layout,
+                block_size=spec.block_size,
+                num_kv_heads=getattr(spec, "num_kv_heads", 1),
+                head_size=getattr(spec, "head_size", 0),
+                dtype=str(spec.dtype).removeprefix("torch."),
+                layer_names=tuple(group.layer_names),
+            )
+        )
+    return infos
+
+
+def _wait_for_compute(device: torch.device) -> None:
+    """The forward's KV writes must be complete before the gather reads them: wait on the compute stream."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    elif device.type == "xpu":
+        torch.xpu.current_stream(device).synchronize()
+    # CPU: the forward ran synchronously on this thread.

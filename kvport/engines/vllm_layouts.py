@@ -1,0 +1,118 @@
+"""Maps vLLM's declared attention backend and KV cache layout to a kvport catalog layout, and vLLM's per-layer
+KV tensors to that layout's compiled descriptor. Must not import vLLM or guess NHD/HND from tensor shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kvport.errors import UserError
+
+# vLLM's legacy layout names are aliases of its 5-letter layouts (vllm/config/cache.py in vLLM 0.32).
+_LEGACY = {"NHD": "LBNHC", "HND": "LBHNC"}
+
+# (vLLM attention backend name, resolved KV cache layout) -> kvport catalog layout. "*" = any layout.
+# Each row comes from the backend's get_kv_cache_shape / supported_kv_cache_layouts in vLLM 0.32; a backend or
+# layout not listed here is refused with a message naming it (set `layout` in kv_connector_extra_config).
+BACKEND_LAYOUTS: dict[tuple[str, str], str] = {
+    ("CPU_ATTN", "LBHNC"): "vllm-cpu-attn",  # opaque blocks: K transposed inside a block (cpu_attn.py)
+    ("FLASH_ATTN", "LBNHC"): "vllm-flash-nhd",
+    ("FLASH_ATTN", "LBHNC"): "vllm-flash-hnd",
+    ("FLASHINFER", "LBNHC"): "vllm-flashinfer-nhd",
+    ("FLASHINFER", "LBHNC"): "vllm-flashinfer-hnd",
+    ("TRITON_ATTN", "LBNHC"): "vllm-triton-nhd",
+    ("ROCM_ATTN", "LBHNC"): "vllm-flash-hnd",
+    ("FLASHMLA", "*"): "vllm-mla",
+    ("FLASH_ATTN_MLA", "*"): "vllm-mla",
+    ("TRITON_MLA", "*"): "vllm-mla",
+    ("CUTLASS_MLA", "*"): "vllm-mla",
+    ("FLASHINFER_MLA", "*"): "vllm-mla",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionInfo:
+    """What vLLM declares about one KV cache group (read from its config objects by the adapter)."""
+
+    backend: str
+    layout: str | None
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    dtype: str
+    layer_names: tuple[str, ...]
+
+
+def normalize_layout(layout: str | None) -> str | None:
+    if layout is None:
+        return None
+    text = str(layout).rsplit(".", 1)[-1].upper()  # accepts "KVCacheLayout.LBHNC"
+    return _LEGACY.get(text, text)
+
+
+def catalog_layout(info: AttentionInfo, override: str | None = None) -> str:
+    """The kvport layout for this backend/layout pair; ``override`` (a catalog name or YAML path) wins."""
+    if override:
+        return override
+    layout = normalize_layout(info.layout)
+    name = BACKEND_LAYOUTS.get((info.backend, layout or "")) or BACKEND_LAYOUTS.get((info.backend, "*"))
+    if name is None:
+        known = ", ".join(sorted({f"{b}/{lay}" for b, lay in BACKEND_LAYOUTS}))
+        raise UserError(
+            f"vLLM attention backend {info.backend} with KV cache layout {layout} has no kvport layout "
+            f"(known: {known}); set kv_connector_extra_config.layout to a catalog name or spec file"
+        )
+    return name
+
+
+def layout_dims(info: AttentionInfo) -> dict[str, Any]:
+    """Every dim kvport specs may declare, from vLLM's spec; the loader keeps the ones a spec uses."""
+    return {
+        "layers": len(info.layer_names),
+        "kv_heads": info.num_kv_heads,
+        "head_dim": info.head_size,
+        "block_size": info.block_size,
+        "dtype": info.dtype,
+    }
+
+
+def load_for(info: AttentionInfo, override: str | None = None):
+    """Load the catalog spec for ``info`` with vLLM's real dims (only the dims that spec declares)."""
+    from kvport.layouts import LayoutError, load_layout
+
+    name = catalog_layout(info, override)
+    try:
+        declared = dict(load_layout(name).dims)
+        dims = {k: v for k, v in layout_dims(info).items() if k in declared}
+        return load_layout(name, **dims)
+    except LayoutError as exc:
+        raise UserError(f"kvport layout for vLLM backend {info.backend}: {exc}") from None
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def layer_order(names: Sequence[str]) -> list[str]:
+    """Layer names in model order: by the first ``.<int>.`` in the name (vLLM's extract_layer_index rule)."""
+
+    def index(name: str) -> int:
+        match = _LAYER_INDEX.search(f".{name}.")
+        if match is None:
+            raise UserError(f"vLLM KV cache layer {name!r} has no layer index; cannot order layers")
+        return int(match.group(1))
+
+    ordered = sorted(names, key=index)
+    seen = [index(n) for n in ordered]
+    if len(set(seen)) != len(seen):
+        raise UserError(f"vLLM KV cache layers repeat a layer index: {ordered}")
+    return ordered
+
+
+def tensors_in_order(kv_caches: Mapping[str, Any], layer_names: Sequence[str]) -> list:
+    """The per-layer tensors vLLM handed, in model layer order; a missing layer is an error."""
+    missing = [n for n in layer_names if n not in kv_caches]
+    if missing:
+        raise UserError(f"vLLM register_kv_caches: no tensor for layer(s) {', '.join(missing)}")
+    return [kv_caches[n] for n in layer_order(layer_names)]

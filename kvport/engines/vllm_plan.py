@@ -1,0 +1,117 @@
+"""Scheduler-side planning for the vLLM connector: which prefix to load and which new full chunks to store, per step.
+Owns the per-request bookkeeping and the transfer specs it emits; must not import vLLM or touch KV memory."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+
+@dataclasses.dataclass
+class TransferSpec:
+    """One load or store the worker runs this step (all token counts are multiples of the chunk size)."""
+
+    req_id: str
+    tokens: list[int]
+    # One block-id list per KV cache group, in the request's token order.
+    block_ids: list[list[int]]
+    num_tokens: int
+    skip_tokens: int = 0
+
+
+@dataclasses.dataclass
+class _ReqState:
+    prompt: list[int]
+    stored_upto: int = 0  # tokens [0, stored_upto) are known to be in the cache (loaded or stored)
+    pending_load: int = 0  # tokens to load before this request's first forward (set after allocation)
+    last_computed: int = 0
+
+
+@dataclasses.dataclass
+class StepRequest:
+    """What the scheduler output says about one scheduled request in this step."""
+
+    req_id: str
+    num_computed_before: int
+    num_scheduled: int
+    block_ids: Sequence[Sequence[int]]
+
+
+class SchedulerPlan:
+    """Longest cached prefix per request (via ``lookup``) and the load/store specs for each step.
+
+    A hit is used only when vLLM's own prefix cache had none for the request (``num_computed == 0``): the cache
+    engine loads from the first chunk, and rewriting blocks that vLLM shares between requests is not safe.
+    """
+
+    def __init__(self, lookup: Callable[[Sequence[int]], int], chunk_tokens: int, block_size: int) -> None:
+        if chunk_tokens % block_size:
+            raise ValueError(f"chunk_tokens={chunk_tokens} must be a multiple of vLLM's block_size={block_size}")
+        self._lookup = lookup
+        self.chunk = chunk_tokens
+        self.block_size = block_size
+        self._reqs: dict[str, _ReqState] = {}
+        self.requests = 0  # requests seen
+        self.hit_requests = 0  # requests that loaded a prefix
+        self.hit_tokens = 0  # tokens planned to load
+        self.prompt_tokens = 0  # prompt tokens of the requests seen
+
+    # ---- vLLM hooks, in the order vLLM calls them ----------------------------------------------------------
+    def match(self, req_id: str, prompt: Sequence[int], num_computed: int) -> int:
+        """Tokens beyond ``num_computed`` that can be loaded. Side-effect free apart from counters' caches:
+        vLLM may call it several times for one request."""
+        if num_computed > 0 or len(prompt) <= self.chunk:
+            return 0
+        hit = self._lookup(prompt)
+        # vLLM must compute at least the last prompt token to sample from it.
+        cap = (len(prompt) - 1) // self.chunk * self.chunk
+        return max(0, min(hit, cap) - num_computed)
+
+    def after_alloc(self, req_id: str, prompt: Sequence[int], num_external: int) -> None:
+        state = self._reqs.get(req_id) or self._track(req_id, prompt)
+        state.pending_load = num_external
+        if num_external:
+            state.stored_upto = max(state.stored_upto, num_external)
+
+    def build(self, steps: Sequence[StepRequest], prompts: dict[str, Sequence[int]]) -> tuple[list, list]:
+        """Load specs for requests scheduled for the first time after a hit, store specs for every request
+        whose computed prompt tokens crossed a chunk boundary this step."""
+        loads: list[TransferSpec] = []
+        stores: list[TransferSpec] = []
+        for step in steps:
+            state = self._reqs.get(step.req_id)
+            if state is None:
+                prompt = prompts.get(step.req_id)
+                if prompt is None:
+                    continue
+                state = self._track(step.req_id, prompt)
+            blocks = [list(ids) for ids in step.block_ids]
+            if state.pending_load:
+                loads.append(TransferSpec(step.req_id, state.prompt, blocks, state.pending_load))
+                self.hit_requests += 1
+                self.hit_tokens += state.pending_load
+                state.pending_load = 0
+            before = step.num_computed_before
+            if before < state.last_computed:
+                # vLLM rolled the request back (preemption, or a failed load it now recomputes): chunks past
+                # the rollback point must be stored again once recomputed (present ones are skipped cheaply).
+                state.stored_upto = min(state.stored_upto, before // self.chunk * self.chunk)
+            after = before + step.num_scheduled
+            state.last_computed = after
+            store_to = min(after, len(state.prompt)) // self.chunk * self.chunk
+            if store_to > state.stored_upto:
+                stores.append(TransferSpec(step.req_id, state.prompt, blocks, store_to, state.stored_upto))
+                state.stored_upto = store_to
+        return loads, stores
+
+    def finished(self, req_id: str) -> None:
+        self._reqs.pop(req_id, None)
+
+    def _track(self, req_id: str, prompt: Sequence[int]) -> _ReqState:
+        state = self._reqs[req_id] = _ReqState(list(prompt))
+        self.requests += 1
+        self.prompt_tokens += len(state.prompt)
+        return state
+
+    def tracked(self) -> int:
+        return len(self._reqs)
