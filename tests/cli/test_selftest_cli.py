@@ -1,0 +1,96 @@
+"""`kvport selftest` through the real entry point: one line per layout and backend, cross pairs, exit codes."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from kvport.cli.main import main
+from kvport.layouts import catalog_names
+from kvport.layouts.loader import SPECS_DIR
+
+
+def test_whole_catalog_passes_with_torch(capsys):
+    assert main(["selftest", "--backend", "torch", "--seed", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for name in catalog_names():
+        assert any(line.startswith(f"ok   {name} ") and "[torch/cpu]" in line for line in out), name
+    assert "ok   cross vllm-flash-nhd -> 15 compatible [torch/cpu]" in out
+    assert "ok   cross vllm-mla -> 1 compatible [torch/cpu]" in out
+    assert out[-1].startswith("selftest: ") and " 0 failed" in out[-1]
+
+
+def test_one_layout_by_file_and_default_backend(capsys):
+    path = SPECS_DIR / "sglang-mha.yaml"
+    assert main(["selftest", "--layout", str(path), "--seed", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok   sglang-mha ")
+    assert out[1] == "ok   cross sglang-mha -> 15 compatible [torch/cpu]"
+    assert out[2] == "selftest: 2 passed, 0 failed, 0 skipped (seed 1)"
+
+
+class _FlipsOneByte:
+    """A real Backend that corrupts one gathered byte: selftest must report it and exit 1."""
+
+    @staticmethod
+    def make():
+        from kvport.hal.backends.torch_ref import TorchBackend
+
+        class FlipsOneByte(TorchBackend):
+            name = "flip"
+
+            def gather(self, descriptor, block_ids, dst, num_tokens):
+                super().gather(descriptor, block_ids, dst, num_tokens)
+                dst[0] ^= 1
+
+        return FlipsOneByte
+
+
+def test_a_corrupting_backend_fails_with_exit_1(monkeypatch, capsys):
+    from kvport.hal import registry
+
+    module = types.ModuleType("kvport_selftest_faulty")
+    module.FlipsOneByte = _FlipsOneByte.make()
+    monkeypatch.setitem(sys.modules, "kvport_selftest_faulty", module)
+    monkeypatch.setitem(registry.BACKENDS, "flip", "kvport_selftest_faulty:FlipsOneByte")
+    assert main(["selftest", "--backend", "flip", "--layout", "vllm-flash-nhd", "--no-cross"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("FAIL vllm-flash-nhd ")
+    assert "[flip/cpu]" in out[0] and "gather: 1 of" in out[0] and "(first at 0)" in out[0]
+    assert out[-1] == "selftest: 0 passed, 1 failed, 0 skipped (seed 0)"
+
+
+def test_a_yaml_only_model_passes(tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        "name: tiny\n"
+        "groups:\n"
+        "  - {kind: mla, layers: 1, tokens_per_block: 2, structure: per_layer, axes: BNC, dtype: uint8,\n"
+        "     content: {bytes: 3}}\n"
+    )
+    assert main(["selftest", "--layout", str(path), "--no-cross"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "selftest: 1 passed, 0 failed, 0 skipped (seed 0)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "err"),
+    [
+        (["selftest", "--backend", "nope"], "kvport selftest: --backend: unknown backend 'nope'; known: "),
+        (["selftest", "--layout", "nope"], "kvport selftest: unknown layout 'nope'; catalog: "),
+        (["selftest", "--device", "bogus"], "kvport selftest: --device: 'bogus' is not a torch device"),
+    ],
+)
+def test_user_errors_exit_2(argv, err, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(err)
+
+
+@pytest.mark.gpu
+def test_cuda_device_with_torch_backend(capsys):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA/ROCm device")
+    assert main(["selftest", "--backend", "torch", "--device", "cuda", "--layout", "vllm-flash-hnd"]) == 0
+    assert "[torch/cuda]" in capsys.readouterr().out
