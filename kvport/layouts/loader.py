@@ -171,6 +171,8 @@ class _Ctx:
 
     def dtype(self, value: object, path: str) -> str:
         value = self.sub(value, path)
+        if not isinstance(value, str) and type(value).__name__ == "dtype":  # a torch.dtype passed as a dim
+            value = str(value).removeprefix("torch.")
         if value not in DTYPE_SIZES:
             raise self.fail(path, f"unknown dtype {value!r} (dtypes: {', '.join(DTYPE_SIZES)})")
         return value

@@ -17,7 +17,7 @@ def test_whole_catalog_passes_with_torch(capsys):
     out = capsys.readouterr().out.splitlines()
     for name in catalog_names():
         assert any(line.startswith(f"ok   {name} ") and "[torch/cpu]" in line for line in out), name
-    assert "ok   cross vllm-flash-nhd -> 15 compatible [torch/cpu]" in out
+    assert "ok   cross vllm-flash-nhd -> 16 compatible [torch/cpu]" in out
     assert "ok   cross vllm-mla -> 1 compatible [torch/cpu]" in out
     assert out[-1].startswith("selftest: ") and " 0 failed" in out[-1]
 
@@ -27,7 +27,7 @@ def test_one_layout_by_file_and_default_backend(capsys):
     assert main(["selftest", "--layout", str(path), "--seed", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("ok   sglang-mha ")
-    assert out[1] == "ok   cross sglang-mha -> 15 compatible [torch/cpu]"
+    assert out[1] == "ok   cross sglang-mha -> 16 compatible [torch/cpu]"
     assert out[2] == "selftest: 2 passed, 0 failed, 0 skipped (seed 1)"
 
 

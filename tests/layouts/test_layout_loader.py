@@ -54,6 +54,7 @@ def test_catalog_has_the_issue_entries():
         "vllm-flash-hnd",
         "vllm-flashinfer-nhd",
         "vllm-flashinfer-hnd",
+        "vllm-triton-nhd",
         "vllm-packed-nhd",
         "vllm-packed-hnd",
         "vllm-cross-layer",
@@ -101,6 +102,11 @@ def test_unknown_dim_override_is_one_line():
     assert str(err.value) == (
         "vllm-flash-nhd.yaml: dims: unknown dim 'kv_head' (dims: block_size, dtype, head_dim, kv_heads, layers)"
     )
+
+
+def test_torch_dtype_objects_are_accepted_as_dims():
+    torch = pytest.importorskip("torch")
+    assert load_layout("vllm-flash-nhd", dtype=torch.float16).groups[0].dtype == "float16"
 
 
 def test_unknown_layout_name_lists_the_catalog():
