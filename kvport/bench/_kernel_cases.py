@@ -21,7 +21,21 @@ def _events(n: int) -> list[torch.cuda.Event]:
 
 
 class Bench:
-    def __init__(self, layouts, tokens, directions, paths, loads, backends, repeat, dims, gemm_n) -> None:
+    def __init__(
+        self,
+        layouts,
+        tokens,
+        directions,
+        paths,
+        loads,
+        backends,
+        repeat,
+        dims,
+        gemm_n,
+        model=None,
+        zero_copy_programs=None,
+    ) -> None:
+        self.model, self.zero_copy_programs = model, zero_copy_programs
         self.layouts, self.tokens, self.directions = layouts, tokens, directions
         self.paths, self.loads, self.repeat, self.dims, self.gemm_n = paths, loads, repeat, dims, gemm_n
         self.device = torch.device("cuda", torch.cuda.current_device())
@@ -58,18 +72,23 @@ class Bench:
 
     # -- limits -----------------------------------------------------------------------------------------------
     def _time(self, fn, reps: int) -> float:
-        """Median milliseconds of fn() on the current stream, after one warm-up."""
+        """Milliseconds per call of fn() issued back to back (after one warm-up), from device events.
+
+        Back to back is how a connector moves a prefix, chunk after chunk, and it is how the memcpy limit is timed
+        too; host-side issue cost shows up wherever the host cannot keep ahead of the device."""
         fn()
         torch.cuda.synchronize()
-        times = []
+        start, end = _events(2)
+        start.record()
         for _ in range(reps):
-            start, end = _events(2)
-            start.record()
             fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+
+    def _reps(self, ms_each: float) -> int:
+        """Enough repetitions for a window of at least 40 ms (event resolution ~0.5 us, GEMMs of ~1.5 ms)."""
+        return max(self.repeat, int(40.0 / max(ms_each, 1e-3)) + 1)
 
     def memcpy_gbps(self, direction: str, nbytes: int) -> float:
         key = (direction, nbytes)
@@ -81,7 +100,8 @@ class Bench:
                 else torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             )
             src, dst = (dev, other) if direction == "d2h" else (other, dev)
-            ms = self._time(lambda: dst.copy_(src, non_blocking=True), self.repeat)
+            one = self._time(lambda: dst.copy_(src, non_blocking=True), 2)
+            ms = self._time(lambda: dst.copy_(src, non_blocking=True), self._reps(one))
             # D2D counts bytes read plus written, as DESIGN.md's 2926 GB/s does; host links count bytes moved.
             moved = 2 * nbytes if direction == "d2d" else nbytes
             self._memcpy_cache[key] = moved / ms / 1e6
@@ -92,7 +112,7 @@ class Bench:
             a = torch.randn(self.gemm_n, self.gemm_n, device=self.device, dtype=torch.bfloat16)
             b = torch.randn(self.gemm_n, self.gemm_n, device=self.device, dtype=torch.bfloat16)
             self._gemm = (a, b, torch.empty_like(a))
-            self._gemm_solo_ms = self._time(lambda: torch.matmul(a, b, out=self._gemm[2]), 20)
+            self._gemm_solo_ms = self._time(lambda: torch.matmul(a, b, out=self._gemm[2]), 30)
         return self._gemm_solo_ms
 
     # -- cases ------------------------------------------------------------------------------------------------
@@ -172,7 +192,8 @@ class Bench:
         if load == "gemm":
             ms, gemm_ratio = self._under_load(enqueue)
         else:
-            ms, gemm_ratio = self._time(enqueue, self.repeat), None
+            one = self._time(enqueue, 2)
+            ms, gemm_ratio = self._time(enqueue, self._reps(one)), None
         moved = 2 * nbytes if direction == "d2d" else nbytes
         gbps = moved / ms / 1e6
         limit = self.memcpy_gbps(direction, nbytes)
@@ -214,7 +235,9 @@ class Bench:
                 raise RuntimeError("the DMA path needs the native module (memcpy_batch)")
             backend_name = next(iter(self.backends))
         backend = self.backends.get(backend_name) or _torch_backend()
-        transfer = Transfer(backend, self.device, native=self.native)
+        transfer = Transfer(backend, self.device, model=self.model, native=self.native)
+        if self.zero_copy_programs:
+            transfer.zero_copy_programs = self.zero_copy_programs
         chosen = transfer.plan(descriptor, tokens, direction, path).path
 
         def one():
@@ -233,13 +256,13 @@ class Bench:
         entirely inside the transfer window)."""
         solo = self.gemm_solo_ms()
         a, b, c = self._gemm
-        enqueue()
-        torch.cuda.synchronize()
-        alone = self._time(enqueue, 3)
-        n_gemm = int(alone * self.repeat * 1.5 / solo) + 6
+        alone = self._time(enqueue, 2)
+        reps = self._reps(alone)
+        n_gemm = int(alone * reps * 1.5 / solo) + 6
         load = torch.cuda.Stream(self.device)
         gemm_events = _events(n_gemm + 1)
-        xfer_events = _events(self.repeat + 1)
+        xfer_events = _events(2)
+        torch.cuda.synchronize()
         load.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(load):
             gemm_events[0].record()
@@ -247,20 +270,19 @@ class Bench:
                 torch.matmul(a, b, out=c)
                 gemm_events[i + 1].record()
         xfer_events[0].record()
-        for i in range(self.repeat):
+        for _ in range(reps):
             enqueue()
-            xfer_events[i + 1].record()
+        xfer_events[1].record()
         torch.cuda.synchronize()
-        times = [xfer_events[i].elapsed_time(xfer_events[i + 1]) for i in range(self.repeat)]
-        t_start, t_end = 0.0, xfer_events[0].elapsed_time(xfer_events[-1])
+        t_end = xfer_events[0].elapsed_time(xfer_events[1])
         inside = []
         for i in range(n_gemm):
             g0 = xfer_events[0].elapsed_time(gemm_events[i])
             g1 = xfer_events[0].elapsed_time(gemm_events[i + 1])
-            if g0 >= t_start and g1 <= t_end:
+            if g0 >= 0.0 and g1 <= t_end:
                 inside.append(g1 - g0)
         gemm_ratio = solo / statistics.mean(inside) if inside else float("nan")
-        return statistics.median(times), gemm_ratio
+        return t_end / reps, gemm_ratio
 
 
 def _torch_backend():

@@ -4,6 +4,7 @@ Owns the measurement loop, its table, JSON and plot; must not hold kernels, and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", choices=("gemm", "none"), action="append", help="default: none gemm")
     parser.add_argument("--backend", action="append", help="copy backends (default: every one available here)")
     parser.add_argument("--repeat", type=int, default=10, help="timed repetitions per case (median reported)")
+    parser.add_argument("--piece-mib", type=int, help="staged path: pipeline piece size in MiB (default: planner's)")
+    parser.add_argument("--zero-copy-programs", type=int, help="zero-copy path: CTAs/programs (default: executor's)")
     parser.add_argument("--json", type=Path, help="write device, memcpy figures and one record per case")
     parser.add_argument("--plot", type=Path, help="write a PNG of ratio to memcpy per layout and backend")
 
@@ -59,6 +62,13 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             raise UserError("--plot needs matplotlib (pip install kvport[plot])") from None
     from kvport.bench._kernel_cases import Bench
+    from kvport.hal.transfer.planner import CostModel
+
+    model = CostModel()
+    if args.piece_mib is not None:
+        if args.piece_mib < 1:
+            raise UserError(f"--piece-mib {args.piece_mib}: expected a positive size")
+        model = dataclasses.replace(model, piece_bytes=args.piece_mib << 20)
 
     bench = Bench(
         layouts=args.layout,
@@ -70,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         dims=BENCH_DIMS,
         gemm_n=GEMM_N,
+        model=model,
+        zero_copy_programs=args.zero_copy_programs,
     )
     result = bench.run()
     print(format_table(result), file=sys.stdout)

@@ -14,6 +14,8 @@ PLATFORM_OF = {"cuda": "cuda", "hip": "rocm"}
 class NativeBackend(Backend):
     target = ""
     priority = 20
+    # Transfer may pass one device copy of the flat block ids to every piece of a staged transfer.
+    accepts_flat_ids = True
 
     def __init__(self) -> None:
         self._tables = TableCache("zero", max_width=16)
@@ -58,13 +60,13 @@ class NativeBackend(Backend):
             )
         return Verdict.yes(f"{descriptor.layout}: strided rows, vectors up to 16 B")
 
-    def gather(self, descriptor, block_ids, dst, num_tokens, max_programs: int | None = None) -> None:
-        self._run(descriptor, block_ids, dst, num_tokens, True, max_programs)
+    def gather(self, descriptor, block_ids, dst, num_tokens, max_programs: int | None = None, flat_ids=None) -> None:
+        self._run(descriptor, block_ids, dst, num_tokens, True, max_programs, flat_ids)
 
-    def scatter(self, src, descriptor, block_ids, num_tokens, max_programs: int | None = None) -> None:
-        self._run(descriptor, block_ids, src, num_tokens, False, max_programs)
+    def scatter(self, src, descriptor, block_ids, num_tokens, max_programs: int | None = None, flat_ids=None) -> None:
+        self._run(descriptor, block_ids, src, num_tokens, False, max_programs, flat_ids)
 
-    def _run(self, descriptor, block_ids, chunk, num_tokens, gather: bool, max_programs: int | None) -> None:
+    def _run(self, descriptor, block_ids, chunk, num_tokens, gather, max_programs, flat_ids) -> None:
         import torch
 
         check_buffer("gather dst" if gather else "scatter src", chunk, descriptor.canonical_bytes(num_tokens))
@@ -77,7 +79,7 @@ class NativeBackend(Backend):
             )
         module = self.module()
         _, launches = self._tables.get(descriptor, num_tokens, chunk, lambda width: width)
-        blocks = device_block_ids(descriptor, block_ids, num_tokens, device)
+        blocks = flat_ids if flat_ids is not None else device_block_ids(descriptor, block_ids, num_tokens, device)
         stream = torch.cuda.current_stream(device).cuda_stream
         op = module.gather if gather else module.scatter
         for item in launches:

@@ -26,8 +26,12 @@ class TritonBackend(Backend):
     name = "triton"
     priority = 10
 
+    # Transfer may pass one device copy of the flat block ids to every piece of a staged transfer.
+    accepts_flat_ids = True
+
     def __init__(self) -> None:
         self._tables = TableCache("first", max_width=16)
+        self._anchors: dict = {}
 
     def available(self, platform) -> Verdict:
         if importlib.util.find_spec("triton") is None:
@@ -49,15 +53,29 @@ class TritonBackend(Backend):
             return Verdict.no(f"{descriptor.layout}: engine memory is on the CPU and TRITON_INTERPRET is unset")
         return Verdict.yes(f"{descriptor.layout}: every stream is a strided row copy")
 
-    def gather(self, descriptor, block_ids, dst, num_tokens, max_programs: int | None = None) -> None:
-        self._run(descriptor, block_ids, dst, num_tokens, gather=True, max_programs=max_programs)
+    def gather(self, descriptor, block_ids, dst, num_tokens, max_programs: int | None = None, flat_ids=None) -> None:
+        self._run(descriptor, block_ids, dst, num_tokens, True, max_programs, flat_ids)
 
-    def scatter(self, src, descriptor, block_ids, num_tokens, max_programs: int | None = None) -> None:
-        self._run(descriptor, block_ids, src, num_tokens, gather=False, max_programs=max_programs)
+    def scatter(self, src, descriptor, block_ids, num_tokens, max_programs: int | None = None, flat_ids=None) -> None:
+        self._run(descriptor, block_ids, src, num_tokens, False, max_programs, flat_ids)
 
-    def _run(self, descriptor, block_ids, chunk, num_tokens, gather: bool, max_programs: int | None) -> None:
+    def _anchor(self, storage, elem_bytes: int, device):
         import torch
 
+        key = (storage.data_ptr(), elem_bytes, str(device))
+        anchor = self._anchors.get(key)
+        if anchor is None:
+            dtype = {4: torch.int32, 2: torch.int16, 1: torch.uint8}[elem_bytes]
+            anchor = torch.empty(0, dtype=dtype, device=device)
+            anchor.set_(storage, 0, (storage.nbytes() // elem_bytes,))
+            # The anchor holds its storage, so the address in the key cannot be reused while cached (the table
+            # cache holds the descriptor, and with it the same storage, for the same lifetime).
+            if len(self._anchors) > 256:
+                self._anchors.clear()
+            self._anchors[key] = anchor
+        return anchor
+
+    def _run(self, descriptor, block_ids, chunk, num_tokens, gather, max_programs, flat_ids) -> None:
         from kvport.kernels.triton.segment_copy import launch
 
         check_buffer("gather dst" if gather else "scatter src", chunk, descriptor.canonical_bytes(num_tokens))
@@ -65,12 +83,10 @@ class TritonBackend(Backend):
             return
         plan, launches = self._tables.get(descriptor, num_tokens, chunk, _elem_bytes)
         device = descriptor.streams[0].buffer.device
-        blocks = device_block_ids(descriptor, block_ids, num_tokens, device)
+        blocks = flat_ids if flat_ids is not None else device_block_ids(descriptor, block_ids, num_tokens, device)
         storage = descriptor.streams[0].buffer.untyped_storage()
         for item in launches:
-            dtype = {4: torch.int32, 2: torch.int16, 1: torch.uint8}[item.elem_bytes]
-            anchor = torch.empty(0, dtype=dtype, device=device)
-            anchor.set_(storage, 0, (storage.nbytes() // item.elem_bytes,))
+            anchor = self._anchor(storage, item.elem_bytes, device)
             launch(
                 anchor,
                 item.table,

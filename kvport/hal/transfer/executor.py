@@ -53,8 +53,11 @@ class Transfer:
         self.device = torch.device(device)
         self.model = model or CostModel()
         self.native = native  # a NativeBackend for the DMA path, or None
-        self.kernel_stream = torch.cuda.Stream(self.device)
+        # High priority: under load the short gather/scatter kernels get SMs as soon as any free up, so the copy
+        # engine is not left waiting behind a long engine kernel (the GEMM-under-load case of the benchmark).
+        self.kernel_stream = torch.cuda.Stream(self.device, priority=-1)
         self.dma_stream = torch.cuda.Stream(self.device)
+        self.zero_copy_programs = ZERO_COPY_PROGRAMS
         self._staging: list[torch.Tensor] = []
         self._pieces: dict = {}
 
@@ -102,11 +105,10 @@ class Transfer:
             done = self.dma_stream
         elif chosen.path == "zero-copy":
             with torch.cuda.stream(self.kernel_stream):
-                op = self.backend.gather if direction == "d2h" else None
-                if op is not None:
-                    op(descriptor, block_ids, host, num_tokens, max_programs=ZERO_COPY_PROGRAMS)
+                if direction == "d2h":
+                    self.backend.gather(descriptor, block_ids, host, num_tokens, max_programs=self.zero_copy_programs)
                 else:
-                    self.backend.scatter(host, descriptor, block_ids, num_tokens, max_programs=ZERO_COPY_PROGRAMS)
+                    self.backend.scatter(host, descriptor, block_ids, num_tokens, max_programs=self.zero_copy_programs)
             done = self.kernel_stream
         else:
             done = self._staged(direction, descriptor, block_ids, host, num_tokens)
@@ -153,39 +155,48 @@ class Transfer:
         return self._staging[index]
 
     def _staged(self, direction, descriptor, block_ids, host, num_tokens):
-        """Two staging buffers: the kernel fills piece k+1 while the copy engine moves piece k."""
+        """``staging_buffers`` device buffers in a ring: kernels fill pieces ahead while the copy engine drains."""
         import torch
+
+        from kvport.hal.transfer.tables import device_block_ids
 
         pieces = self._piece_list(descriptor, num_tokens)
         size = max(n for _, _, n in pieces)
-        bufs = [self._stage(0, size), self._stage(1, size) if len(pieces) > 1 else None]
-        freed = [None, None]  # event: buffer k%2 is free again
+        ring = min(len(pieces), self.model.staging_buffers)
+        bufs = [self._stage(i, size) for i in range(ring)]
+        freed: list = [None] * ring  # event: ring slot i is free again
+        extra = {}
+        if getattr(self.backend, "accepts_flat_ids", False):
+            with torch.cuda.stream(self.kernel_stream):
+                extra["flat_ids"] = device_block_ids(descriptor, block_ids, num_tokens, self.device)
         for k, (sub, offset, nbytes) in enumerate(pieces):
-            buf = bufs[k % 2][:nbytes]
+            slot = k % ring
+            buf = bufs[slot][:nbytes]
             if direction == "d2h":
-                if freed[k % 2] is not None:
-                    self.kernel_stream.wait_event(freed[k % 2])
+                if freed[slot] is not None:
+                    self.kernel_stream.wait_event(freed[slot])
                 with torch.cuda.stream(self.kernel_stream):
-                    self.backend.gather(sub, block_ids, buf, num_tokens)
+                    self.backend.gather(sub, block_ids, buf, num_tokens, **extra)
                 filled = torch.cuda.Event()
                 filled.record(self.kernel_stream)
                 self.dma_stream.wait_event(filled)
                 with torch.cuda.stream(self.dma_stream):
                     host[offset : offset + nbytes].copy_(buf, non_blocking=True)
-                freed[k % 2] = torch.cuda.Event()
-                freed[k % 2].record(self.dma_stream)
+                freed[slot] = torch.cuda.Event()
+                freed[slot].record(self.dma_stream)
             else:
-                if freed[k % 2] is not None:
-                    self.dma_stream.wait_event(freed[k % 2])
+                if freed[slot] is not None:
+                    self.dma_stream.wait_event(freed[slot])
                 with torch.cuda.stream(self.dma_stream):
                     buf.copy_(host[offset : offset + nbytes], non_blocking=True)
                 filled = torch.cuda.Event()
                 filled.record(self.dma_stream)
                 self.kernel_stream.wait_event(filled)
                 with torch.cuda.stream(self.kernel_stream):
-                    self.backend.scatter(buf, sub, block_ids, num_tokens)
-                freed[k % 2] = torch.cuda.Event()
-                freed[k % 2].record(self.kernel_stream)
+                    self.backend.scatter(buf, sub, block_ids, num_tokens, **extra)
+                freed[slot] = torch.cuda.Event()
+                freed[slot].record(self.kernel_stream)
         if direction == "d2h":
             return self.dma_stream
+        # The DMA stream's last copy precedes the last scatter through the events above.
         return self.kernel_stream

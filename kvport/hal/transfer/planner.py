@@ -32,6 +32,8 @@ class CostModel:
     # only for transfers short enough that latency matters more: 4 MiB is ~75 us of link time.
     zero_copy_max_bytes: int = 4 << 20
     piece_bytes: int = 64 << 20  # staged pipeline piece: the gather of one piece hides under the DMA of the last
+    # Ring depth of staging buffers: lets kernels run pieces ahead when an engine kernel holds the SMs a while.
+    staging_buffers: int = 3
 
     @classmethod
     def from_bench(cls, path: Path) -> CostModel:
