@@ -123,4 +123,5 @@ def demo(session: nox.Session) -> None:
     """The README's main job: a real vLLM engine on CPU with kvport, printing what the cache saved."""
     _install_vllm(session)
     session.run("kvport", "doctor")
+    session.run("kvport", "selftest")
     session.run("kvport", "demo", *session.posargs)
