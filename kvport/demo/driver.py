@@ -54,18 +54,19 @@ def run_session(request: dict[str, Any]) -> dict[str, Any]:
     )
     engine_start_s = time.perf_counter() - start
     params = SamplingParams(max_tokens=request.get("max_tokens", 8), temperature=0.0)
-    for text in request.get("warmup", []):
-        llm.generate([text], params, use_tqdm=False)
+    for prompt in request.get("warmup", []):
+        llm.generate([_prompt(prompt)], params, use_tqdm=False)
     results = []
-    for text in request["prompts"]:
+    for prompt in request["prompts"]:
         t0 = time.perf_counter()
-        out = llm.generate([text], params, use_tqdm=False)[0]
+        out = llm.generate([_prompt(prompt)], params, use_tqdm=False)[0]
         wall = time.perf_counter() - t0
         metrics = out.metrics
         ttft = getattr(metrics, "first_token_latency", 0.0) or None
         results.append(
             {
                 "prompt_tokens": len(out.prompt_token_ids),
+                "prompt_ids": list(out.prompt_token_ids),
                 "cached_tokens": out.num_cached_tokens or 0,
                 "ttft_s": ttft,
                 "wall_s": wall,
@@ -75,6 +76,11 @@ def run_session(request: dict[str, Any]) -> dict[str, Any]:
         )
     _shutdown(llm)
     return {"engine_start_s": engine_start_s, "results": results, "kvport_stats": _read_stats(request)}
+
+
+def _prompt(prompt: str | list[int]) -> Any:
+    """Text, or token ids (exact lengths for measurements) as vLLM's TokensPrompt."""
+    return {"prompt_token_ids": list(prompt)} if isinstance(prompt, list) else prompt
 
 
 def _shutdown(llm: Any) -> None:

@@ -19,7 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
-from kvport.engines.vllm_layouts import AttentionInfo, load_for, tensors_in_order
+from kvport.engines.vllm_layouts import AttentionInfo, load_for, namespace_for, tensors_in_order
 from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, TransferSpec
 from kvport.engines.vllm_worker import WorkerSide
 from kvport.errors import UserError
@@ -214,14 +214,12 @@ def _tp_rank_world(role: KVConnectorRole) -> tuple[int, int]:
 
 
 def _namespace(vllm_config: VllmConfig, options: dict[str, Any], rank: int, world: int) -> str:
-    """Model identity + KV dtype + shard: chunks of different models or shards never share a key."""
     model = vllm_config.model_config
-    base = options.get("namespace") or f"vllm:{model.model}:{model.revision or ''}"
     dtype = vllm_config.cache_config.cache_dtype
     if dtype == "auto":
         dtype = str(model.dtype).removeprefix("torch.")
     world = max(world, vllm_config.parallel_config.tensor_parallel_size)
-    return f"{base}|kv={dtype}|tp{rank}/{world}"
+    return namespace_for(model.model, model.revision, dtype, rank, world, options.get("namespace"))
 
 
 def _attention_infos(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> list[AttentionInfo]:

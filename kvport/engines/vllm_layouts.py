@@ -91,6 +91,15 @@ def load_for(info: AttentionInfo, override: str | None = None):
         raise UserError(f"kvport layout for vLLM backend {info.backend}: {exc}") from None
 
 
+def namespace_for(
+    model: str, revision: str | None, kv_dtype: str, rank: int, world: int, base: str | None = None
+) -> str:
+    """Model identity + KV dtype + shard, so chunks of different models or shards never share a key.
+    ``base`` (kv_connector_extra_config.namespace) replaces the model identity, e.g. to share across paths."""
+    ident = base or f"vllm:{model}:{revision or ''}"
+    return f"{ident}|kv={kv_dtype}|tp{rank}/{world}"
+
+
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 

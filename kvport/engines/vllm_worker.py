@@ -4,6 +4,7 @@ Owns load-failure accounting and the test-only random-KV switch; must not import
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,13 +33,17 @@ class WorkerSide:
             "store_requests": 0,
             "tokens_stored": 0,
             "random_loads": 0,
+            "load_seconds": 0.0,  # wall time inside load(), including disk reads and checksum checks
+            "store_seconds": 0.0,  # wall time inside store() (gather into L1; disk writes continue behind it)
         }
 
     def load(self, specs: Sequence[TransferSpec]) -> None:
         """Scatter each spec's cached prefix into its blocks; blocks whose chunk is missing or corrupt are
         reported to vLLM (``take_invalid_blocks``), which then recomputes them."""
         for spec in specs:
+            start = time.perf_counter()
             loaded = self.engine.load(spec.tokens, spec.block_ids, spec.num_tokens)
+            self.counters["load_seconds"] += time.perf_counter() - start
             self.counters["load_requests"] += 1
             self.counters["tokens_load_planned"] += spec.num_tokens
             self.counters["tokens_loaded"] += loaded
@@ -61,7 +66,9 @@ class WorkerSide:
         """Gather the new full chunks of each spec out of vLLM's blocks (the caller synchronized the compute
         stream, so the KV written by this step's forward is complete)."""
         for spec in specs:
+            start = time.perf_counter()
             stored = self.engine.store(spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens)
+            self.counters["store_seconds"] += time.perf_counter() - start
             self.counters["store_requests"] += 1
             self.counters["tokens_stored"] += stored
 

@@ -1,0 +1,190 @@
+"""The end-to-end measurement behind `kvport demo` and `kvport bench e2e`: one shared long prefix, several
+questions, three fresh engine processes (no kvport / kvport cold / kvport restarted on the same disk tier).
+Owns the prompt construction and the numbers derived from the runs; must not print."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from kvport.demo.model import ModelDims, build_model, make_text
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """What one measurement runs. Defaults are the demo's: a few minutes on a 2-core VM."""
+
+    workdir: str
+    prefix_words: int = 3000
+    question_words: int = 30
+    questions: int = 4
+    repeats: int = 1
+    max_tokens: int = 16
+    chunk_tokens: int = 256
+    dims: ModelDims = dataclasses.field(default_factory=ModelDims)
+    timeout_s: float = 600.0
+
+
+def _tokenizer(model_dir: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
+def build_prompts(params: Params, model_dir: Path) -> dict[str, list]:
+    """Token-id prompts: questions after one shared prefix, an unrelated warm-up of the same length, and for
+    each question its whole-chunk prefix alone (to measure what the tail costs when computed after it)."""
+    tok = _tokenizer(model_dir)
+    prefix = make_text(params.prefix_words, seed=1)
+    questions = [
+        tok.encode(f"{prefix} question : {make_text(params.question_words, seed=100 + q)} ?").ids
+        for q in range(params.questions)
+    ]
+    warmup = tok.encode(make_text(params.prefix_words + params.question_words, seed=2)).ids
+    chunk = params.chunk_tokens
+    heads = [ids[: (len(ids) - 1) // chunk * chunk] for ids in questions]
+    return {"questions": questions, "warmup": [warmup], "heads": heads}
+
+
+def measure(params: Params, progress=None) -> dict[str, Any]:
+    """Run the three engines and return per-question rows plus a summary (times in seconds)."""
+    from kvport.demo.session import run_engine
+
+    say = progress or (lambda _msg: None)
+    work = Path(params.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    say(f"building the demo model ({params.dims.tag()}) in {work / 'model'}")
+    model_dir = build_model(work / "model" / params.dims.tag(), params.dims)
+    prompts = build_prompts(params, model_dir)
+    q = prompts["questions"]
+    n = len(q)
+    l2 = work / "l2"
+    shutil.rmtree(l2, ignore_errors=True)
+    base = {"model": str(model_dir), "max_tokens": params.max_tokens, "warmup": prompts["warmup"]}
+    kv = {"l2_path": str(l2), "chunk_tokens": params.chunk_tokens, "l1_bytes": "1GiB"}
+
+    say(f"engine 1/3: vLLM without kvport ({n} questions x {params.repeats}, plus {n} prefix-only prompts)")
+    plain = run_engine({**base, "prompts": q * params.repeats + prompts["heads"]}, work, params.timeout_s, "plain")
+    say("engine 2/3: vLLM with kvport, empty cache (the first question stores the prefix)")
+    cold_stats = work / "stats-cold"
+    shutil.rmtree(cold_stats, ignore_errors=True)
+    cold = run_engine(
+        {**base, "prompts": q * params.repeats, "kvport": {**kv, "stats_dir": str(cold_stats)}},
+        work,
+        params.timeout_s,
+        "kvport-cold",
+    )
+    say("engine 3/3: vLLM with kvport restarted (a fresh process on the same disk cache)")
+    warm_stats = work / "stats-warm"
+    shutil.rmtree(warm_stats, ignore_errors=True)
+    warm = run_engine(
+        {**base, "prompts": q * params.repeats, "kvport": {**kv, "stats_dir": str(warm_stats)}},
+        work,
+        params.timeout_s,
+        "kvport-warm",
+    )
+    return summarize(params, plain, cold, warm, n, time.perf_counter() - t0)
+
+
+def _median_by_question(results: list[dict], n: int, key: str) -> list[float]:
+    return [statistics.median(r[key] for r in results[i::n][: len(results) // n]) for i in range(n)]
+
+
+def summarize(params: Params, plain: dict, cold: dict, warm: dict, n: int, elapsed: float) -> dict[str, Any]:
+    reps = params.repeats
+    plain_q, plain_heads = plain["results"][: n * reps], plain["results"][n * reps :]
+    plain_ttft = _median_by_question(plain_q, n, "ttft_s")
+    warm_ttft = _median_by_question(warm["results"], n, "ttft_s")
+    worker = warm["kvport_stats"].get("worker0", {}).get("connector", {})
+    load_per_request = worker.get("load_seconds", 0.0) / max(1, worker.get("load_requests", 0))
+    rows = []
+    for i in range(n):
+        c, w = cold["results"][i], warm["results"][i]
+        # The tail's cost after its prefix, from the engine without kvport: TTFT(question) - TTFT(its prefix).
+        tail_s = max(0.0, plain_ttft[i] - plain_heads[i]["ttft_s"])
+        rows.append(
+            {
+                "question": i + 1,
+                "prompt_tokens": w["prompt_tokens"],
+                "plain_ttft_s": plain_ttft[i],
+                "cold_loaded": c["cached_tokens"],
+                "cold_computed": c["prompt_tokens"] - c["cached_tokens"],
+                "cold_ttft_s": c["ttft_s"],
+                "warm_loaded": w["cached_tokens"],
+                "warm_computed": w["prompt_tokens"] - w["cached_tokens"],
+                "warm_ttft_s": warm_ttft[i],
+                "tail_prefill_s": tail_s,
+                "same_output": c["output_ids"] == plain_q[i]["output_ids"] == w["output_ids"],
+            }
+        )
+    prompt_total = sum(r["prompt_tokens"] for r in rows)
+    hits = [r for r in rows if r["warm_loaded"] > 0]
+    budget = [r["tail_prefill_s"] + load_per_request for r in hits]
+    summary = {
+        "hit_rate_cold": sum(r["cold_loaded"] for r in rows) / prompt_total,
+        "hit_rate_warm": sum(r["warm_loaded"] for r in rows) / prompt_total,
+        "mean_ttft_plain_s": statistics.mean(r["plain_ttft_s"] for r in rows),
+        "mean_ttft_warm_s": statistics.mean(r["warm_ttft_s"] for r in rows),
+        "load_s_per_request": load_per_request,
+        "load_gbps": _gbps(warm, "load"),
+        "store_s_total_cold": cold["kvport_stats"].get("worker0", {}).get("connector", {}).get("store_seconds", 0.0),
+        "target_ratio": (statistics.mean(r["warm_ttft_s"] for r in hits) / statistics.mean(budget)) if hits else None,
+        "outputs_identical": all(r["same_output"] for r in rows),
+        "engine_start_s": [plain["engine_start_s"], cold["engine_start_s"], warm["engine_start_s"]],
+        "elapsed_s": elapsed,
+    }
+    summary["speedup_warm"] = summary["mean_ttft_plain_s"] / summary["mean_ttft_warm_s"]
+    return {"params": _params_dict(params), "rows": rows, "summary": summary, "kvport_stats": warm["kvport_stats"]}
+
+
+def _gbps(run: dict, op: str) -> float:
+    worker = run["kvport_stats"].get("worker0", {})
+    conn, cache = worker.get("connector", {}), worker.get("cache", {})
+    seconds = conn.get(f"{op}_seconds", 0.0)
+    nbytes = cache.get("bytes_read_l1", 0) if op == "load" else cache.get("bytes_write_l1", 0)
+    return nbytes / seconds / 1e9 if seconds else 0.0
+
+
+def _params_dict(params: Params) -> dict[str, Any]:
+    out = dataclasses.asdict(params)
+    out["dims"] = dataclasses.asdict(params.dims)
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The demo's table: per question TTFT and tokens computed vs loaded in each engine, then a summary."""
+    rows, s = result["rows"], result["summary"]
+    head = (
+        f"{'question':>8} {'prompt':>6} | {'no kvport':>9} | {'kvport, first engine':^28} | "
+        f"{'kvport, restarted engine':^28}"
+    )
+    sub = f"{'':>8} {'tokens':>6} | {'TTFT':>9} | {'loaded':>7} {'computed':>8} {'TTFT':>9}  | " * 1
+    sub += f"{'loaded':>7} {'computed':>8} {'TTFT':>9}"
+    lines = [head, sub, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['question']:>8} {r['prompt_tokens']:>6} | {_ms(r['plain_ttft_s']):>9} | "
+            f"{r['cold_loaded']:>7} {r['cold_computed']:>8} {_ms(r['cold_ttft_s']):>9}  | "
+            f"{r['warm_loaded']:>7} {r['warm_computed']:>8} {_ms(r['warm_ttft_s']):>9}"
+        )
+    lines.append("-" * len(head))
+    lines.append(
+        f"hit rate: first engine {s['hit_rate_cold']:.0%}, restarted engine {s['hit_rate_warm']:.0%};  "
+        f"mean TTFT {_ms(s['mean_ttft_plain_s'])} without kvport -> {_ms(s['mean_ttft_warm_s'])} with a hit "
+        f"({s['speedup_warm']:.1f}x)"
+    )
+    if s["target_ratio"] is not None:
+        lines.append(
+            f"hit TTFT / (tail prefill + load {_ms(s['load_s_per_request'])}) = {s['target_ratio']:.2f} "
+            f"(target <= 1.10); greedy outputs identical in all three engines: {s['outputs_identical']}"
+        )
+    return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"

@@ -1,0 +1,92 @@
+"""Scheduler-side planning of the vLLM connector, without vLLM: hits, caps, loads, stores and rollbacks."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvport.engines.vllm_plan import SchedulerPlan, StepRequest
+
+CHUNK, BLOCK = 256, 128
+
+
+def _plan(cached_tokens: int) -> SchedulerPlan:
+    return SchedulerPlan(lambda tokens: min(cached_tokens, len(tokens) // CHUNK * CHUNK), CHUNK, BLOCK)
+
+
+def _blocks(n: int) -> list[list[int]]:
+    return [list(range(100, 100 + n))]
+
+
+def test_chunk_must_be_a_multiple_of_the_block_size() -> None:
+    with pytest.raises(ValueError, match="multiple of vLLM's block_size"):
+        SchedulerPlan(lambda t: 0, 200, 128)
+
+
+def test_match_leaves_the_last_prompt_token_to_compute() -> None:
+    plan = _plan(cached_tokens=10_000)
+    assert plan.match("r", list(range(1000)), 0) == 768
+    assert plan.match("r", list(range(1024)), 0) == 768  # a full hit would leave nothing to sample from
+    assert plan.match("r", list(range(1025)), 0) == 1024
+    assert plan.match("r", list(range(200)), 0) == 0
+
+
+def test_match_defers_to_vllms_own_prefix_cache() -> None:
+    assert _plan(cached_tokens=10_000).match("r", list(range(1000)), 128) == 0
+
+
+def test_match_is_the_cached_prefix_only() -> None:
+    assert _plan(cached_tokens=256).match("r", list(range(1000)), 0) == 256
+    assert _plan(cached_tokens=0).match("r", list(range(1000)), 0) == 0
+
+
+def test_load_then_store_only_new_chunks() -> None:
+    plan = _plan(cached_tokens=512)
+    prompt = list(range(1000))
+    hit = plan.match("r", prompt, 0)
+    plan.after_alloc("r", prompt, hit)
+    loads, stores = plan.build([StepRequest("r", hit, len(prompt) - hit, _blocks(8))], {})
+    assert [(s.req_id, s.num_tokens, s.block_ids) for s in loads] == [("r", 512, _blocks(8))]
+    assert [(s.num_tokens, s.skip_tokens) for s in stores] == [(768, 512)]
+    # Decode steps add no prompt chunks.
+    assert plan.build([StepRequest("r", 1000, 1, _blocks(8))], {}) == ([], [])
+    assert plan.hit_requests == 1 and plan.hit_tokens == 512 and plan.requests == 1
+
+
+def test_chunked_prefill_stores_each_chunk_once() -> None:
+    plan = _plan(cached_tokens=0)
+    prompt = list(range(1100))
+    plan.after_alloc("r", prompt, 0)
+    got = []
+    for before, n in ((0, 300), (300, 300), (600, 500)):
+        loads, stores = plan.build([StepRequest("r", before, n, _blocks(9))], {})
+        assert loads == []
+        got += [(s.num_tokens, s.skip_tokens) for s in stores]
+    assert got == [(256, 0), (512, 256), (1024, 512)]
+
+
+def test_rollback_stores_recomputed_chunks_again() -> None:
+    """A failed load (or a preemption) rolls num_computed back; the chunks past it must be stored again."""
+    plan = _plan(cached_tokens=768)
+    prompt = list(range(1000))
+    plan.after_alloc("r", prompt, 768)
+    loads, stores = plan.build([StepRequest("r", 768, 232, _blocks(8))], {})
+    assert len(loads) == 1 and stores == []
+    loads, stores = plan.build([StepRequest("r", 256, 744, _blocks(8))], {})  # vLLM truncated to chunk 1
+    assert loads == []
+    assert [(s.num_tokens, s.skip_tokens) for s in stores] == [(768, 256)]
+
+
+def test_requests_seen_only_in_the_scheduler_output_are_tracked() -> None:
+    plan = _plan(cached_tokens=0)
+    loads, stores = plan.build([StepRequest("x", 0, 600, _blocks(5))], {"x": list(range(600))})
+    assert loads == [] and [(s.num_tokens, s.skip_tokens) for s in stores] == [(512, 0)]
+    assert plan.build([StepRequest("unknown", 0, 10, _blocks(1))], {}) == ([], [])
+
+
+def test_finished_forgets_the_request() -> None:
+    plan = _plan(cached_tokens=0)
+    plan.after_alloc("r", list(range(600)), 0)
+    assert plan.tracked() == 1
+    plan.finished("r")
+    plan.finished("r")  # idempotent: vLLM may report a request finished for all groups too
+    assert plan.tracked() == 0
