@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from kvport.layouts.descriptor import CopyDescriptor, GroupDesc, StreamDesc
-from kvport.layouts.loader import block_region_bytes, plane_offsets
 from kvport.layouts.spec import GroupSpec, LayoutError, LayoutSpec, format_axes
 
 if TYPE_CHECKING:
@@ -185,10 +184,10 @@ def _stream(spec, gi, g: GroupSpec, bound, li, ci, layer, comp, sizes) -> Stream
         return StreamDesc(gi, layer, comp.name, handed.tensor, offset, strides["B"], row, row, 1, row)
     if g.planes:
         inner = [x for x in g.letters[g.letters.index("B") + 1 :] if x not in "LK"]
-        if _dense_bytes(g, strides, inner, sizes) != block_region_bytes(g):
+        if _dense_bytes(g, strides, inner, sizes) != g.block_bytes():
             raise LayoutError(f"{where} {handed.what}: a block holding planes must be contiguous")
         plane = g.planes[ci]
-        offset += plane_offsets(g)[ci]
+        offset += g.plane_offsets()[ci]
         return StreamDesc(
             gi,
             layer,

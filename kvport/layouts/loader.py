@@ -7,13 +7,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from kvport.layouts.exprs import ExprError, substitute
+from kvport.layouts.fields import Ctx, coerce, parse_axes, parse_layers, tname
 from kvport.layouts.spec import (
-    AXIS_LETTERS,
     DTYPE_SIZES,
     KINDS,
     STRUCTURES,
-    Dims,
     GroupSpec,
     LayoutError,
     LayoutSpec,
@@ -82,21 +80,21 @@ def load_file(path: Path, label: str | None = None, dims: Mapping[str, object] |
 
 def parse_spec(raw: object, label: str, overrides: Mapping[str, object]) -> LayoutSpec:
     """Validate a parsed YAML document into a LayoutSpec; every problem is one LayoutError line."""
-    ctx = _Ctx(label, {})
+    ctx = Ctx(label, {})
     if not isinstance(raw, dict):
-        raise LayoutError(f"{label}: expected a mapping at the top level, got {_tname(raw)}")
+        raise LayoutError(f"{label}: expected a mapping at the top level, got {tname(raw)}")
     ctx.unknown(raw, _TOP_FIELDS, "")
     name = ctx.string(ctx.need(raw, "name", ""), "name")
     dims = dict(ctx.mapping(raw.get("dims", {}), "dims"))
     for key, value in overrides.items():
         if key not in dims:
             raise LayoutError(f"{label}: dims: unknown dim {key!r} (dims: {', '.join(sorted(dims)) or 'none'})")
-        dims[key] = _coerce(value)
+        dims[key] = coerce(value)
     ctx.dims = dims
     default_dtype = raw.get("dtype")
     groups_raw = ctx.need(raw, "groups", "")
     if not isinstance(groups_raw, list) or not groups_raw:
-        raise LayoutError(f"{label}: groups: expected a non-empty list, got {_tname(groups_raw)}")
+        raise LayoutError(f"{label}: groups: expected a non-empty list, got {tname(groups_raw)}")
     groups = tuple(_group(ctx, g, i, default_dtype) for i, g in enumerate(groups_raw))
     names = [g.name for g in groups]
     for i, gname in enumerate(names):
@@ -107,143 +105,14 @@ def parse_spec(raw: object, label: str, overrides: Mapping[str, object]) -> Layo
     return LayoutSpec(name, str(source), tuple(sorted(dims.items())), groups, str(description))
 
 
-def _coerce(value: object) -> object:
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)
-    return value
-
-
-def _tname(value: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
-        type(value), f"{type(value).__name__} {value!r}"
-    )
-
-
-class _Ctx:
-    """Validation helpers that know the file label and the dims for `$` substitution."""
-
-    def __init__(self, label: str, dims: dict[str, object]) -> None:
-        self.label = label
-        self.dims = dims
-
-    def fail(self, path: str, msg: str) -> LayoutError:
-        return LayoutError(f"{self.label}: {path}: {msg}" if path else f"{self.label}: {msg}")
-
-    def need(self, obj: dict, key: str, path: str) -> object:
-        if key not in obj:
-            raise self.fail(path or "top level", f"missing field {key!r}")
-        return self.sub(obj[key], f"{path}.{key}" if path else key)
-
-    def sub(self, value: object, path: str) -> object:
-        try:
-            return substitute(value, self.dims)
-        except ExprError as exc:
-            raise self.fail(path, str(exc)) from None
-
-    def unknown(self, obj: dict, allowed: set[str], path: str) -> None:
-        for key in obj:
-            if key not in allowed:
-                raise self.fail(path or "top level", f"unknown field {key!r} (fields: {', '.join(sorted(allowed))})")
-
-    def string(self, value: object, path: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.fail(path, f"expected a non-empty string, got {_tname(value)}")
-        return value
-
-    def mapping(self, value: object, path: str) -> dict:
-        if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping, got {_tname(value)}")
-        return value
-
-    def positive(self, value: object, path: str, zero_ok: bool = False) -> int:
-        value = self.sub(value, path)
-        if type(value) is not int:
-            raise self.fail(path, f"expected an integer, got {_tname(value)}")
-        if value < 0 or (value == 0 and not zero_ok):
-            raise self.fail(path, f"must be {'>= 0' if zero_ok else '> 0'}, got {value}")
-        return value
-
-    def choice(self, value: object, path: str, options: tuple[str, ...]) -> str:
-        value = self.sub(value, path)
-        if value not in options:
-            raise self.fail(path, f"{value!r} is not one of {', '.join(options)}")
-        return value
-
-    def dtype(self, value: object, path: str) -> str:
-        value = self.sub(value, path)
-        if not isinstance(value, str) and type(value).__name__ == "dtype":  # a torch.dtype passed as a dim
-            value = str(value).removeprefix("torch.")
-        if value not in DTYPE_SIZES:
-            raise self.fail(path, f"unknown dtype {value!r} (dtypes: {', '.join(DTYPE_SIZES)})")
-        return value
-
-    def size(self, value: object, path: str, itemsize: int) -> tuple[int, int]:
-        """A width with its unit, ``{elements: N}`` or ``{bytes: N}`` -> (elements, bytes)."""
-        if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("elements", "bytes"):
-            raise self.fail(path, f"expected {{elements: N}} or {{bytes: N}}, got {_tname(value)}")
-        unit, amount = next(iter(value.items()))
-        amount = self.positive(amount, f"{path}.{unit}")
-        if unit == "elements":
-            return amount, amount * itemsize
-        if amount % itemsize:
-            raise self.fail(f"{path}.bytes", f"{amount} is not a multiple of the {itemsize}-byte dtype")
-        return amount // itemsize, amount
-
-
-def _parse_axes(ctx: _Ctx, value: object, path: str) -> Dims:
-    text = ctx.sub(value, path)
-    if not isinstance(text, str) or not text:
-        raise ctx.fail(path, f"expected an axis string like KBNHC, got {_tname(text)}")
-    dims: list[tuple[str, ...]] = []
-    seen: set[str] = set()
-    i = 0
-    while i < len(text):
-        if text[i] == "(":
-            end = text.find(")", i)
-            if end < 0 or end == i + 1:
-                raise ctx.fail(path, f"unbalanced or empty parentheses in {text!r}")
-            letters, i = text[i + 1 : end], end + 1
-        else:
-            letters, i = text[i], i + 1
-        for letter in letters:
-            if letter not in AXIS_LETTERS:
-                raise ctx.fail(path, f"unknown axis letter {letter!r} in {text!r}; letters are L B K H N C")
-            if letter in seen:
-                raise ctx.fail(path, f"axis {letter!r} repeated in {text!r}")
-            seen.add(letter)
-        dims.append(tuple(letters))
-    return tuple(dims)
-
-
-def _layers(ctx: _Ctx, value: object, path: str) -> tuple[int, ...]:
-    value = ctx.sub(value, path)
-    if type(value) is int:
-        return tuple(range(ctx.positive(value, path)))
-    if isinstance(value, list) and value:
-        out = tuple(ctx.positive(v, f"{path}[{j}]", zero_ok=True) for j, v in enumerate(value))
-    elif isinstance(value, dict):
-        ctx.unknown(value, {"start", "count", "step"}, path)
-        start = ctx.positive(value.get("start", 0), f"{path}.start", zero_ok=True)
-        count = ctx.positive(ctx.need(value, "count", path), f"{path}.count")
-        step = ctx.positive(value.get("step", 1), f"{path}.step")
-        out = tuple(range(start, start + count * step, step))
-    else:
-        raise ctx.fail(
-            path, f"expected a layer count, a list of layer indices or {{start, count, step}}, got {_tname(value)}"
-        )
-    if len(set(out)) != len(out):
-        raise ctx.fail(path, f"layer indices repeat: {list(out)}")
-    return out
-
-
-def _group(ctx: _Ctx, raw: object, i: int, default_dtype: object) -> GroupSpec:
+def _group(ctx: Ctx, raw: object, i: int, default_dtype: object) -> GroupSpec:
     p = f"groups[{i}]"
     if not isinstance(raw, dict):
-        raise ctx.fail(p, f"expected a mapping, got {_tname(raw)}")
+        raise ctx.fail(p, f"expected a mapping, got {tname(raw)}")
     ctx.unknown(raw, _GROUP_FIELDS, p)
     name = ctx.string(ctx.sub(raw.get("name", f"g{i}"), f"{p}.name"), f"{p}.name")
     kind = ctx.choice(ctx.need(raw, "kind", p), f"{p}.kind", KINDS)
-    layers = _layers(ctx, ctx.need(raw, "layers", p), f"{p}.layers")
+    layers = parse_layers(ctx, ctx.need(raw, "layers", p), f"{p}.layers")
     tpb = ctx.positive(ctx.need(raw, "tokens_per_block", p), f"{p}.tokens_per_block")
     tps = ctx.positive(raw.get("tokens_per_slot", 1), f"{p}.tokens_per_slot")
     if tpb % tps:
@@ -259,8 +128,8 @@ def _group(ctx: _Ctx, raw: object, i: int, default_dtype: object) -> GroupSpec:
         raise ctx.fail(p, "missing field 'dtype' (and no top-level dtype)")
     dtype = ctx.dtype(dtype_raw, f"{p}.dtype")
     itemsize = DTYPE_SIZES[dtype]
-    axes = _parse_axes(ctx, ctx.need(raw, "axes", p), f"{p}.axes")
-    shape_order = _parse_axes(ctx, raw["shape_order"], f"{p}.shape_order") if "shape_order" in raw else axes
+    axes = parse_axes(ctx, ctx.need(raw, "axes", p), f"{p}.axes")
+    shape_order = parse_axes(ctx, raw["shape_order"], f"{p}.shape_order") if "shape_order" in raw else axes
     heads = ctx.positive(raw.get("heads", 1), f"{p}.heads")
     content, _ = ctx.size(ctx.need(raw, "content", p), f"{p}.content", itemsize)
     padded = content
@@ -304,7 +173,7 @@ def _components(ctx, raw, p, kind, structure, axes, planes) -> tuple[str, ...]:
     if "components" in raw:
         comps = ctx.sub(raw["components"], f"{p}.components")
         if not isinstance(comps, list) or not comps or not all(isinstance(c, str) and c for c in comps):
-            raise ctx.fail(f"{p}.components", f"expected a non-empty list of names, got {_tname(comps)}")
+            raise ctx.fail(f"{p}.components", f"expected a non-empty list of names, got {tname(comps)}")
         if len(set(comps)) != len(comps):
             raise ctx.fail(f"{p}.components", f"names repeat: {comps}")
         comps = tuple(comps)
@@ -317,7 +186,7 @@ def _components(ctx, raw, p, kind, structure, axes, planes) -> tuple[str, ...]:
     return comps
 
 
-def _check_axes(ctx: _Ctx, g: GroupSpec, p: str, explicit_shape: bool) -> None:
+def _check_axes(ctx: Ctx, g: GroupSpec, p: str, explicit_shape: bool) -> None:
     letters = g.letters
     text = format_axes(g.axes)
     for must in "BNC":
@@ -340,8 +209,6 @@ def _check_axes(ctx: _Ctx, g: GroupSpec, p: str, explicit_shape: bool) -> None:
         raise ctx.fail(f"{p}.axes", f"{text!r}: {'needs' if want_k else 'must not have'} a K axis ({why})")
     if "H" not in letters and g.heads != 1:
         raise ctx.fail(f"{p}.heads", f"{g.heads} heads but axes {text!r} have no H axis")
-    if g.structure == "kv_lists" and g.hands != "buffer":
-        raise ctx.fail(f"{p}.hands", "kv_lists are always handed as lists")
     if explicit_shape:
         if sorted(g.shape_order) != sorted(g.axes):
             raise ctx.fail(
@@ -351,7 +218,7 @@ def _check_axes(ctx: _Ctx, g: GroupSpec, p: str, explicit_shape: bool) -> None:
             raise ctx.fail(f"{p}.shape_order", "C must stay the last dim of the shape")
 
 
-def _strides(ctx: _Ctx, value: object, path: str, g: GroupSpec) -> tuple[tuple[str, int], ...]:
+def _strides(ctx: Ctx, value: object, path: str, g: GroupSpec) -> tuple[tuple[str, int], ...]:
     value = ctx.mapping(value, path)
     letters = g.letters
     inner_of_b = set(letters[letters.index("B") + 1 :])
@@ -387,14 +254,14 @@ def _strides(ctx: _Ctx, value: object, path: str, g: GroupSpec) -> tuple[tuple[s
     return tuple(sorted(out.items()))
 
 
-def _planes(ctx: _Ctx, value: object, path: str) -> tuple[PlaneSpec, ...]:
+def _planes(ctx: Ctx, value: object, path: str) -> tuple[PlaneSpec, ...]:
     if not isinstance(value, list) or not value:
-        raise ctx.fail(path, f"expected a non-empty list of planes, got {_tname(value)}")
+        raise ctx.fail(path, f"expected a non-empty list of planes, got {tname(value)}")
     out = []
     for j, raw in enumerate(value):
         pp = f"{path}[{j}]"
         if not isinstance(raw, dict):
-            raise ctx.fail(pp, f"expected a mapping, got {_tname(raw)}")
+            raise ctx.fail(pp, f"expected a mapping, got {tname(raw)}")
         ctx.unknown(raw, _PLANE_FIELDS, pp)
         name = ctx.string(ctx.sub(ctx.need(raw, "name", pp), f"{pp}.name"), f"{pp}.name")
         dtype = ctx.dtype(ctx.need(raw, "dtype", pp), f"{pp}.dtype")
@@ -404,7 +271,7 @@ def _planes(ctx: _Ctx, value: object, path: str) -> tuple[PlaneSpec, ...]:
         if "align" in raw:
             align_raw = raw["align"]
             if not isinstance(align_raw, dict) or list(align_raw) != ["bytes"]:
-                raise ctx.fail(f"{pp}.align", f"expected {{bytes: N}}, got {_tname(align_raw)}")
+                raise ctx.fail(f"{pp}.align", f"expected {{bytes: N}}, got {tname(align_raw)}")
             align = ctx.positive(align_raw["bytes"], f"{pp}.align.bytes")
         if any(pl.name == name for pl in out):
             raise ctx.fail(f"{pp}.name", f"plane {name!r} repeats")
@@ -412,31 +279,10 @@ def _planes(ctx: _Ctx, value: object, path: str) -> tuple[PlaneSpec, ...]:
     return tuple(out)
 
 
-def plane_offsets(g: GroupSpec) -> list[int]:
-    """Byte offset of each plane inside a block: planes back to back, each start rounded up to its alignment."""
-    offsets, at = [], 0
-    for plane in g.planes:
-        at = -(-at // plane.align_bytes) * plane.align_bytes
-        offsets.append(at)
-        at += g.slots_per_block * plane.slot_bytes
-    return offsets
-
-
-def block_region_bytes(g: GroupSpec) -> int:
-    """Bytes of one block of one layer as the tensor's shape spans it (letters inside B, dense)."""
-    sizes = g.letter_sizes(1)
-    letters = g.letters
-    total = g.itemsize
-    for letter in letters[letters.index("B") + 1 :]:
-        if letter not in "LK":
-            total *= sizes[letter]
-    return total
-
-
-def _check_planes(ctx: _Ctx, g: GroupSpec, p: str) -> None:
+def _check_planes(ctx: Ctx, g: GroupSpec, p: str) -> None:
     if g.opaque:
         raise ctx.fail(f"{p}.planes", "opaque groups have no planes")
-    end = plane_offsets(g)[-1] + g.slots_per_block * g.planes[-1].slot_bytes
-    room = block_region_bytes(g)
+    end = g.plane_offsets()[-1] + g.slots_per_block * g.planes[-1].slot_bytes
+    room = g.block_bytes()
     if end > room:
         raise ctx.fail(f"{p}.planes", f"planes need {end} bytes per block, the block holds {room}")

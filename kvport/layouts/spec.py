@@ -148,6 +148,25 @@ class GroupSpec:
         row = self.content_elems * self.itemsize
         return tuple(Component(n, self.heads, row, self.dtype) for n in self.components)
 
+    def plane_offsets(self) -> list[int]:
+        """Byte offset of each plane inside a block: planes back to back, each start rounded up to its alignment."""
+        offsets, at = [], 0
+        for plane in self.planes:
+            at = -(-at // plane.align_bytes) * plane.align_bytes
+            offsets.append(at)
+            at += self.slots_per_block * plane.slot_bytes
+        return offsets
+
+    def block_bytes(self) -> int:
+        """Bytes of one block of one layer as the tensor's shape spans it (letters inside B except L and K)."""
+        sizes = self.letter_sizes(1)
+        letters = self.letters
+        total = self.itemsize
+        for letter in letters[letters.index("B") + 1 :]:
+            if letter not in "LK":
+                total *= sizes[letter]
+        return total
+
     def bytes_per_token(self) -> float:
         """Canonical bytes per token of this group, all its layers (compressed slots count fractionally)."""
         per_slot = sum(c.rows * c.row_bytes for c in self.canonical_components()) * len(self.layers)

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvport.layouts.compiler import Handed, handed_tensors, present_dims, split_groups
-from kvport.layouts.loader import plane_offsets
 from kvport.layouts.spec import GroupSpec, LayoutSpec
 
 if TYPE_CHECKING:
@@ -70,7 +69,7 @@ def _rows(g: GroupSpec, v: torch.Tensor, lets: list[str], ci: int) -> torch.Tens
         if g.opaque:
             return block.view(nb, 1, 1, -1)
         plane = g.planes[ci]
-        start = plane_offsets(g)[ci]
+        start = g.plane_offsets()[ci]
         size = g.slots_per_block * plane.slot_bytes
         return block[:, start : start + size].view(nb, g.slots_per_block, plane.heads, plane.row_bytes)
     if "H" not in lets:
