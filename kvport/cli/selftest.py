@@ -17,6 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", help="backend name from the registry (default: the best one for each layout)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for data, block ids and token counts")
     parser.add_argument("--device", default="cpu", help="device for the engine tensors, e.g. cpu or cuda")
+    parser.add_argument(
+        "--staging",
+        choices=("device", "host"),
+        default="device",
+        help="where canonical chunks land: device memory, or pinned host memory (the UVA path)",
+    )
     parser.add_argument("--no-cross", action="store_true", help="skip the cross-layout transfers")
 
 
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             return None, str(exc)
 
     failures = skipped = passed = 0
+    tag = "" if args.staging == "device" else ", host staging"
     width = max(len(s.name) for s in specs) + 6
     chosen = {}
     for spec in specs:
@@ -66,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"skip {spec.name:{width}} [{args.backend or '-'}/{device}] {why}")
             skipped += 1
             continue
-        result = _guard(functools.partial(roundtrip, spec, backend, str(device), _seed(args.seed, spec.name)))
-        passed, failures = _report(result, f"{spec.name:{width}}", backend, device, passed, failures)
+        result = _guard(
+            functools.partial(roundtrip, spec, backend, str(device), _seed(args.seed, spec.name), args.staging)
+        )
+        passed, failures = _report(result, f"{spec.name:{width}}", backend, device, tag, passed, failures)
 
     if not args.no_cross:
         pool = {s.name: s for s in specs}
@@ -89,25 +98,25 @@ def run(args: argparse.Namespace) -> int:
                 ):
                     continue
                 seed = _seed(args.seed, spec.name + ">" + partner.name)
-                result = _guard(functools.partial(cross, spec, partner, backend, str(device), seed))
+                result = _guard(functools.partial(cross, spec, partner, backend, str(device), seed, args.staging))
                 if not result.ok:
                     bad.append(f"{partner.name}: {result.detail}")
             label = f"cross {spec.name} -> {len(partners)} compatible"
             if bad:
-                print(f"FAIL {label} [{backend.name}/{device}] {'; '.join(bad)}")
+                print(f"FAIL {label} [{backend.name}/{device}{tag}] {'; '.join(bad)}")
                 failures += 1
             else:
-                print(f"ok   {label} [{backend.name}/{device}]")
+                print(f"ok   {label} [{backend.name}/{device}{tag}]")
                 passed += 1
     print(f"selftest: {passed} passed, {failures} failed, {skipped} skipped (seed {args.seed})")
     return 1 if failures else 0
 
 
-def _report(result, label, backend, device, passed, failures):
+def _report(result, label, backend, device, tag, passed, failures):
     if result.ok:
-        print(f"ok   {label} [{backend.name}/{device}] {result.detail}")
+        print(f"ok   {label} [{backend.name}/{device}{tag}] {result.detail}")
         return passed + 1, failures
-    print(f"FAIL {label} [{backend.name}/{device}] {result.detail}")
+    print(f"FAIL {label} [{backend.name}/{device}{tag}] {result.detail}")
     return passed, failures + 1
 
 

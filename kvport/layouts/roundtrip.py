@@ -53,6 +53,14 @@ def _ids(spec: LayoutSpec, plan: Plan) -> list:
     return list(plan.block_ids[0]) if len(spec.groups) == 1 else [list(t) for t in plan.block_ids]
 
 
+def _sync(device) -> None:
+    """Backends may run asynchronously on the current stream; results are read only after it finishes."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _fork(generator: torch.Generator) -> torch.Generator:
     import torch
 
@@ -74,16 +82,32 @@ def _compare_storages(got: EngineKV, want: EngineKV, before: list[torch.Tensor])
     return f"{bad} engine bytes differ from the expected state ({outside} of them outside the addressed slots)"
 
 
-def gather_checked(spec: LayoutSpec, kv: EngineKV, plan: Plan, backend: Backend, device) -> tuple[torch.Tensor, str]:
-    """Gather through the backend; compare with the descriptor-free token oracle."""
+STAGINGS = ("device", "host")
+
+
+def staging_buffer(nbytes: int, device, staging: str) -> torch.Tensor:
+    """Random uint8 staging memory: on the engine device, or pinned host memory (what UVA kernels write)."""
+    import torch
+
+    data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    if staging == "device":
+        return data.to(device)
+    return data.pin_memory() if torch.device(device).type != "cpu" else data
+
+
+def gather_checked(
+    spec: LayoutSpec, kv: EngineKV, plan: Plan, backend: Backend, device, staging: str = "device"
+) -> tuple[torch.Tensor, str]:
+    """Gather through the backend into device or pinned-host staging; compare with the token oracle."""
     import torch
 
     ids = _ids(spec, plan)
     need = kv.descriptor.canonical_bytes(plan.num_tokens)
     # One guard byte past the chunk: a backend writing past canonical_bytes is caught.
-    dst = torch.randint(0, 256, (need + 1,), dtype=torch.uint8).to(device)
+    dst = staging_buffer(need + 1, device, staging)
     guard = dst[need:].clone()
     backend.gather(kv.descriptor, ids, dst, plan.num_tokens)
+    _sync(device)
     want = canonical_from_tokens(spec, kv.tensors, ids, plan.num_tokens)
     got = dst[:need].cpu()
     if not torch.equal(got, want):
@@ -105,18 +129,21 @@ def scatter_checked(
     ids = _ids(spec, plan)
     write_tokens(spec, expected.tensors, ids, plan.num_tokens, chunk.cpu())
     backend.scatter(chunk, target.descriptor, ids, plan.num_tokens)
+    _sync(device)
     problem = _compare_storages(target, expected, before)
     return f"scatter: {problem}" if problem else ""
 
 
-def roundtrip(spec: LayoutSpec, backend: Backend, device: str = "cpu", seed: int = 0) -> CheckResult:
+def roundtrip(
+    spec: LayoutSpec, backend: Backend, device: str = "cpu", seed: int = 0, staging: str = "device"
+) -> CheckResult:
     """Gather a random block set from random engine tensors, scatter it into a fresh cache, compare bytes."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     plan = make_plan(spec, gen)
     source = allocate(spec, list(plan.num_blocks), device=device, generator=gen)
-    chunk, problem = gather_checked(spec, source, plan, backend, device)
+    chunk, problem = gather_checked(spec, source, plan, backend, device, staging)
     if not problem:
         scatter_plan = make_plan(spec, gen, plan.num_tokens)
         problem = scatter_checked(spec, chunk, scatter_plan, backend, device, gen)
@@ -125,7 +152,9 @@ def roundtrip(spec: LayoutSpec, backend: Backend, device: str = "cpu", seed: int
     return CheckResult(not problem, f"{where}: {problem}" if problem else where)
 
 
-def cross(a: LayoutSpec, b: LayoutSpec, backend: Backend, device: str = "cpu", seed: int = 0) -> CheckResult:
+def cross(
+    a: LayoutSpec, b: LayoutSpec, backend: Backend, device: str = "cpu", seed: int = 0, staging: str = "device"
+) -> CheckResult:
     """Gather from layout ``a``, scatter into layout ``b`` (same canonical fingerprint), compare token values."""
     import torch
 
@@ -134,7 +163,7 @@ def cross(a: LayoutSpec, b: LayoutSpec, backend: Backend, device: str = "cpu", s
     gen = torch.Generator().manual_seed(seed)
     plan_a = make_plan(a, gen)
     source = allocate(a, list(plan_a.num_blocks), device=device, generator=gen)
-    chunk, problem = gather_checked(a, source, plan_a, backend, device)
+    chunk, problem = gather_checked(a, source, plan_a, backend, device, staging)
     if not problem:
         plan_b = make_plan(b, gen, plan_a.num_tokens)
         problem = scatter_checked(b, chunk, plan_b, backend, device, gen)

@@ -96,3 +96,14 @@ def test_cuda_device_with_torch_backend(capsys):
         pytest.skip("no CUDA/ROCm device")
     assert main(["selftest", "--backend", "torch", "--device", "cuda", "--layout", "vllm-flash-hnd"]) == 0
     assert "[torch/cuda]" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_cuda_device_with_pinned_host_staging(capsys):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA/ROCm device")
+    argv = ["selftest", "--device", "cuda", "--staging", "host", "--layout", "trtllm-pool", "--layout", "deepseek-v4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "cuda, host staging]" in out and " 0 failed" in out
