@@ -32,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", required=True, help="storage tier and location, e.g. local-disk:/mnt/nvme/kv")
     parser.add_argument("--chunk-mb", type=float, default=16.0, help="chunk size in MiB (default 16)")
     parser.add_argument("--chunks", type=int, default=64, help="chunks stored and loaded (default 64)")
-    parser.add_argument("--threads", type=int, default=2, help="I/O threads, as the cache's io_threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="load threads, as the cache's io_threads (default 2)")
+    parser.add_argument(
+        "--write-threads", type=int, default=1, help="store threads, as the cache's l2_write_threads (default 1)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved raw/tier rounds (default 3)")
     parser.add_argument("--index-chunks", type=int, default=100_000, help="chunks indexed for lookups (100000)")
     parser.add_argument("--cold", action="store_true", help="drop the files from the page cache before each read phase")
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
@@ -53,8 +57,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--chunk-mb {args.chunk_mb}: expected a positive size")
     if args.chunks < 2:
         raise UserError(f"--chunks {args.chunks}: expected at least 2")
-    if args.threads < 1:
-        raise UserError(f"--threads {args.threads}: expected at least 1")
+    if args.threads < 1 or args.write_threads < 1:
+        raise UserError(f"--threads {args.threads} --write-threads {args.write_threads}: expected at least 1 each")
+    if args.rounds < 1:
+        raise UserError(f"--rounds {args.rounds}: expected at least 1")
     if args.index_chunks < 0:
         raise UserError(f"--index-chunks {args.index_chunks}: expected 0 or more")
 
@@ -110,14 +116,31 @@ class Bench:
             "chunks": self.args.chunks,
             "total_bytes": self.total,
             "threads": self.args.threads,
+            "write_threads": self.args.write_threads,
+            "rounds": self.args.rounds,
             "cold": self.args.cold,
         }
-        raw_write, raw_read = self.raw()
-        out["raw"] = {"write_gbps": raw_write, "read_gbps": raw_read}
-        out["store"] = self.store()
-        out["store"]["ratio_to_raw"] = out["store"]["gbps"] / raw_write
-        out["load"] = self.load()
-        out["load"]["ratio_to_raw"] = out["load"]["gbps"] / raw_read
+        # Rounds interleave raw and tier phases (raw write, store, raw read, load) so both see the same disk and
+        # page-cache state; this VM's throughput drifts by 2x within a minute (writeback, memory reclaim).
+        phases: dict[str, list] = {"raw_write": [], "raw_read": [], "store": [], "load": []}
+        for r in range(self.args.rounds):
+            keys = [f"{r:02x}{k[2:]}" for k in self.keys]
+            phases["raw_write"].append(self.raw_write())
+            phases["store"].append(self.store(keys))
+            phases["raw_read"].append(self.raw_read())
+            phases["load"].append(self.load(keys))
+            (self.work / "raw.bin").unlink()
+        raw_write = _combine(phases["raw_write"])
+        raw_read = _combine(phases["raw_read"])
+        out["raw"] = {"write_gbps": raw_write["gbps"], "read_gbps": raw_read["gbps"]}
+        out["raw"]["per_round"] = {
+            "write_gbps": [p["gbps"] for p in phases["raw_write"]],
+            "read_gbps": [p["gbps"] for p in phases["raw_read"]],
+        }
+        for name, raw in (("store", raw_write), ("load", raw_read)):
+            out[name] = _combine(phases[name])
+            out[name]["ratio_to_raw"] = out[name]["gbps"] / raw["gbps"]
+            out[name]["per_round_gbps"] = [p["gbps"] for p in phases[name]]
         out["lookup"] = self.lookup()
         out["targets"] = {
             "ratio_to_raw": TARGET_RATIO,
@@ -129,62 +152,71 @@ class Bench:
         return out
 
     # ---- raw sequential I/O of the same bytes on the same file system --------------------------------------
-    def raw(self) -> tuple[float, float]:
+    def raw_write(self) -> dict:
         path = self.work / "raw.bin"
-        progress = _progress(2 * self.args.chunks, "raw write+read")
+        progress = _progress(self.args.chunks, "raw write")
+        latencies = []
         start = time.perf_counter()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             for i in range(self.args.chunks):
+                t0 = time.perf_counter()
                 _write_all(fd, memoryview(self.src[i % len(self.src)].numpy()))
+                latencies.append(time.perf_counter() - t0)
                 progress.update()
             os.fsync(fd)  # on the medium, as the store phase's final sync
         finally:
             os.close(fd)
-        write = self.total / (time.perf_counter() - start) / 1e9
+        progress.close()
+        return _summary(self.total, time.perf_counter() - start, latencies)
+
+    def raw_read(self) -> dict:
+        path = self.work / "raw.bin"
         if self.args.cold:
             _drop_cache([path])
+        progress = _progress(self.args.chunks, "raw read")
         view = memoryview(self.dst[0].numpy())
+        latencies = []
         start = time.perf_counter()
         fd = os.open(path, os.O_RDONLY)
         try:
             for i in range(self.args.chunks):
+                t0 = time.perf_counter()
                 done = 0
                 while done < self.chunk_bytes:
                     done += os.preadv(fd, [view[done:]], i * self.chunk_bytes + done)
+                latencies.append(time.perf_counter() - t0)
                 progress.update()
         finally:
             os.close(fd)
-        read = self.total / (time.perf_counter() - start) / 1e9
         progress.close()
-        os.unlink(path)
-        return write, read
+        return _summary(self.total, time.perf_counter() - start, latencies)
 
     # ---- the tier --------------------------------------------------------------------------------------------
-    def store(self) -> dict:
+    def store(self, keys: list[str]) -> dict:
         progress = _progress(self.args.chunks, "store")
         latencies: list[float] = []
 
         def put(i: int) -> None:
             t0 = time.perf_counter()
-            if not self.tier.put(self.keys[i], self.fingerprint, self.src[i % len(self.src)]):
+            if not self.tier.put(keys[i], self.fingerprint, self.src[i % len(self.src)]):
                 raise RuntimeError(f"store of chunk {i} failed (disk full or I/O error under {self.work})")
             latencies.append(time.perf_counter() - t0)
             progress.update()
 
         start = time.perf_counter()
-        with ThreadPoolExecutor(self.args.threads) as pool:
+        with ThreadPoolExecutor(self.args.write_threads) as pool:
             list(pool.map(put, range(self.args.chunks)))
-        _syncfs(self.work)  # same durability point as the raw phase's fsync
+        _syncfs(self.work / "l2")  # same durability point as the raw phase's fsync
         elapsed = time.perf_counter() - start
         progress.close()
         return _summary(self.total, elapsed, latencies)
 
-    def load(self) -> dict:
+    def load(self, keys: list[str]) -> dict:
         from kvport.cache.l2.base import ReadResult
 
         if self.args.cold:
-            _drop_cache([self.tier.path(k) for k in self.keys])
+            _drop_cache([self.tier.path(k) for k in keys])
         progress = _progress(self.args.chunks, "load")
         latencies: list[float] = []
         local = threading.local()
@@ -196,7 +228,7 @@ class Bench:
                 with lock:
                     local.buf = self.dst[next(counter)]
             t0 = time.perf_counter()
-            result = self.tier.get_into(self.keys[i], self.fingerprint, local.buf)
+            result = self.tier.get_into(keys[i], self.fingerprint, local.buf)
             if result is not ReadResult.HIT:
                 raise RuntimeError(f"load of chunk {i}: {result.value}")
             latencies.append(time.perf_counter() - t0)
@@ -260,10 +292,20 @@ class Bench:
 def _summary(total: int, elapsed: float, latencies: list[float]) -> dict:
     return {
         "gbps": total / elapsed / 1e9,
+        "bytes": total,
         "seconds": elapsed,
+        "latencies": latencies,
         "p50_ms": _percentile(latencies, 50) * 1e3,
         "p99_ms": _percentile(latencies, 99) * 1e3,
     }
+
+
+def _combine(rounds: list[dict]) -> dict:
+    """All rounds as one: total bytes over total seconds, percentiles over every operation."""
+    latencies = [x for r in rounds for x in r["latencies"]]
+    out = _summary(sum(r["bytes"] for r in rounds), sum(r["seconds"] for r in rounds), latencies)
+    del out["latencies"]
+    return out
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -280,14 +322,16 @@ def _write_all(fd: int, buf: memoryview) -> None:
 
 
 def _syncfs(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if hasattr(os, "syncfs"):
-            os.syncfs(fd)
-        else:
-            os.sync()
-    finally:
-        os.close(fd)
+    """Flush every chunk file the store phase wrote (Python has no syncfs; one fsync per file is the same
+    durability point as the raw phase's single fsync)."""
+    for sub in path.iterdir():
+        if sub.is_dir():
+            for entry in os.scandir(sub):
+                fd = os.open(entry.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
 
 def _drop_cache(paths: list[Path]) -> None:
@@ -311,7 +355,8 @@ def format_report(r: dict) -> str:
     s, ld, lk = r["store"], r["load"], r["lookup"]
     mib = r["chunk_bytes"] / (1 << 20)
     lines = [
-        f"storage: {r['backend']}  {r['chunks']} chunks x {mib:g} MiB, {r['threads']} threads"
+        f"storage: {r['backend']}  {r['chunks']} chunks x {mib:g} MiB x {r['rounds']} rounds, "
+        f"{r['write_threads']} store / {r['threads']} load threads"
         + (", cold page cache" if r["cold"] else ", warm page cache"),
         f"machine: {r['machine']}",
         f"raw sequential   write {r['raw']['write_gbps']:.3f} GB/s   read {r['raw']['read_gbps']:.3f} GB/s",

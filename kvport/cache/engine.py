@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from kvport.hal.backend import Backend
     from kvport.layouts.descriptor import CopyDescriptor
 
+_log = logging.getLogger("kvport.cache")
 _NO_SLOT = object()  # a fetch that found the chunk in L2 but had no free L1 slot to read it into
 
 
@@ -190,6 +192,10 @@ class CacheEngine:
             if self.l2.put(lease.key, self.descriptor.fingerprint, lease.buffer):
                 self.metrics.transfer("l2", "write", lease.buffer.numel(), time.perf_counter() - start)
                 self.metrics.observe("latency", time.perf_counter() - start, op="l2_write")
+        except Exception:
+            # A background write has no caller to raise to: count it and log it loudly, never swallow it.
+            self.metrics.inc("failures", tier="l2", reason="write_exception")
+            _log.exception("kvport cache: L2 write of chunk %s failed", lease.key)
         finally:
             lease.release()
 
@@ -371,7 +377,7 @@ class CacheEngine:
     def _write_queue(self) -> BoundedSubmitter:
         with self._setup_lock:
             if self._writes is None:
-                self._writers = cf.ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="kvport-write")
+                self._writers = cf.ThreadPoolExecutor(self.config.l2_write_threads, thread_name_prefix="kvport-write")
                 self._writes = BoundedSubmitter(self._writers, self.config.max_pending_stores)
             return self._writes
 

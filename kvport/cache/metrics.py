@@ -75,13 +75,13 @@ class CacheMetrics:
         for (name, labels), value in counters.items():
             out[name] = out.get(name, 0) + value
             if labels:
-                flat = f"{name}_" + "_".join(v for _, v in labels)
+                flat = _flat(name, labels)
                 out[flat] = out.get(flat, 0) + value
         for key in [k for k in out if k.startswith("bytes_")]:
             seconds = out.get("seconds_" + key[len("bytes_") :], 0)
             out["gbps_" + key[len("bytes_") :]] = out[key] / seconds / 1e9 if seconds > 0 else 0.0
         for (name, labels), (_, total, count) in hists.items():
-            flat = f"{name}_" + "_".join(v for _, v in labels)
+            flat = _flat(name, labels)
             out[f"{flat}_count"] = count
             out[f"{flat}_mean_s"] = total / count if count else 0.0
         return out
@@ -94,6 +94,15 @@ class CacheMetrics:
             yield "counter", name, dict(labels), value
         for (name, labels), value in hists.items():
             yield "histogram", name, dict(labels), value
+
+
+# Flattened stats() names put labels in this order: hits_load_l2, bytes_read_l1, failures_l2_corrupt.
+_LABEL_ORDER = {"op": 0, "tier": 1, "reason": 2}
+
+
+def _flat(name: str, labels: tuple[tuple[str, str], ...]) -> str:
+    ordered = sorted(labels, key=lambda kv: (_LABEL_ORDER.get(kv[0], 9), kv[0]))
+    return f"{name}_" + "_".join(v for _, v in ordered)
 
 
 class _Collector:

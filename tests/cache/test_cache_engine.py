@@ -238,3 +238,33 @@ def test_prometheus_exposition(tmp_path):
         text = generate_latest().decode()
     assert 'kvport_cache_hits_total{cache="prom-test",op="lookup",tier="l1"} 1.0' in text
     assert 'kvport_cache_latency_seconds_count{cache="prom-test",op="lookup"} 1.0' in text
+
+
+def test_l2_write_failure_is_counted_and_l1_still_serves(tmp_path):
+    src, sdesc = nhd_kv(seed=14)
+    tokens = list(range(C * 2))
+    engine = make_engine(tmp_path, desc=sdesc)
+    l2_root = tmp_path / "l2"
+    for sub in l2_root.iterdir():
+        sub.unlink() if sub.is_file() else None
+    l2_root.rmdir()
+    l2_root.write_text("not a directory any more")  # every chunk write now fails with an OSError
+    assert engine.store(tokens, list(range(4))) == 2 * C  # the caller is not failed by a background write
+    engine.flush()
+    stats = engine.stats()
+    assert stats["failures_l2_write_io_error"] == 2
+    assert engine.lookup(tokens) == 2 * C  # still in L1
+    engine.close()
+
+
+def test_metrics_served_over_http(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with make_engine(tmp_path, namespace="http-test", metrics_port=port) as engine:
+        engine.lookup(list(range(C)))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'kvport_cache_misses_total{cache="http-test",op="lookup",tier="all"} 1.0' in body
