@@ -84,7 +84,11 @@ def _show(name: str, dims: dict[str, str], chunk_tokens: int) -> int:
         total += chunk
         layers = list(g.layers)
         print(f"groups[{gi}]    {g.name}: kind {g.kind}, {len(layers)} layers {_layer_text(layers)}")
-        print(f"  block      {g.tokens_per_block} tokens, {g.tokens_per_slot} token(s)/slot, {g.slots_per_block} slots")
+        if g.opaque:
+            print(f"  block      {g.tokens_per_block} tokens, copied whole (in-block bytes are kernel-specific)")
+        else:
+            slots = f"{g.tokens_per_slot} token(s)/slot, {g.slots_per_block} slots"
+            print(f"  block      {g.tokens_per_block} tokens, {slots}")
         print(f"  structure  {g.structure}" + (f", handed as {g.hands}" if g.structure == "shared" else ""))
         order = format_axes(g.axes)
         shape_order = format_axes(g.shape_order)
@@ -96,7 +100,8 @@ def _show(name: str, dims: dict[str, str], chunk_tokens: int) -> int:
         for letter, nbytes in g.strides_bytes:
             print(f"  stride     {letter} = {nbytes} bytes")
         for c in comps:
-            print(f"  component  {c.name}: {c.rows} row(s) x {c.row_bytes} bytes ({c.dtype}) per slot")
+            unit = "block" if g.opaque else "slot"
+            print(f"  component  {c.name}: {c.rows} row(s) x {c.row_bytes} bytes ({c.dtype}) per {unit}")
         print(f"  per chunk  {chunk} bytes for {chunk_tokens} tokens")
     print(f"chunk        {total} bytes for {chunk_tokens} tokens")
     return 0
