@@ -83,7 +83,18 @@ def run(args: argparse.Namespace) -> int:
         model=model,
         zero_copy_programs=args.zero_copy_programs,
     )
-    result = bench.run()
+    print(HEADER, flush=True)
+
+    def on_record(record: dict, partial: dict) -> None:
+        # Each result as it comes, so a run cut short still leaves its numbers (stdout and the JSON file).
+        from tqdm import tqdm
+
+        tqdm.write(format_record(record), file=sys.stdout)
+        sys.stdout.flush()
+        if args.json is not None:
+            _atomic_write(args.json, json.dumps(partial, indent=1) + "\n")
+
+    result = bench.run(on_record)
     print(format_table(result), file=sys.stdout)
     if args.json is not None:
         _atomic_write(args.json, json.dumps(result, indent=1) + "\n")
@@ -92,27 +103,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+HEADER = (
+    f"{'layout':28} {'backend':11} {'dir':4} {'tokens':>6} {'path':10} {'used':10} {'load':5} "
+    f"{'MiB':>7} {'GB/s':>8} {'ratio':>6} {'gemm':>6}"
+)
+
+
+def format_record(r: dict) -> str:
+    head = f"{r['layout']:28} {r['backend']:11} {r['direction']:4} {r['tokens']:>6} {r['path']:10} "
+    if r.get("error"):
+        return head + f"ERROR {r['error']}"
+    if r.get("skipped"):
+        return head + f"skipped: {r['skipped']}"
+    gemm = f"{r['gemm_ratio']:.2f}" if r.get("gemm_ratio") is not None else "-"
+    return head + (
+        f"{r['path_used']:10} {r['load']:5} {r['bytes'] / 2**20:7.1f} {r['gbps']:8.1f} "
+        f"{r['ratio_to_memcpy']:6.3f} {gemm:>6}"
+    )
+
+
 def format_table(result: dict) -> str:
     mem = result["memcpy"]
     lines = [
         f"device: {result['device']}  torch {result['torch']}",
-        "memcpy (1 GiB): " + ", ".join(f"{k} {v:.1f}" for k, v in mem.items() if k.endswith("gbps")),
-        f"{'layout':24} {'backend':9} {'dir':4} {'tokens':>6} {'path':10} {'used':10} {'load':5} "
-        f"{'MiB':>7} {'GB/s':>8} {'ratio':>6} {'gemm':>6}",
+        "memcpy GB/s (1 GiB, back to back): " + ", ".join(f"{k} {v:.1f}" for k, v in mem.items()),
+        HEADER,
     ]
-    for r in result["records"]:
-        gemm = f"{r['gemm_ratio']:.2f}" if r.get("gemm_ratio") is not None else "-"
-        if r.get("error"):
-            lines.append(
-                f"{r['layout']:24} {r['backend']:9} {r['direction']:4} {r['tokens']:>6} {r['path']:10} "
-                f"ERROR {r['error']}"
-            )
-            continue
-        lines.append(
-            f"{r['layout']:24} {r['backend']:9} {r['direction']:4} {r['tokens']:>6} {r['path']:10} "
-            f"{r['path_used']:10} {r['load']:5} {r['bytes'] / 2**20:7.1f} {r['gbps']:8.1f} "
-            f"{r['ratio_to_memcpy']:6.3f} {gemm:>6}"
-        )
+    lines += [format_record(r) for r in result["records"]]
     return "\n".join(lines)
 
 
@@ -122,7 +139,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["records"] if not r.get("error") and r["load"] == "none"]
+    rows = [r for r in result["records"] if "ratio_to_memcpy" in r and r["load"] == "none"]
     labels = sorted({f"{r['layout']}\n{r['direction']} {r['tokens']}" for r in rows})
     series = sorted({f"{r['backend']}/{r['path']}" for r in rows})
     fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.9), 5))
