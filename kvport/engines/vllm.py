@@ -4,6 +4,7 @@ kv_connector_module_path="kvport.engines.vllm"). Owns only the glue to vLLM's ho
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -227,7 +228,13 @@ def _attention_infos(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) ->
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 
-    layout = getattr(kv_cache_config, "kv_cache_layout", None) or vllm_config.cache_config.kv_cache_layout
+    standardized = importlib.util.find_spec("vllm.v1.kv_cache_layout") is not None
+    layout = getattr(kv_cache_config, "kv_cache_layout", None)
+    layout = layout or getattr(vllm_config.cache_config, "kv_cache_layout", None)
+    if layout is None and not standardized:
+        from vllm.v1.attention.backends.utils import get_kv_cache_layout  # older vLLM: "NHD" / "HND"
+
+        layout = get_kv_cache_layout()
     infos = []
     for group in kv_cache_config.kv_cache_groups:
         layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, group.layer_names)
@@ -239,6 +246,7 @@ def _attention_infos(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) ->
             AttentionInfo(
                 backend=backends.pop(),
                 layout=layout,
+                standardized=standardized,
                 block_size=spec.block_size,
                 num_kv_heads=getattr(spec, "num_kv_heads", 1),
                 head_size=getattr(spec, "head_size", 0),

@@ -14,21 +14,34 @@ from kvport.errors import UserError
 _LEGACY = {"NHD": "LBNHC", "HND": "LBHNC"}
 
 # (vLLM attention backend name, resolved KV cache layout) -> kvport catalog layout. "*" = any layout.
-# Each row comes from the backend's get_kv_cache_shape / supported_kv_cache_layouts in vLLM 0.32; a backend or
-# layout not listed here is refused with a message naming it (set `layout` in kv_connector_extra_config).
-BACKEND_LAYOUTS: dict[tuple[str, str], str] = {
+#
+# vLLM with standardized KV layouts (the `vllm.v1.kv_cache_layout.KVCacheLayout` enum exists, e.g. 0.32) hands
+# every attention layer a [B, H, N, C] view into one buffer per group, C = K|V (flash_attn.py, triton_attn.py,
+# flashinfer.py split it with `.split(head_size, dim=-1)`), in the physical order the engine resolved.
+STANDARDIZED_LAYOUTS: dict[tuple[str, str], str] = {
     ("CPU_ATTN", "LBHNC"): "vllm-cpu-attn",  # opaque blocks: K transposed inside a block (cpu_attn.py)
-    ("FLASH_ATTN", "LBNHC"): "vllm-flash-nhd",
-    ("FLASH_ATTN", "LBHNC"): "vllm-flash-hnd",
-    ("FLASHINFER", "LBNHC"): "vllm-flashinfer-nhd",
-    ("FLASHINFER", "LBHNC"): "vllm-flashinfer-hnd",
-    ("TRITON_ATTN", "LBNHC"): "vllm-triton-nhd",
-    ("ROCM_ATTN", "LBHNC"): "vllm-flash-hnd",
+    **{
+        (backend, order): f"vllm-std-{order.lower()}"
+        for backend in ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "ROCM_ATTN", "ROCM_AITER_FA")
+        for order in ("LBNHC", "LBHNC", "BLHNC", "BLNHC")
+    },
     ("FLASHMLA", "*"): "vllm-mla",
     ("FLASH_ATTN_MLA", "*"): "vllm-mla",
     ("TRITON_MLA", "*"): "vllm-mla",
     ("CUTLASS_MLA", "*"): "vllm-mla",
     ("FLASHINFER_MLA", "*"): "vllm-mla",
+}
+# Older vLLM (no KVCacheLayout enum): per-layer tensors from each backend's get_kv_cache_shape, NHD or HND.
+LEGACY_LAYOUTS: dict[tuple[str, str], str] = {
+    ("FLASH_ATTN", "LBNHC"): "vllm-flash-nhd",
+    ("FLASH_ATTN", "LBHNC"): "vllm-flash-hnd",
+    ("FLASHINFER", "LBNHC"): "vllm-flashinfer-nhd",
+    ("FLASHINFER", "LBHNC"): "vllm-flashinfer-hnd",
+    ("TRITON_ATTN", "LBNHC"): "vllm-triton-nhd",
+    ("FLASHMLA", "*"): "vllm-mla",
+    ("FLASH_ATTN_MLA", "*"): "vllm-mla",
+    ("TRITON_MLA", "*"): "vllm-mla",
+    ("CUTLASS_MLA", "*"): "vllm-mla",
 }
 
 
@@ -38,6 +51,8 @@ class AttentionInfo:
 
     backend: str
     layout: str | None
+    # True when vLLM declares standardized layouts (KVCacheLayout); selects the table above, never tensor shapes.
+    standardized: bool
     block_size: int
     num_kv_heads: int
     head_size: int
@@ -57,12 +72,14 @@ def catalog_layout(info: AttentionInfo, override: str | None = None) -> str:
     if override:
         return override
     layout = normalize_layout(info.layout)
-    name = BACKEND_LAYOUTS.get((info.backend, layout or "")) or BACKEND_LAYOUTS.get((info.backend, "*"))
+    table = STANDARDIZED_LAYOUTS if info.standardized else LEGACY_LAYOUTS
+    name = table.get((info.backend, layout or "")) or table.get((info.backend, "*"))
     if name is None:
-        known = ", ".join(sorted({f"{b}/{lay}" for b, lay in BACKEND_LAYOUTS}))
+        family = "standardized" if info.standardized else "legacy"
+        known = ", ".join(sorted({b for b, _ in table}))
         raise UserError(
-            f"vLLM attention backend {info.backend} with KV cache layout {layout} has no kvport layout "
-            f"(known: {known}); set kv_connector_extra_config.layout to a catalog name or spec file"
+            f"vLLM attention backend {info.backend} with KV cache layout {layout} ({family} layouts) has no kvport "
+            f"layout (backends known: {known}); set kv_connector_extra_config.layout to a catalog name or spec file"
         )
     return name
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from kvport.engines.vllm_layouts import (
-    BACKEND_LAYOUTS,
+    LEGACY_LAYOUTS,
+    STANDARDIZED_LAYOUTS,
     AttentionInfo,
     catalog_layout,
     layer_order,
@@ -18,29 +19,32 @@ from kvport.engines.vllm_layouts import (
 from kvport.errors import UserError
 
 
-def _info(backend: str, layout: str | None, layers: int = 2, **kw) -> AttentionInfo:
+def _info(backend: str, layout: str | None, layers: int = 2, standardized: bool = True, **kw) -> AttentionInfo:
     names = tuple(f"model.layers.{i}.self_attn.attn" for i in range(layers))
     dims = {"block_size": 128, "num_kv_heads": 2, "head_size": 32, "dtype": "bfloat16"} | kw
-    return AttentionInfo(backend=backend, layout=layout, layer_names=names, **dims)
+    return AttentionInfo(backend=backend, layout=layout, standardized=standardized, layer_names=names, **dims)
 
 
 @pytest.mark.parametrize(
-    "backend,layout,expected",
+    "backend,layout,standardized,expected",
     [
-        ("CPU_ATTN", "LBHNC", "vllm-cpu-attn"),
-        ("FLASH_ATTN", "NHD", "vllm-flash-nhd"),
-        ("FLASH_ATTN", "LBNHC", "vllm-flash-nhd"),
-        ("FLASH_ATTN", "HND", "vllm-flash-hnd"),
-        ("FLASH_ATTN", "KVCacheLayout.LBHNC", "vllm-flash-hnd"),
-        ("FLASHMLA", None, "vllm-mla"),
+        ("CPU_ATTN", "LBHNC", True, "vllm-cpu-attn"),
+        ("FLASH_ATTN", "LBNHC", True, "vllm-std-lbnhc"),
+        ("FLASH_ATTN", "KVCacheLayout.LBHNC", True, "vllm-std-lbhnc"),
+        ("FLASHINFER", "BLHNC", True, "vllm-std-blhnc"),
+        ("TRITON_ATTN", "NHD", True, "vllm-std-lbnhc"),
+        ("FLASH_ATTN", "NHD", False, "vllm-flash-nhd"),
+        ("FLASH_ATTN", "HND", False, "vllm-flash-hnd"),
+        ("FLASHINFER", "HND", False, "vllm-flashinfer-hnd"),
+        ("FLASHMLA", None, True, "vllm-mla"),
     ],
 )
-def test_declared_backend_and_layout_pick_the_layout(backend: str, layout: str, expected: str) -> None:
-    assert catalog_layout(_info(backend, layout)) == expected
+def test_declared_backend_and_layout_pick_the_layout(backend, layout, standardized, expected) -> None:
+    assert catalog_layout(_info(backend, layout, standardized=standardized)) == expected
 
 
 def test_unknown_backend_is_a_one_line_user_error() -> None:
-    with pytest.raises(UserError, match="NEW_BACKEND with KV cache layout LBNHC has no kvport layout") as err:
+    with pytest.raises(UserError, match="NEW_BACKEND with KV cache layout LBNHC .* has no kvport layout") as err:
         catalog_layout(_info("NEW_BACKEND", "NHD"))
     assert "\n" not in str(err.value)
 
@@ -57,13 +61,14 @@ def test_mapped_layouts_in_the_catalog_load_with_vllm_dims() -> None:
     from kvport.layouts import catalog_names
 
     names = set(catalog_names())
-    for (backend, layout), name in BACKEND_LAYOUTS.items():
-        if name not in names or layout == "*":
-            continue
-        spec = load_for(_info(backend, layout, layers=3, head_size=64))
-        dims = dict(spec.dims)
-        assert dims.get("layers", 3) == 3 and dims.get("head_dim", 64) == 64, (name, dims)
-    assert {"vllm-cpu-attn", "vllm-flash-nhd", "vllm-flash-hnd"} <= names
+    for standardized, table in ((True, STANDARDIZED_LAYOUTS), (False, LEGACY_LAYOUTS)):
+        for (backend, layout), name in table.items():
+            assert name in names, f"{backend}/{layout} maps to {name}, which is not in the layout catalog"
+            info = _info(backend, None if layout == "*" else layout, layers=3, standardized=standardized, head_size=64)
+            dims = dict(load_for(info).dims)
+            assert dims["layers"] == 3, (name, dims)
+            if "head_dim" in dims and "kv_heads" in dims:
+                assert (dims["head_dim"], dims["kv_heads"]) == (64, 2), (name, dims)
 
 
 def test_layer_order_is_numeric_not_lexical() -> None:
@@ -106,3 +111,50 @@ def test_cpu_attn_views_round_trip_whole_blocks() -> None:
     assert torch.equal(target[:, 1], buf[:, 5]) and torch.equal(target[:, 7], buf[:, 2])
     untouched = [b for b in range(8) if b not in (1, 7)]
     assert not target[:, untouched].any()
+
+
+# vLLM 0.32 KVCacheLayout values: the logical [L, B, H, N, C] axes in physical (memory) order.
+_VLLM_ORDERS = {"LBHNC": (0, 1, 2, 3, 4), "LBNHC": (0, 1, 3, 2, 4), "BLHNC": (1, 0, 2, 3, 4), "BLNHC": (1, 0, 3, 2, 4)}
+
+
+def _vllm_views(logical, order: str) -> list:
+    """What vLLM 0.32's allocate_kv_cache hands a connector: one buffer in ``order``, per layer a [B, H, N, C] view."""
+    perm = _VLLM_ORDERS[order]
+    physical = logical.permute(*perm).contiguous()
+    inverse = sorted(range(5), key=perm.__getitem__)
+    view = physical.permute(*inverse)
+    return [view[layer] for layer in range(logical.shape[0])]
+
+
+@pytest.mark.parametrize("backend", ["FLASH_ATTN", "FLASHINFER", "TRITON_ATTN"])
+def test_gpu_standardized_layouts_give_one_canonical_chunk(backend: str) -> None:
+    """The same logical KV stored in every vLLM 0.32 physical order gathers to the same canonical bytes, and
+    scatters back into another order at the right blocks only (layout/transfer level; no GPU engine here)."""
+    import torch
+
+    from kvport.hal.backends.torch_ref import TorchBackend
+    from kvport.layouts import compile_descriptor
+
+    layers, blocks, heads, block, head = 3, 6, 2, 16, 32
+    logical = torch.randn(layers, blocks, heads, block, 2 * head).to(torch.bfloat16)
+    backend_ops = TorchBackend()
+    chunks = {}
+    for order in _VLLM_ORDERS:
+        info = _info(backend, order, layers=layers, block_size=block, num_kv_heads=heads, head_size=head)
+        views = _vllm_views(logical, order)
+        handed = dict(zip(info.layer_names, views))
+        desc = compile_descriptor(load_for(info), tensors_in_order(handed, info.layer_names))
+        chunk = torch.empty(desc.canonical_bytes(2 * block), dtype=torch.uint8)
+        backend_ops.gather(desc, [4, 1], chunk, 2 * block)
+        chunks[order] = chunk
+    first = chunks["LBNHC"]
+    assert all(torch.equal(first, c) for c in chunks.values())
+
+    target = torch.zeros_like(logical)
+    info = _info(backend, "BLHNC", layers=layers, block_size=block, num_kv_heads=heads, head_size=head)
+    views = _vllm_views(target, "BLHNC")  # a copy in BLHNC order; scatter writes into it, read back below
+    desc = compile_descriptor(load_for(info), views)
+    backend_ops.scatter(first, desc, [0, 5], 2 * block)
+    got = torch.stack(views)
+    assert torch.equal(got[:, 0], logical[:, 4]) and torch.equal(got[:, 5], logical[:, 1])
+    assert not got[:, 1:5].any()
