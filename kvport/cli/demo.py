@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model, disk cache and engine logs (default: ~/.cache/kvport/demo)",
     )
     parser.add_argument("--questions", type=int, default=4, help="questions asked after the shared document")
+    parser.add_argument("--repeats", type=int, default=2, help="times each question is sent; TTFTs are medians")
     parser.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
 
 
@@ -24,9 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from kvport.errors import UserError
 
     require_vllm()
-    if args.questions < 1:
-        raise UserError(f"--questions={args.questions}: expected a positive integer")
-    params = Params(workdir=args.workdir, questions=args.questions)
+    for name in ("questions", "repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name}={getattr(args, name)}: expected a positive integer")
+    params = Params(workdir=args.workdir, questions=args.questions, repeats=args.repeats)
     print(
         "kvport demo: one long shared document (~3,200 tokens) followed by different questions, as an agent or\n"
         "RAG service sends them, on a small random-weight Llama served by vLLM on this CPU. Three fresh engines:\n"

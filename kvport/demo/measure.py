@@ -79,8 +79,9 @@ def measure(params: Params, progress=None) -> dict[str, Any]:
     }
     kv = {"l2_path": str(l2), "chunk_tokens": params.chunk_tokens, "l1_bytes": "1GiB"}
 
-    say(f"engine 1/3: vLLM without kvport ({n} questions x {params.repeats}, plus {n} prefix-only prompts)")
-    plain = run_engine({**base, "prompts": q * params.repeats + prompts["heads"]}, work, params.timeout_s, "plain")
+    say(f"engine 1/3: vLLM without kvport ({n} questions and their {n} prefixes alone, x {params.repeats})")
+    plain_prompts = q * params.repeats + prompts["heads"] * params.repeats
+    plain = run_engine({**base, "prompts": plain_prompts}, work, params.timeout_s, "plain")
     say("engine 2/3: vLLM with kvport, empty cache (the first question stores the prefix)")
     cold_stats = work / "stats-cold"
     shutil.rmtree(cold_stats, ignore_errors=True)
@@ -102,14 +103,21 @@ def measure(params: Params, progress=None) -> dict[str, Any]:
     return summarize(params, plain, cold, warm, n, time.perf_counter() - t0)
 
 
+def _question(plain_q: list[dict], cold: dict, warm: dict, i: int, n: int) -> list[dict]:
+    """Every answer to question ``i`` in the three engines, all repeats."""
+    return plain_q[i::n] + cold["results"][i::n] + warm["results"][i::n]
+
+
 def _median_by_question(results: list[dict], n: int, key: str) -> list[float]:
-    return [statistics.median(r[key] for r in results[i::n][: len(results) // n]) for i in range(n)]
+    """Results are n questions, repeated: the median per question over its repeats."""
+    return [statistics.median(r[key] for r in results[i::n]) for i in range(n)]
 
 
 def summarize(params: Params, plain: dict, cold: dict, warm: dict, n: int, elapsed: float) -> dict[str, Any]:
     reps = params.repeats
     plain_q, plain_heads = plain["results"][: n * reps], plain["results"][n * reps :]
     plain_ttft = _median_by_question(plain_q, n, "ttft_s")
+    head_ttft = _median_by_question(plain_heads, n, "ttft_s")
     warm_ttft = _median_by_question(warm["results"], n, "ttft_s")
     worker = warm["kvport_stats"].get("worker0", {}).get("connector", {})
     load_per_request = worker.get("load_seconds", 0.0) / max(1, worker.get("load_requests", 0))
@@ -117,7 +125,7 @@ def summarize(params: Params, plain: dict, cold: dict, warm: dict, n: int, elaps
     for i in range(n):
         c, w = cold["results"][i], warm["results"][i]
         # The tail's cost after its prefix, from the engine without kvport: TTFT(question) - TTFT(its prefix).
-        tail_s = max(0.0, plain_ttft[i] - plain_heads[i]["ttft_s"])
+        tail_s = max(0.0, plain_ttft[i] - head_ttft[i])
         rows.append(
             {
                 "question": i + 1,
@@ -130,7 +138,7 @@ def summarize(params: Params, plain: dict, cold: dict, warm: dict, n: int, elaps
                 "warm_computed": w["prompt_tokens"] - w["cached_tokens"],
                 "warm_ttft_s": warm_ttft[i],
                 "tail_prefill_s": tail_s,
-                "same_output": c["output_ids"] == plain_q[i]["output_ids"] == w["output_ids"],
+                "same_output": len({tuple(r["output_ids"]) for r in _question(plain_q, cold, warm, i, n)}) == 1,
             }
         )
     prompt_total = sum(r["prompt_tokens"] for r in rows)
