@@ -1,0 +1,82 @@
+"""Worker-side transfers of the vLLM connector on a real CacheEngine (torch backend, real disk tier), without vLLM:
+load accounting, the invalid blocks reported for a corrupt chunk, and the test-only random-KV switch."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kvport.cache import CacheEngine, load_config  # noqa: E402
+from kvport.engines.vllm_plan import TransferSpec  # noqa: E402
+from kvport.engines.vllm_worker import WorkerSide  # noqa: E402
+from kvport.layouts import compile_descriptor, load_layout  # noqa: E402
+
+BLOCK, CHUNK, LAYERS, BLOCKS = 128, 256, 2, 12
+
+
+def _engine(tmp_path, buf):
+    spec = load_layout("vllm-cpu-attn", layers=LAYERS, kv_heads=2, head_dim=32, block_size=BLOCK)
+    engine = CacheEngine(load_config(None, {"l2_path": str(tmp_path / "l2"), "l1_bytes": "64MiB"}, environ={}), "ns")
+    engine.bind(compile_descriptor(spec, [buf[i] for i in range(LAYERS)]))
+    return engine
+
+
+def _kv():
+    return torch.randn(LAYERS, BLOCKS, 2, BLOCK, 64).to(torch.bfloat16)
+
+
+def test_store_then_load_in_a_fresh_engine(tmp_path) -> None:
+    src = _kv()
+    tokens = list(range(800))
+    with _engine(tmp_path, src) as engine:
+        worker = WorkerSide(engine, BLOCK)
+        worker.store([TransferSpec("a", tokens, [list(range(7))], 768)])
+        assert worker.counters["tokens_stored"] == 768
+    dst = torch.zeros_like(src)
+    with _engine(tmp_path, dst) as engine:
+        worker = WorkerSide(engine, BLOCK)
+        worker.load([TransferSpec("b", tokens, [[11, 10, 9, 8, 7, 6, 5]], 768)])
+        assert worker.take_invalid_blocks() == set()
+        assert worker.counters["tokens_loaded"] == 768 and worker.counters["load_failures"] == 0
+        for i, block in enumerate([11, 10, 9, 8, 7, 6]):
+            assert torch.equal(dst[:, block], src[:, i])
+        assert not dst[:, :6].any()  # block 5 (the tail's) and blocks 0-4 stay untouched
+
+
+def test_corrupt_chunk_reports_the_blocks_vllm_must_recompute(tmp_path) -> None:
+    src = _kv()
+    tokens = list(range(800))
+    with _engine(tmp_path, src) as engine:
+        WorkerSide(engine, BLOCK).store([TransferSpec("a", tokens, [list(range(7))], 768)])
+        victim = engine.l2.path(engine.chunk_keys(tokens)[1])
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    dst = torch.zeros_like(src)
+    with _engine(tmp_path, dst) as engine:
+        worker = WorkerSide(engine, BLOCK)
+        table = [11, 10, 9, 8, 7, 6, 5]
+        worker.load([TransferSpec("b", tokens, [table], 768)])
+        # Chunk 0 (blocks 11, 10) loaded; chunk 1 failed its checksum, so blocks from 9 on are reported.
+        assert worker.take_invalid_blocks() == {9, 8, 7, 6}
+        assert worker.take_invalid_blocks() == set()  # reported once
+        assert worker.counters["load_failures"] == 1 and worker.counters["tokens_load_failed"] == 512
+        assert engine.stats()["failures"] >= 1
+        assert torch.equal(dst[:, 11], src[:, 0]) and not dst[:, 9].any()
+
+
+def test_debug_random_load_overwrites_what_was_loaded(tmp_path) -> None:
+    src = _kv()
+    tokens = list(range(600))
+    with _engine(tmp_path, src) as engine:
+        WorkerSide(engine, BLOCK).store([TransferSpec("a", tokens, [list(range(5))], 512)])
+    dst = torch.zeros_like(src)
+    with _engine(tmp_path, dst) as engine:
+        worker = WorkerSide(engine, BLOCK, debug_random_load=True)
+        worker.load([TransferSpec("b", tokens, [[4, 5, 6, 7]], 512)])
+        assert worker.counters["random_loads"] == 1 and worker.counters["tokens_loaded"] == 512
+        for i, block in enumerate([4, 5, 6, 7]):
+            assert dst[:, block].any() and not torch.equal(dst[:, block], src[:, i])
+            assert torch.isfinite(dst[:, block].float()).all()
+        assert not dst[:, :4].any() and not dst[:, 8:].any()
