@@ -88,10 +88,11 @@ class CacheEngine:
             environ = {"KVPORT_BACKEND": self.config.backend} if self.config.backend else None
             backend = select_backend(platform, descriptor, environ=environ)
         chunk_bytes = descriptor.canonical_bytes(self.chunk_tokens)
-        if self.config.l1_bytes < chunk_bytes:
+        if self.config.l1_bytes < L1Pool.slot_size(chunk_bytes):
             raise UserError(
                 f"cache config: l1_bytes={self.config.l1_bytes} is smaller than one chunk of layout "
-                f"{descriptor.layout} ({chunk_bytes} bytes for chunk_tokens={self.chunk_tokens})"
+                f"{descriptor.layout} ({L1Pool.slot_size(chunk_bytes)} bytes with alignment, "
+                f"chunk_tokens={self.chunk_tokens})"
             )
         import torch
 
@@ -277,15 +278,10 @@ class CacheEngine:
             if lease is not None:
                 self.metrics.inc("hits", op="load", tier="l1")
                 return lease
-            if not self._being_filled(key):
+            if not self.l1.is_filling(key):
                 break
             time.sleep(0.001)
         return _NO_SLOT
-
-    def _being_filled(self, key: str) -> bool:
-        with self.l1._lock:
-            entry = self.l1._entries.get(key)
-            return entry is not None and not entry.visible
 
     def _read_l2(self, key: str, dst: torch.Tensor) -> bool:
         start = time.perf_counter()

@@ -57,7 +57,7 @@ class L1Pool:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes
-        self.slot_bytes = -(-chunk_bytes // SLOT_ALIGN) * SLOT_ALIGN
+        self.slot_bytes = self.slot_size(chunk_bytes)
         self.num_slots = capacity_bytes // self.slot_bytes
         self.pinned = bool(pin_memory)
         # The host allocator only promises 64-byte alignment: over-allocate one page and start on a boundary.
@@ -131,6 +131,16 @@ class L1Pool:
             del self._entries[key]
             self._free.append(entry.slot)
             return True
+
+    def is_filling(self, key: str) -> bool:
+        """True while ``key`` is reserved but not yet committed (another thread is filling it)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and not entry.visible
+
+    @staticmethod
+    def slot_size(chunk_bytes: int) -> int:
+        return -(-chunk_bytes // SLOT_ALIGN) * SLOT_ALIGN
 
     def pinned_count(self) -> int:
         with self._lock:
