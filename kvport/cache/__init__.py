@@ -1,5 +1,5 @@
 """The cache engine: chunk keys, the L1 host pool, L2 tiers, the async pipeline, config and metrics.
-Exports the public API lazily; must not import torch or create pools at import time."""
+Exports the public API; must not import torch or create pools at import time."""
 
 from __future__ import annotations
 

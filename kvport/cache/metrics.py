@@ -106,36 +106,44 @@ def _flat(name: str, labels: tuple[tuple[str, str], ...]) -> str:
 
 
 class _Collector:
-    """Exposes every live engine's metrics on prometheus-client's default registry, labelled by engine."""
+    """Exposes every live engine's metrics on prometheus-client's default registry, labelled by namespace.
+    Engines of one namespace in one process (vLLM's scheduler and worker sides) are summed into one series."""
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-        families: dict[tuple[str, tuple[str, ...]], Any] = {}
+        counters: dict[tuple[str, tuple[str, ...], tuple[str, ...]], float] = {}
+        hists: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list] = {}
         for metrics in list(_live):
             for kind, name, labels, value in metrics._families():
-                label_names = ("cache", *sorted(labels))
-                label_values = [metrics.label, *(labels[k] for k in sorted(labels))]
-                fam_key = (name, label_names)
+                names = ("cache", *sorted(labels))
+                key = (name, names, (metrics.label, *(labels[k] for k in sorted(labels))))
                 if kind == "counter":
-                    fam = families.get(fam_key)
-                    if fam is None:
-                        fam = families[fam_key] = CounterMetricFamily(
-                            f"kvport_cache_{name}", COUNTERS[name], labels=list(label_names)
-                        )
-                    fam.add_metric(label_values, value)
+                    counters[key] = counters.get(key, 0) + value
                 else:
-                    fam = families.get(fam_key)
-                    if fam is None:
-                        fam = families[fam_key] = HistogramMetricFamily(
-                            f"kvport_cache_{name}_seconds", HISTOGRAMS[name], labels=list(label_names)
-                        )
                     counts, total, _ = value
-                    cumulative, buckets = 0, []
-                    for bound, count in zip((*map(str, BUCKETS), "+Inf"), counts):
-                        cumulative += count
-                        buckets.append((bound, cumulative))
-                    fam.add_metric(label_values, buckets, total)
+                    acc = hists.setdefault(key, [[0] * len(counts), 0.0])
+                    acc[0] = [a + b for a, b in zip(acc[0], counts)]
+                    acc[1] += total
+        families: dict[tuple[str, tuple[str, ...]], Any] = {}
+        for (name, names, values), value in counters.items():
+            fam = families.get((name, names))
+            if fam is None:
+                fam = families[(name, names)] = CounterMetricFamily(
+                    f"kvport_cache_{name}", COUNTERS[name], labels=list(names)
+                )
+            fam.add_metric(list(values), value)
+        for (name, names, values), (counts, total) in hists.items():
+            fam = families.get(("hist", name, names))
+            if fam is None:
+                fam = families[("hist", name, names)] = HistogramMetricFamily(
+                    f"kvport_cache_{name}_seconds", HISTOGRAMS[name], labels=list(names)
+                )
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(str, BUCKETS), "+Inf"), counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            fam.add_metric(list(values), buckets, total)
         yield from families.values()
 
     def describe(self):

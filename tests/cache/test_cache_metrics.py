@@ -46,3 +46,15 @@ def test_histogram_buckets_are_cumulative_in_exposition():
     assert (prefix % "5e-05") + " 3.0" in text
     assert (prefix % "+Inf") + " 4.0" in text
     assert 'kvport_cache_latency_seconds_count{cache="metrics-hist",op="lookup"} 4.0' in text
+
+
+def test_engines_of_one_namespace_are_summed_into_one_series():
+    a, b = CacheMetrics("metrics-same"), CacheMetrics("metrics-same")
+    a.inc("hits", 2, op="lookup", tier="l2")
+    b.inc("hits", 3, op="lookup", tier="l2")
+    a.observe("latency", 1e-3, op="lookup")
+    b.observe("latency", 1e-3, op="lookup")
+    text = generate_latest().decode()
+    assert text.count('kvport_cache_hits_total{cache="metrics-same",op="lookup",tier="l2"}') == 1
+    assert 'kvport_cache_hits_total{cache="metrics-same",op="lookup",tier="l2"} 5.0' in text
+    assert 'kvport_cache_latency_seconds_count{cache="metrics-same",op="lookup"} 2.0' in text
