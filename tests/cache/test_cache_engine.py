@@ -224,8 +224,15 @@ def test_bind_selects_backend_from_registry_and_requires_bind(tmp_path):
     with pytest.raises(RuntimeError, match="bind"):
         engine.load([1] * C, [0, 1], C)
     engine.bind(desc)
-    assert engine.backend.name == "torch"
+    from kvport.hal.platform import detect_platform
+    from kvport.hal.registry import select_backend
+
+    assert engine.backend.name == select_backend(detect_platform(), desc).name  # whatever the registry picks here
     engine.close()
+    forced = make_engine(tmp_path, backend="torch")  # config.backend forces a registry name
+    forced.bind(desc)
+    assert forced.backend.name == "torch"
+    forced.close()
 
 
 def test_prometheus_exposition(tmp_path):
