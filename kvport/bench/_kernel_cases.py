@@ -287,15 +287,25 @@ class Bench:
 
         Returns (median transfer ms, GEMM speed as a ratio to solo: solo ms / mean ms of the GEMMs that ran
         entirely inside the transfer window)."""
-        solo = self.gemm_solo_ms()
+        self.gemm_solo_ms()
         a, b, c = self._gemm
         alone = self._time(enqueue, 2)
         reps = self._reps(alone)
-        n_gemm = int(alone * reps * 1.5 / solo) + 6
+        n_gemm = int(alone * reps * 1.5 / self._gemm_solo_ms) + 6
         load = torch.cuda.Stream(self.device)
+        # Solo speed measured just before, the same way (per-GEMM events on the load stream): sustained GEMMs
+        # run slower than a cold first batch as clocks settle, and that must not be charged to the transfer.
+        solo_events = _events(21)
+        torch.cuda.synchronize()
+        with torch.cuda.stream(load):
+            for i in range(21):
+                if i:
+                    torch.matmul(a, b, out=c)
+                solo_events[i].record()
+        torch.cuda.synchronize()
+        solo = statistics.mean(solo_events[i].elapsed_time(solo_events[i + 1]) for i in range(20))
         gemm_events = _events(n_gemm + 1)
         xfer_events = _events(2)
-        torch.cuda.synchronize()
         load.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(load):
             gemm_events[0].record()

@@ -89,7 +89,7 @@ class NativeBackend(Backend):
                 blocks.data_ptr(),
                 chunk.data_ptr(),
                 item.launch.width,
-                item.launch.max_supers,
+                item.launch.max_tiles,
                 max_programs or 0,
                 stream,
             )

@@ -60,20 +60,30 @@ class Transfer:
         self.zero_copy_programs = ZERO_COPY_PROGRAMS
         self._staging: list[torch.Tensor] = []
         self._pieces: dict = {}
+        self._plans: dict = {}  # (descriptor id, tokens, direction, path) -> (descriptor, Plan): host time matters
 
     def allowed(self, descriptor: CopyDescriptor) -> dict[str, str]:
         """Per path, "" if it can run here or the reason it cannot."""
         out = {"dma": "", "staged": "", "zero-copy": ""}
         if self.native is None:
             out["dma"] = "needs the native module (memcpy_batch); not loaded"
-        if not self.backend.supports(descriptor):
-            out["staged"] = out["zero-copy"] = self.backend.supports(descriptor).reason
+        verdict = self.backend.supports(descriptor)
+        if not verdict:
+            out["staged"] = out["zero-copy"] = verdict.reason
         elif self.backend.name == "torch":
             out["zero-copy"] = "the torch backend cannot bound its SM use (no program limit)"
         return out
 
     def plan(self, descriptor: CopyDescriptor, num_tokens: int, direction: str, path: str = "auto") -> Plan:
-        return plan(descriptor, num_tokens, direction, self.allowed(descriptor), path, self.model)
+        key = (id(descriptor), num_tokens, direction, path)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is descriptor:
+            return hit[1]
+        chosen = plan(descriptor, num_tokens, direction, self.allowed(descriptor), path, self.model)
+        if len(self._plans) > 256:
+            self._plans.clear()
+        self._plans[key] = (descriptor, chosen)
+        return chosen
 
     def to_host(
         self, descriptor, block_ids: Sequence, host: torch.Tensor, num_tokens: int, path: str = "auto", after=None

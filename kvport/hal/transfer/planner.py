@@ -21,17 +21,22 @@ class CostModel:
 
     link_gbps: float = 55.0  # pinned cudaMemcpy, 1 GiB, either direction
     d2d_gbps: float = 2926.0  # D2D memcpy counting read + write
-    # Per-region overhead of the batched copy: 32768 regions of 32 KiB reached 73% (D2H) and 51% (H2D) of the
-    # link alone, i.e. (1/0.73 - 1) * 19.5 ms / 32768 = 0.22 us and (1/0.51 - 1) * 19.5 ms / 32768 = 0.57 us.
-    region_us_d2h: float = 0.22
-    region_us_h2d: float = 0.57
+    # Per-region overhead of one cudaMemcpyBatchAsync, from `kvport bench kernels` on the H100 (2026-11-23):
+    # 32768 regions of 32 KiB (vllm-flash-nhd, 8192 tokens) reached 58.2% (D2H) and 45.7% (H2D) of memcpy, i.e.
+    # (19.57 ms / 0.582 - 19.57 ms) / 32768 = 0.43 us and (19.52 ms / 0.457 - 19.52 ms) / 32768 = 0.71 us.
+    region_us_d2h: float = 0.43
+    region_us_h2d: float = 0.71
     launch_us: float = 8.0  # one kernel launch plus its event, from the host
+    dma_call_us: float = 8.0  # one batched copy call (or the first of many) before the engine starts moving
     # SM kernels through mapped host memory reached 95% of the link (DESIGN.md prototype, NHD).
     zero_copy_efficiency: float = 0.95
     # Zero-copy occupies SMs for the whole transfer and slows the engine (GEMM at 49-75% of solo speed), so it is
     # only for transfers short enough that latency matters more: 4 MiB is ~75 us of link time.
     zero_copy_max_bytes: int = 4 << 20
-    piece_bytes: int = 64 << 20  # staged pipeline piece: the gather of one piece hides under the DMA of the last
+    # Staged pipeline piece. Under a GEMM load (H100, NHD/HND 8192 tokens) 16 MiB pieces kept 54-60% of memcpy and
+    # 64 MiB 87-96%, 256 MiB 90-100% (GEMM 91-93%): each piece's kernel waits for SMs behind the engine's
+    # kernels, so fewer, larger pieces stall the copy engine less. Alone all sizes reached 98-99%.
+    piece_bytes: int = 256 << 20
     # Ring depth of staging buffers: lets kernels run pieces ahead when an engine kernel holds the SMs a while.
     staging_buffers: int = 3
 
@@ -60,7 +65,7 @@ def estimate(model: CostModel, path: str, nbytes: int, regions: int, direction: 
     link = nbytes / (model.link_gbps * 1e9)
     if path == "dma":
         per = model.region_us_d2h if direction == "d2h" else model.region_us_h2d
-        return link + regions * per * 1e-6
+        return link + regions * per * 1e-6 + model.dma_call_us * 1e-6
     if path == "staged":
         pieces = max(1, -(-nbytes // model.piece_bytes))
         first_piece = 2 * min(nbytes, model.piece_bytes) / (model.d2d_gbps * 1e9)

@@ -17,6 +17,8 @@ col   meaning
 8     super-slots per block
 9     offset of the stream's group in the flat block-id table
 10    stream length in the chunk (masks the tail of a partly used super-slot)
+11    super-slots per tile (native kernel: one warp copies one tile; small slots are batched)
+12    tile count
 ====  ==============================================================================================
 
 The canonical position of (super-slot s, row r, element e) is ``col6 + (s*rows + r)*row_len + e``; it is valid
@@ -36,7 +38,10 @@ from kvport.layouts.descriptor import CopyDescriptor, GroupDesc, StreamDesc
 if TYPE_CHECKING:
     import torch
 
-NCOL = 11
+NCOL = 13
+# Elements of `width` bytes one native warp should move per tile: 512 x 16 B = 8 KiB keeps 4 vectors per lane
+# in flight across a few row instances even when a slot is one 128-byte row (MLA rope planes).
+TILE_VECTORS = 512
 WIDTHS = (16, 8, 4, 2, 1)
 
 
@@ -79,6 +84,7 @@ class Launch:
     max_row_len: int  # elements
     max_supers: int  # most super-slots of any stream in this launch
     max_rows: int
+    max_tiles: int = 0  # most tiles of any stream (native kernel grid)
 
 
 @dataclasses.dataclass
@@ -118,7 +124,7 @@ def compile_plan(
     for group in groups:
         block_offsets.append(total)
         total += group.block_count(num_tokens)
-    by_width: dict[int, Launch] = {}
+    by_width: dict[tuple[int, int], Launch] = {}
     for index, (stream, offset) in enumerate(zip(descriptor.streams, offsets)):
         group = groups[stream.group]
         merged = merge_stream(stream, group)
@@ -152,14 +158,21 @@ def compile_plan(
             block_offsets[stream.group],
             length // width,
         ]
-        launch = by_width.setdefault(width, Launch(width, [], [], 0, 0, 0))
+        per_tile = max(1, -(-TILE_VECTORS // (merged.rows * (merged.row_len // width))))
+        tiles = -(-supers // per_tile)
+        row += [per_tile, tiles]
+        # One launch per (width, row-length class): Triton sizes its tile from the longest row, so a 128-byte
+        # plane sharing a launch with 1 KiB rows would waste 7/8 of every tile.
+        bucket = 1 << max(0, (merged.row_len - 1).bit_length())
+        launch = by_width.setdefault((width, bucket), Launch(width, [], [], 0, 0, 0))
         launch.stream_indices.append(index)
         launch.table.append(row)
         launch.max_row_len = max(launch.max_row_len, row[5])
         launch.max_supers = max(launch.max_supers, supers)
         launch.max_rows = max(launch.max_rows, merged.rows)
+        launch.max_tiles = max(launch.max_tiles, tiles)
     # Widest first: the bulk of the bytes usually sits there.
-    launches = [by_width[w] for w in sorted(by_width, reverse=True)]
+    launches = [by_width[k] for k in sorted(by_width, reverse=True)]
     return SegmentPlan(anchor, block_offsets, launches, descriptor.canonical_bytes(num_tokens))
 
 

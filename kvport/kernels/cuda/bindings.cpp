@@ -31,20 +31,20 @@ PYBIND11_MODULE(KVPORT_MODULE_NAME, m) {
   m.def(
       "gather",
       [](std::uintptr_t table, std::int64_t n_streams, std::uintptr_t blocks, std::uintptr_t chunk, int width,
-         std::int64_t max_supers, std::int64_t max_ctas, std::uintptr_t stream) {
-        check(kvport::gather({table, n_streams, blocks, chunk, width, max_supers, max_ctas, stream}), "gather");
+         std::int64_t max_tiles, std::int64_t max_ctas, std::uintptr_t stream) {
+        check(kvport::gather({table, n_streams, blocks, chunk, width, max_tiles, max_ctas, stream}), "gather");
       },
       py::arg("table"), py::arg("n_streams"), py::arg("blocks"), py::arg("chunk"), py::arg("width"),
-      py::arg("max_supers"), py::arg("max_ctas") = 0, py::arg("stream") = 0,
+      py::arg("max_tiles"), py::arg("max_ctas") = 0, py::arg("stream") = 0,
       "Engine memory -> canonical chunk over a segment table (kvport.hal.transfer.segments, anchor 0).");
   m.def(
       "scatter",
       [](std::uintptr_t table, std::int64_t n_streams, std::uintptr_t blocks, std::uintptr_t chunk, int width,
-         std::int64_t max_supers, std::int64_t max_ctas, std::uintptr_t stream) {
-        check(kvport::scatter({table, n_streams, blocks, chunk, width, max_supers, max_ctas, stream}), "scatter");
+         std::int64_t max_tiles, std::int64_t max_ctas, std::uintptr_t stream) {
+        check(kvport::scatter({table, n_streams, blocks, chunk, width, max_tiles, max_ctas, stream}), "scatter");
       },
       py::arg("table"), py::arg("n_streams"), py::arg("blocks"), py::arg("chunk"), py::arg("width"),
-      py::arg("max_supers"), py::arg("max_ctas") = 0, py::arg("stream") = 0,
+      py::arg("max_tiles"), py::arg("max_ctas") = 0, py::arg("stream") = 0,
       "Canonical chunk -> engine memory over a segment table; only addressed slots are written.");
   m.def(
       "memcpy_batch",

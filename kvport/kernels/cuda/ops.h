@@ -22,7 +22,7 @@ struct SegmentArgs {
   std::uintptr_t blocks;
   std::uintptr_t chunk;
   int width;
-  std::int64_t max_supers;
+  std::int64_t max_tiles;
   std::int64_t max_ctas;
   std::uintptr_t stream;
 };
