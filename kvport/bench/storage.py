@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=64, help="chunks stored and loaded (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="load threads, as the cache's io_threads (default 2)")
     parser.add_argument(
-        "--write-threads", type=int, default=1, help="store threads, as the cache's l2_write_threads (default 1)"
+        "--write-threads", type=int, default=2, help="store threads, as the cache's l2_write_threads (default 2)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved raw/tier rounds (default 3)")
     parser.add_argument("--index-chunks", type=int, default=100_000, help="chunks indexed for lookups (100000)")

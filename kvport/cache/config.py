@@ -39,9 +39,10 @@ class CacheConfig:
     prefetch: bool = True
     # Background threads reading L2 (load read-ahead, prefetch).
     io_threads: int = 2
-    # Background threads writing L2. One: on the dev VM's disk, two concurrent writers gave 0.24-0.26 GB/s where
-    # one gave 0.36-0.66 GB/s (48 x 16 MiB chunks through LocalDiskL2.put, both in the same run).
-    l2_write_threads: int = 1
+    # Background threads writing L2. Two: on the H100 device machine (16 cores) `kvport bench storage --cold` stored
+    # at 1.05-1.14x raw sequential write with two writers vs 0.85x with one; on the 2-core dev VM one writer was
+    # faster (0.36-0.66 vs 0.24-0.26 GB/s), so small boxes should set 1.
+    l2_write_threads: int = 2
     # Most chunks waiting for an L2 write; past it a chunk stays in L1 only (counted as dropped).
     max_pending_stores: int = 256
     # Chunks an L2 load reads ahead of the scatter.
