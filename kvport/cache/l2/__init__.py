@@ -1,5 +1,5 @@
 """L2 tiers: storage behind the L1 pool (local disk now; shared servers later), one module per tier.
-Owns only the tier table; must not import a tier module until it is used."""
+Exports the tier interface only; must not import a tier module before the engine's config asks for it."""
 
 from __future__ import annotations
 
