@@ -335,3 +335,18 @@ def test_concurrent_loads_and_stores_with_a_tiny_l1(tmp_path):
     assert engine.l1.pinned_count() == 0  # every pin released
     assert engine.stats()["evictions_l1"] > 0
     engine.close()
+
+
+def test_bounded_l2_queue_drops_to_l1_only_never_blocks(tmp_path):
+    src, sdesc = nhd_kv(num_blocks=64, heads=8, head_dim=64, seed=16)  # 128 KiB chunks: writes lag the gathers
+    tokens = list(range(C * 30))
+    engine = make_engine(tmp_path, desc=sdesc, l1_bytes="16MiB", max_pending_stores=1, l2_write_threads=1)
+    assert engine.store(tokens, list(range(60))) == 30 * C  # every chunk gathered into L1, none refused
+    engine.flush()
+    keys = engine.chunk_keys(tokens)
+    on_disk = sum(engine.l2.contains(k) for k in keys)
+    dropped = engine.stats().get("skipped_l2_queue_full", 0)
+    assert on_disk + dropped == 30  # each chunk either written or counted as dropped, never lost silently
+    assert on_disk >= 1
+    assert all(engine.l1.contains(k) for k in keys)  # dropped chunks still serve from L1
+    engine.close()
