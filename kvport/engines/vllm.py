@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvport.vllm")
 
+# Bound worker-side engines of this process by namespace. When vLLM runs the scheduler and the worker in one process
+# (one device: engine core with the in-process executor), the scheduler looks up through the worker's engine and so
+# also sees its L1; across processes it sees the shared L2 only.
+_LOCAL_WORKERS: dict[str, Any] = {}
+
 # kv_connector_extra_config keys the adapter itself reads; every other key is a cache setting (kvport.cache.config).
 ADAPTER_KEYS = ("config", "layout", "namespace", "stats_dir", "debug_random_load")
 
@@ -73,7 +78,12 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         self._plan: SchedulerPlan | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._plan = SchedulerPlan(self._engine.lookup, self._cache_config.chunk_tokens, self._block_size)
+            self._plan = SchedulerPlan(self._lookup, self._cache_config.chunk_tokens, self._block_size)
+            if self._cache_config.l2_path is None:
+                log.warning(
+                    "kvport: no l2_path: only a worker in this process can serve hits (from its L1); engines in "
+                    "other processes and restarts see nothing"
+                )
             if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
                 log.warning(
                     "kvport: kv_load_failure_policy=%s: a chunk that fails its checksum fails the request; "
@@ -96,6 +106,7 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         per_group = [tensors_in_order(kv_caches, info.layer_names) for info in infos]
         descriptor = compile_descriptor(spec, per_group[0] if len(per_group) == 1 else per_group)
         self._engine.bind(descriptor)
+        _LOCAL_WORKERS[self._engine.namespace] = self._engine
         self._device = next(iter(kv_caches.values())).device
         self._worker = WorkerSide(self._engine, self._block_size, bool(self._options.get("debug_random_load")))
         if self._worker.debug_random_load:
@@ -135,10 +146,16 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
 
     def shutdown(self) -> None:
         if self._engine is not None:
+            if _LOCAL_WORKERS.get(self._engine.namespace) is self._engine:
+                del _LOCAL_WORKERS[self._engine.namespace]
             self._engine.close(drain=True)
             self._write_stats()
 
     # ==== scheduler side =======================================================================================
+    def _lookup(self, tokens) -> int:
+        engine = _LOCAL_WORKERS.get(self._engine.namespace, self._engine)
+        return engine.lookup(tokens)
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         prompt = request.prompt_token_ids
         if not prompt:

@@ -39,6 +39,8 @@ class Runs:
 
         if kvport is not None:
             kvport = {"l2_path": str(l2 or self.l2), "l1_bytes": "256MiB", "stats_dir": str(self.root / name), **kvport}
+            if kvport["l2_path"] is None:
+                del kvport["l2_path"]
         # A step budget of one chunk makes vLLM split every prompt at chunk boundaries with or without a hit, so
         # greedy outputs must be bit-identical (a different split changes float rounding, see kvport.demo.measure).
         request = {
@@ -151,6 +153,17 @@ def test_corrupt_chunk_is_detected_recomputed_and_counted(runs: Runs) -> None:
     )
     # The recomputed chunk was stored again, so the next prompts with the same prefix hit fully.
     assert result["results"][1]["cached_tokens"] == _expected_hit(result["results"][1]["prompt_tokens"])
+
+
+def test_l1_only_engine_hits_within_its_process(runs: Runs) -> None:
+    """Without a disk tier the scheduler sees the worker's L1 (same process): later prompts still hit."""
+    result = runs.run("l1only", {"l2_path": None})
+    assert _outputs(result) == _outputs(runs.baseline)
+    results = result["results"]
+    shared = _common_prefix(results[0]["prompt_ids"], results[1]["prompt_ids"]) // CHUNK * CHUNK
+    assert [r["cached_tokens"] for r in results] == [0, shared, shared, 0]
+    cache = result["kvport_stats"]["worker0"]["cache"]
+    assert cache["tokens_loaded"] == 2 * shared and cache.get("bytes_write_l2", 0) == 0
 
 
 def test_random_kv_changes_outputs(runs: Runs) -> None:
