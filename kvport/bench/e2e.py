@@ -45,7 +45,9 @@ def params_from_args(args: argparse.Namespace, workdir: str):
             raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
     # ~1.09 tokens per word (a period every 12 words); the engines run with max_model_len 8192.
     if (args.prefix_words + args.question_words + 2) * 1.09 + args.max_tokens > 8000:
-        raise UserError(f"--prefix-words {args.prefix_words} + --question-words {args.question_words}: over 8000 tokens")
+        raise UserError(
+            f"--prefix-words {args.prefix_words} + --question-words {args.question_words}: over 8000 tokens"
+        )
     if args.hidden % args.heads or args.heads % args.kv_heads:
         raise UserError(f"--hidden {args.hidden} / --heads {args.heads} / --kv-heads {args.kv_heads} must divide")
     head_dim = args.hidden // args.heads
