@@ -72,7 +72,11 @@ class Bench:
         for name in names:
             spec = load_layout(name)
             have = dict(spec.dims)
-            spec = load_layout(name, **{k: v for k, v in self.dims.items() if k in have})
+            dims = {k: v for k, v in self.dims.items() if k in have}
+            if any(g.kind != "attention" for g in spec.groups if not g.opaque):
+                # MLA/DeepSeek layouts keep their own latent width (vllm-mla calls it head_dim=576).
+                dims = {k: v for k, v in dims.items() if k in ("layers", "dtype")}
+            spec = load_layout(name, **dims)
             yield name, spec, allocate
 
     # -- limits -----------------------------------------------------------------------------------------------
@@ -293,17 +297,17 @@ class Bench:
         reps = self._reps(alone)
         n_gemm = int(alone * reps * 1.5 / self._gemm_solo_ms) + 6
         load = torch.cuda.Stream(self.device)
-        # Solo speed measured just before, the same way (per-GEMM events on the load stream): sustained GEMMs
-        # run slower than a cold first batch as clocks settle, and that must not be charged to the transfer.
-        solo_events = _events(21)
+        # Solo speed measured just before, the same way and over as many GEMMs (per-GEMM events on the load
+        # stream): sustained GEMMs slow down as clocks settle, and that must not be charged to the transfer.
+        solo_events = _events(n_gemm + 1)
         torch.cuda.synchronize()
         with torch.cuda.stream(load):
-            for i in range(21):
-                if i:
-                    torch.matmul(a, b, out=c)
-                solo_events[i].record()
+            solo_events[0].record()
+            for i in range(n_gemm):
+                torch.matmul(a, b, out=c)
+                solo_events[i + 1].record()
         torch.cuda.synchronize()
-        solo = statistics.mean(solo_events[i].elapsed_time(solo_events[i + 1]) for i in range(20))
+        solo = statistics.mean(solo_events[i].elapsed_time(solo_events[i + 1]) for i in range(n_gemm))
         gemm_events = _events(n_gemm + 1)
         xfer_events = _events(2)
         load.wait_stream(torch.cuda.current_stream())

@@ -121,3 +121,14 @@ def test_native_expected_when_built_for_cuda():
         pytest.skip("native module not built for cuda here")
     backend = _backend("cuda")
     assert backend.expected(detect_platform())
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("layout", ["vllm-flash-hnd", "deepseek-v4"])
+def test_single_piece_staged(layout, backend_name):
+    """Default pieces are larger than these transfers: the one-stream staged variant must be exact too."""
+    backend = _backend(backend_name)
+    kv, ids, tokens = _kv(layout, seed=11)
+    adapter = HostPath(Transfer(backend, "cuda", native=_native()), "staged")
+    check_gather(adapter, kv.descriptor, ids, tokens, "cpu")
+    check_scatter(adapter, kv.descriptor, ids, tokens, "cpu")
