@@ -1,0 +1,38 @@
+"""The native kernels compile for CUDA (nvcc) and for AMD through the HIP compat header (hipcc), like CI does.
+Each compile takes ~15 s, so these are marked slow; they skip where the compiler is missing."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from kvport._build.compile import build_native, cuda_sources
+from kvport._build.target import resolve_target
+
+pybind11 = pytest.importorskip("pybind11")
+
+pytestmark = pytest.mark.slow
+
+
+def test_one_op_per_file():
+    names = {p.stem for p in cuda_sources()}
+    assert {"gather", "scatter", "memcpy_batch", "copy_bytes"} <= names
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"KVPORT_TARGET": "cuda", "KVPORT_CUDA_ARCHS": "90"},
+        {"KVPORT_TARGET": "hip", "KVPORT_HIP_ARCHS": "gfx90a"},
+    ],
+    ids=["nvcc", "hipcc"],
+)
+def test_native_module_builds(env, tmp_path):
+    compiler = {"cuda": "nvcc", "hip": "hipcc"}[env["KVPORT_TARGET"]]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} not on PATH")
+    target = resolve_target(env)
+    out = tmp_path / f"_native_{target.name}.so"
+    build_native(target, tmp_path / "obj", out, pybind11.get_include(), log=lambda *a: None)
+    assert out.stat().st_size > 0
