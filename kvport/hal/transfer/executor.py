@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from kvport.hal.transfer.planner import CostModel, Plan, plan
 from kvport.hal.transfer.regions import regions
+from kvport.hal.transfer.segments import check_buffer
 
 if TYPE_CHECKING:
     import torch
@@ -100,6 +101,7 @@ class Transfer:
 
         if host.device.type != "cpu" or not host.is_pinned():
             raise ValueError("transfer: the host chunk must be a pinned CPU tensor (torch.empty(..., pin_memory=True))")
+        check_buffer("transfer host chunk", host, descriptor.canonical_bytes(num_tokens))
         chosen = self.plan(descriptor, num_tokens, direction, path)
         issuer = torch.cuda.current_stream(self.device)
         for stream in (self.kernel_stream, self.dma_stream):
