@@ -1,5 +1,5 @@
 """nox sessions for kvport, all driven by one device table (which extras, pytest markers, env and build target).
-`nox` with no arguments runs the CPU sessions CI runs: lint, tests on cpu and cpu-interpret, the three build checks, e2e."""
+`nox` with no arguments runs what CI runs: lint, tests on cpu and cpu-interpret, the three build checks, e2e."""
 
 from __future__ import annotations
 

@@ -41,7 +41,12 @@ class BuildPyWithInfo(build_py):
 
     def run(self) -> None:
         super().run()
-        info = {"target": TARGET.name, "archs": list(TARGET.archs), "compiler": TARGET.compiler, "reason": TARGET.reason}
+        info = {
+            "target": TARGET.name,
+            "archs": list(TARGET.archs),
+            "compiler": TARGET.compiler,
+            "reason": TARGET.reason,
+        }
         path = Path(self.build_lib) / "kvport" / "_build_info.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(info, indent=2) + "\n")

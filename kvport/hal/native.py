@@ -51,8 +51,11 @@ def native_status(query_runtime: bool = False, build_info_path: Path = BUILD_INF
         found = [t for t in NATIVE_TARGETS if _importable(t)]
         if not found:
             return NativeStatus(
-                "unknown", (), False, "no build record and no native module: running from a source tree "
-                "(install with `pip install .` to build native kernels)"
+                "unknown",
+                (),
+                False,
+                "no build record and no native module: running from a source tree "
+                "(install with `pip install .` to build native kernels)",
             )
         info = {"target": found[0], "archs": [], "reason": "native module found without a build record"}
     target = info.get("target", "unknown")
@@ -62,7 +65,9 @@ def native_status(query_runtime: bool = False, build_info_path: Path = BUILD_INF
     try:
         module = load_native(target)
     except ImportError as exc:
-        return NativeStatus(target, archs, False, f"built for {target} but kvport._native_{target} does not load: {exc}")
+        return NativeStatus(
+            target, archs, False, f"built for {target} but kvport._native_{target} does not load: {exc}"
+        )
     archs = archs or tuple(a for a in str(getattr(module, "ARCHS", "")).split(";") if a)
     runtime = None
     if query_runtime:
