@@ -174,29 +174,10 @@ class Bench:
             try:
                 records.append(self.case(name, kv.descriptor, ids, tokens, direction, backend, path, load))
             except SkipCase as exc:
-                records.append(
-                    dict(
-                        layout=name,
-                        backend=backend,
-                        direction=direction,
-                        tokens=tokens,
-                        path=path,
-                        load=load,
-                        skipped=str(exc),
-                    )
-                )
+                records.append(self._case_key(name, backend, direction, tokens, path, load) | {"skipped": str(exc)})
             except Exception as exc:  # one failing case must not hide the others; the table shows it
-                records.append(
-                    dict(
-                        layout=name,
-                        backend=backend,
-                        direction=direction,
-                        tokens=tokens,
-                        path=path,
-                        load=load,
-                        error=f"{type(exc).__name__}: {exc}"[:300],
-                    )
-                )
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                records.append(self._case_key(name, backend, direction, tokens, path, load) | {"error": error})
             if on_record is not None:
                 on_record(records[-1], self.summary(records))
         return self.summary(records)
@@ -226,14 +207,8 @@ class Bench:
         moved = 2 * nbytes if direction == "d2d" else nbytes
         gbps = moved / ms / 1e6
         limit = self.memcpy_gbps(direction, nbytes)
-        return dict(
-            layout=name,
-            backend=backend_name,
-            direction=direction,
-            tokens=tokens,
-            path=path,
+        return self._case_key(name, backend_name, direction, tokens, path, load) | dict(
             path_used=used,
-            load=load,
             bytes=nbytes,
             ms=ms,
             gbps=gbps,
@@ -241,6 +216,11 @@ class Bench:
             ratio_to_memcpy=gbps / limit,
             gemm_ratio=gemm_ratio,
         )
+
+    @staticmethod
+    def _case_key(name, backend, direction, tokens, path, load) -> dict:
+        """The fields that identify one record: (layout, backend, direction, tokens, path, load)."""
+        return dict(layout=name, backend=backend, direction=direction, tokens=tokens, path=path, load=load)
 
     def _enqueue(self, descriptor, ids, tokens, direction, backend_name, path, nbytes):
         """(path actually used, a function that issues one transfer on the current stream's timeline)."""
