@@ -82,24 +82,17 @@ def measure(params: Params, progress=None) -> dict[str, Any]:
     say(f"engine 1/3: vLLM without kvport ({n} questions and their {n} prefixes alone, x {params.repeats})")
     plain_prompts = q * params.repeats + prompts["heads"] * params.repeats
     plain = run_engine({**base, "prompts": plain_prompts}, work, params.timeout_s, "plain")
+
+    def with_kvport(label: str) -> dict:
+        stats = work / f"stats-{label}"
+        shutil.rmtree(stats, ignore_errors=True)
+        config = {"prompts": q * params.repeats, "kvport": {**kv, "stats_dir": str(stats)}}
+        return run_engine({**base, **config}, work, params.timeout_s, f"kvport-{label}")
+
     say("engine 2/3: vLLM with kvport, empty cache (the first question stores the prefix)")
-    cold_stats = work / "stats-cold"
-    shutil.rmtree(cold_stats, ignore_errors=True)
-    cold = run_engine(
-        {**base, "prompts": q * params.repeats, "kvport": {**kv, "stats_dir": str(cold_stats)}},
-        work,
-        params.timeout_s,
-        "kvport-cold",
-    )
+    cold = with_kvport("cold")
     say("engine 3/3: vLLM with kvport restarted (a fresh process on the same disk cache)")
-    warm_stats = work / "stats-warm"
-    shutil.rmtree(warm_stats, ignore_errors=True)
-    warm = run_engine(
-        {**base, "prompts": q * params.repeats, "kvport": {**kv, "stats_dir": str(warm_stats)}},
-        work,
-        params.timeout_s,
-        "kvport-warm",
-    )
+    warm = with_kvport("warm")
     return summarize(params, plain, cold, warm, n, time.perf_counter() - t0)
 
 
