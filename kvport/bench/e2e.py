@@ -34,15 +34,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the full result as JSON ('-' for stdout)")
 
 
+def require_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """A UserError naming the first flag among ``names`` whose value is below 1 (shared with `kvport demo`)."""
+    from kvport.errors import UserError
+
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
+
+
 def params_from_args(args: argparse.Namespace, workdir: str):
     from kvport.demo.measure import Params
     from kvport.demo.model import ModelDims
     from kvport.errors import UserError
 
-    positive = ("prefix_words", "question_words", "questions", "repeats", "max_tokens", "layers", "hidden")
-    for name in (*positive, "chunk_tokens", "max_batched_tokens"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
+    require_positive(
+        args,
+        ("prefix_words", "question_words", "questions", "repeats", "max_tokens", "chunk_tokens", "max_batched_tokens"),
+    )
+    # Zero heads would divide by zero below; a zero MLP width only fails inside the engine process.
+    require_positive(args, ("layers", "hidden", "heads", "kv_heads", "intermediate"))
+    if args.timeout <= 0:
+        raise UserError(f"--timeout={args.timeout}: expected a positive number of seconds")
     # ~1.09 tokens per word (a period every 12 words); the engines run with max_model_len 8192.
     if (args.prefix_words + args.question_words + 2) * 1.09 + args.max_tokens > 8000:
         raise UserError(

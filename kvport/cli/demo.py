@@ -19,15 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvport.bench.e2e import write_json
+    from kvport.bench.e2e import require_positive, write_json
     from kvport.demo.measure import Params, format_table, measure
     from kvport.demo.session import require_vllm
-    from kvport.errors import UserError
 
     require_vllm()
-    for name in ("questions", "repeats"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name}={getattr(args, name)}: expected a positive integer")
+    require_positive(args, ("questions", "repeats"))
     params = Params(workdir=args.workdir, questions=args.questions, repeats=args.repeats)
     print(
         "kvport demo: one long shared document (~3,200 tokens) followed by different questions, as an agent or\n"

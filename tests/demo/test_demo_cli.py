@@ -59,6 +59,24 @@ def test_bench_parameters_are_checked() -> None:
         params_from_args(_args(repeats=0), "/tmp/x")
 
 
+@pytest.mark.parametrize(
+    ("field", "flag"), [("heads", "--heads=0"), ("kv_heads", "--kv-heads=0"), ("intermediate", "--intermediate=0")]
+)
+def test_bench_zero_model_dims_are_user_errors(field, flag) -> None:
+    """A zero head count divided the hidden size (ZeroDivisionError); zero MLP width failed inside vLLM."""
+    from kvport.bench.e2e import params_from_args
+
+    with pytest.raises(UserError, match=flag):
+        params_from_args(_args(**{field: 0}), "/tmp/x")
+
+
+def test_bench_timeout_must_be_positive() -> None:
+    from kvport.bench.e2e import params_from_args
+
+    with pytest.raises(UserError, match="--timeout=0"):
+        params_from_args(_args(timeout=0.0), "/tmp/x")
+
+
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (nox -s e2e)")
 def test_bench_e2e_json_on_a_small_model(tmp_path) -> None:
