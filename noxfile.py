@@ -44,11 +44,22 @@ nox.options.sessions = [
 nox.options.reuse_existing_virtualenvs = True
 
 
-def _install_kvport(session: nox.Session, device: Device, extras: tuple[str, ...]) -> None:
+def _install_kvport(session: nox.Session, name: str, device: Device) -> None:
     if device.torch:
-        session.install(device.torch)
-    spec = f".[{','.join(extras)}]" if extras else "."
-    session.install(spec, env={"KVPORT_TARGET": device.target, **device.env})
+        session.run("python", "-m", "pip", "install", device.torch)
+    elif not _has_torch(session):
+        # pip would fetch a generic (CUDA) torch here, which is wrong for ROCm/XPU/Gaudi and huge everywhere.
+        session.error(
+            f"tests({name}) uses your own {name} torch build: run `nox --no-venv -s \"tests(device='{name}')\"`"
+            " in an environment that has it"
+        )
+    spec = f".[{','.join(device.extras)}]" if device.extras else "."
+    session.run("python", "-m", "pip", "install", spec, env={"KVPORT_TARGET": device.target, **device.env})
+
+
+def _has_torch(session: nox.Session) -> bool:
+    probe = "import importlib.util as u; print('torch' if u.find_spec('torch') else 'none')"
+    return "torch" in (session.run("python", "-c", probe, silent=True) or "")
 
 
 @nox.session
@@ -56,7 +67,7 @@ def _install_kvport(session: nox.Session, device: Device, extras: tuple[str, ...
 def tests(session: nox.Session, device: str) -> None:
     """Unit and property tests for one device kind (markers and env from DEVICES)."""
     spec = DEVICES[device]
-    _install_kvport(session, spec, spec.extras)
+    _install_kvport(session, device, spec)
     session.run("pytest", "-m", spec.markers, *session.posargs, env=spec.env)
 
 
