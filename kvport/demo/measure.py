@@ -8,6 +8,7 @@ import dataclasses
 import shutil
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -101,22 +102,27 @@ def _question(plain_q: list[dict], cold: dict, warm: dict, i: int, n: int) -> li
     return plain_q[i::n] + cold["results"][i::n] + warm["results"][i::n]
 
 
-def _median_by_question(results: list[dict], n: int, key: str) -> list[float]:
-    """Results are n questions, repeated: the median per question over its repeats."""
-    return [statistics.median(r[key] for r in results[i::n]) for i in range(n)]
+def _ttft_by_question(results: list[dict], n: int, reduce: Callable[[Iterable[float]], float]) -> list[float]:
+    """Results are n questions, repeated: ``reduce`` (median, min) of each question's TTFTs over its repeats."""
+    return [reduce(r["ttft_s"] for r in results[i::n]) for i in range(n)]
+
+
+def _worker(run: dict) -> dict[str, Any]:
+    """The worker's kvport counters of one engine run ({} for the engine without kvport)."""
+    return run["kvport_stats"].get("worker0", {})
 
 
 def summarize(params: Params, plain: dict, cold: dict, warm: dict, n: int, elapsed: float) -> dict[str, Any]:
     reps = params.repeats
     plain_q, plain_heads = plain["results"][: n * reps], plain["results"][n * reps :]
-    plain_ttft = _median_by_question(plain_q, n, "ttft_s")
+    plain_ttft = _ttft_by_question(plain_q, n, statistics.median)
     # The tail's cost is a difference of two prefills, so it uses the fastest repeat of each: interference from
     # other processes only ever adds time (medians of a shared 2-core VM differ by seconds between repeats).
-    plain_best = [min(r["ttft_s"] for r in plain_q[i::n]) for i in range(n)]
-    head_best = [min(r["ttft_s"] for r in plain_heads[i::n]) for i in range(n)]
-    warm_best = [min(r["ttft_s"] for r in warm["results"][i::n]) for i in range(n)]
-    warm_ttft = _median_by_question(warm["results"], n, "ttft_s")
-    worker = warm["kvport_stats"].get("worker0", {}).get("connector", {})
+    plain_best = _ttft_by_question(plain_q, n, min)
+    head_best = _ttft_by_question(plain_heads, n, min)
+    warm_best = _ttft_by_question(warm["results"], n, min)
+    warm_ttft = _ttft_by_question(warm["results"], n, statistics.median)
+    worker = _worker(warm).get("connector", {})
     load_per_request = worker.get("load_seconds", 0.0) / max(1, worker.get("load_requests", 0))
     rows = []
     rows_len = [(r["prompt_tokens"], len(h.get("prompt_ids", ()))) for r, h in zip(plain_q[:n], plain_heads[:n])]
@@ -145,7 +151,7 @@ def summarize(params: Params, plain: dict, cold: dict, warm: dict, n: int, elaps
         )
     prompt_total = sum(r["prompt_tokens"] for r in rows)
     hits = [r for r in rows if r["warm_loaded"] > 0]
-    budget = [r["tail_prefill_s"] + load_per_request for r in hits]
+    budget = statistics.mean(r["tail_prefill_s"] + load_per_request for r in hits) if hits else 0.0
     best_plain = statistics.mean(r["plain_best_ttft_s"] for r in rows)
     best_warm = statistics.mean(r["warm_best_ttft_s"] for r in rows)
     summary = {
@@ -155,14 +161,12 @@ def summarize(params: Params, plain: dict, cold: dict, warm: dict, n: int, elaps
         "mean_ttft_warm_s": statistics.mean(r["warm_ttft_s"] for r in rows),
         "load_s_per_request": load_per_request,
         "load_gbps": _gbps(warm, "load"),
-        "store_s_total_cold": cold["kvport_stats"].get("worker0", {}).get("connector", {}).get("store_seconds", 0.0),
+        "store_s_total_cold": _worker(cold).get("connector", {}).get("store_seconds", 0.0),
         "mean_best_ttft_plain_s": best_plain,
         "mean_best_ttft_warm_s": best_warm,
         "speedup_best": best_plain / best_warm,
         "tail_prefill_s": statistics.mean(r["tail_prefill_s"] for r in hits) if hits else None,
-        "target_ratio": (statistics.mean(r["warm_best_ttft_s"] for r in hits) / statistics.mean(budget))
-        if hits and statistics.mean(budget) > 0
-        else None,
+        "target_ratio": statistics.mean(r["warm_best_ttft_s"] for r in hits) / budget if budget > 0 else None,
         "outputs_identical": all(r["same_output"] for r in rows),
         "engine_start_s": [plain["engine_start_s"], cold["engine_start_s"], warm["engine_start_s"]],
         "elapsed_s": elapsed,
@@ -172,7 +176,7 @@ def summarize(params: Params, plain: dict, cold: dict, warm: dict, n: int, elaps
 
 
 def _gbps(run: dict, op: str) -> float:
-    worker = run["kvport_stats"].get("worker0", {})
+    worker = _worker(run)
     conn, cache = worker.get("connector", {}), worker.get("cache", {})
     seconds = conn.get(f"{op}_seconds", 0.0)
     nbytes = cache.get("bytes_read_l1", 0) if op == "load" else cache.get("bytes_write_l1", 0)
@@ -192,7 +196,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'question':>8} {'prompt':>6} | {'no kvport':>9} | {'kvport, first engine':^28} | "
         f"{'kvport, restarted engine':^28}"
     )
-    sub = f"{'':>8} {'tokens':>6} | {'TTFT':>9} | {'loaded':>7} {'computed':>8} {'TTFT':>9}  | " * 1
+    sub = f"{'':>8} {'tokens':>6} | {'TTFT':>9} | {'loaded':>7} {'computed':>8} {'TTFT':>9}  | "
     sub += f"{'loaded':>7} {'computed':>8} {'TTFT':>9}"
     lines = [head, sub, "-" * len(head)]
     for r in rows:
