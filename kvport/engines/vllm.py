@@ -168,16 +168,17 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         scheduled = scheduler_output.num_scheduled_tokens
+        blocks = self._kv_cache_manager.get_block_ids  # all of the request's blocks, not only this step's new ones
         steps, prompts = [], {}
         for new in scheduler_output.scheduled_new_reqs:
             if new.prompt_token_ids:
                 prompts[new.req_id] = new.prompt_token_ids
-            steps.append(StepRequest(new.req_id, new.num_computed_tokens, scheduled.get(new.req_id, 0), ()))
+            steps.append(
+                StepRequest(new.req_id, new.num_computed_tokens, scheduled.get(new.req_id, 0), blocks(new.req_id))
+            )
         cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            steps.append(StepRequest(req_id, cached.num_computed_tokens[i], scheduled.get(req_id, 0), ()))
-        for step in steps:
-            step.block_ids = self._kv_cache_manager.get_block_ids(step.req_id)
+        for req_id, before in zip(cached.req_ids, cached.num_computed_tokens):
+            steps.append(StepRequest(req_id, before, scheduled.get(req_id, 0), blocks(req_id)))
         loads, stores = self._plan.build(steps, prompts)
         if loads or stores:
             self._write_stats()

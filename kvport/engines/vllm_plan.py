@@ -58,14 +58,13 @@ class SchedulerPlan:
 
     # ---- vLLM hooks, in the order vLLM calls them ----------------------------------------------------------
     def match(self, req_id: str, prompt: Sequence[int], num_computed: int) -> int:
-        """Tokens beyond ``num_computed`` that can be loaded. Side-effect free apart from counters' caches:
-        vLLM may call it several times for one request."""
+        """Tokens beyond ``num_computed`` that can be loaded (none once vLLM computed any itself). Side-effect
+        free: vLLM may call it several times for one request."""
         if num_computed > 0 or len(prompt) <= self.chunk:
             return 0
-        hit = self._lookup(prompt)
         # vLLM must compute at least the last prompt token to sample from it.
         cap = (len(prompt) - 1) // self.chunk * self.chunk
-        return max(0, min(hit, cap) - num_computed)
+        return min(self._lookup(prompt), cap)
 
     def after_alloc(self, req_id: str, prompt: Sequence[int], num_external: int) -> None:
         state = self._reqs.get(req_id) or self._track(req_id, prompt)
