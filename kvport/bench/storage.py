@@ -53,8 +53,8 @@ def parse_backend(spec: str) -> tuple[str, Path]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.chunk_mb <= 0:
-        raise UserError(f"--chunk-mb {args.chunk_mb}: expected a positive size")
+    if _chunk_bytes(args) < 1:  # a size under one byte rounds to empty chunks (and 0 GB/s ratios)
+        raise UserError(f"--chunk-mb {args.chunk_mb}: expected a positive size of at least one byte")
     if args.chunks < 2:
         raise UserError(f"--chunks {args.chunks}: expected at least 2")
     if args.threads < 1 or args.write_threads < 1:
@@ -65,15 +65,18 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--index-chunks {args.index_chunks}: expected 0 or more")
 
 
+def _chunk_bytes(args: argparse.Namespace) -> int:
+    return int(args.chunk_mb * (1 << 20))
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     kind, root = parse_backend(args.backend)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--backend {args.backend}: cannot create {root} ({exc.strerror})") from None
     work = root / f"kvport-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    work.mkdir()
+    try:
+        work.mkdir(parents=True)  # an existing root may still refuse a new directory (permissions, read-only)
+    except OSError as exc:
+        raise UserError(f"--backend {args.backend}: cannot create {work} ({exc.strerror})") from None
     try:
         result = Bench(work, args).run()
     finally:
@@ -94,7 +97,7 @@ class Bench:
 
         self.work = work
         self.args = args
-        self.chunk_bytes = int(args.chunk_mb * (1 << 20))
+        self.chunk_bytes = _chunk_bytes(args)
         self.total = self.chunk_bytes * args.chunks
         # Capacity far above what the run writes: eviction is measured by the tests, not here.
         self.tier = LocalDiskL2(work / "l2", capacity_bytes=1 << 50)

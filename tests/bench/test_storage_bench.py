@@ -53,6 +53,8 @@ def test_storage_bench_user_errors(tmp_path):
         (["--backend", "s3:bucket"], "unknown storage tier 's3'"),
         (["--backend", "local-disk"], "expected local-disk:/path"),
         (["--backend", f"local-disk:{tmp_path}", "--chunks", "1"], "--chunks 1"),
+        (["--backend", f"local-disk:{tmp_path}", "--chunk-mb", "1e-7"], "--chunk-mb 1e-07"),  # under one byte
+        (["--backend", "local-disk:/proc"], "cannot create"),  # exists, but no directory can be made in it
     ):
         proc = kvport("bench", "storage", *args)
         assert proc.returncode == 2
