@@ -143,8 +143,14 @@ def _device(torch, name: str):
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise UserError(f"--device: {name!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device: {name} requested but torch sees no CUDA/ROCm device")
-    if device.type not in ("cpu", "cuda") and not getattr(torch, device.type, None):
+    if device.type == "cpu":
+        return device
+    # torch ships modules for device types it was not built for (torch.xpu, torch.mps on a CPU wheel):
+    # only is_available() says whether tensors can be put there.
+    module = getattr(torch, device.type, None)
+    if module is None or not hasattr(module, "is_available"):
         raise UserError(f"--device: torch has no {device.type} support here")
+    if not module.is_available():
+        what = "CUDA/ROCm" if device.type == "cuda" else device.type
+        raise UserError(f"--device: {name} requested but torch sees no {what} device")
     return device

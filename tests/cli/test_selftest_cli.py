@@ -82,11 +82,22 @@ def test_a_yaml_only_model_passes(tmp_path, capsys):
         (["selftest", "--backend", "nope"], "kvport selftest: --backend: unknown backend 'nope'; known: "),
         (["selftest", "--layout", "nope"], "kvport selftest: unknown layout 'nope'; catalog: "),
         (["selftest", "--device", "bogus"], "kvport selftest: --device: 'bogus' is not a torch device"),
+        (["selftest", "--device", "hpu"], "kvport selftest: --device: torch has no hpu support here"),
     ],
 )
 def test_user_errors_exit_2(argv, err, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith(err)
+
+
+@pytest.mark.parametrize("kind", ["xpu", "mps", "cuda"])
+def test_a_device_torch_was_not_built_for_exits_2(kind, monkeypatch, capsys):
+    # The CPU wheel ships torch.xpu and torch.mps; a device it cannot reach is a user error, not a traceback.
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(getattr(torch, kind), "is_available", lambda: False)
+    assert main(["selftest", "--device", kind, "--layout", "vllm-flash-nhd", "--no-cross"]) == 2
+    what = "CUDA/ROCm" if kind == "cuda" else kind
+    assert capsys.readouterr().err == f"kvport selftest: --device: {kind} requested but torch sees no {what} device\n"
 
 
 @pytest.mark.gpu
