@@ -4,6 +4,7 @@ Owns the command-line surface of the measurement in kvport.demo.measure; must no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -92,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
     from kvport.demo.session import require_vllm
 
     require_vllm()
-    workdir = args.workdir or tempfile.mkdtemp(prefix="kvport-e2e-")
-    params = params_from_args(args, workdir)
+    params = params_from_args(args, args.workdir or "")
+    if not params.workdir:  # created only once the flags are valid, so a typo leaves no empty dir behind
+        params = dataclasses.replace(params, workdir=tempfile.mkdtemp(prefix="kvport-e2e-"))
     quiet = args.json == "-"
     result = measure(params, progress=None if quiet else lambda msg: print(f"kvport: {msg}", flush=True))
     write_json(result, args.json)

@@ -70,6 +70,19 @@ def test_bench_zero_model_dims_are_user_errors(field, flag) -> None:
         params_from_args(_args(**{field: 0}), "/tmp/x")
 
 
+def test_bench_bad_flag_leaves_no_temp_workdir(tmp_path, monkeypatch) -> None:
+    import tempfile
+
+    from kvport.bench import e2e
+    from kvport.demo import session
+
+    monkeypatch.setattr(session, "require_vllm", lambda: None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(UserError, match="--repeats=0"):
+        e2e.run(_args(workdir=None, repeats=0))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_timeout_must_be_positive() -> None:
     from kvport.bench.e2e import params_from_args
 
