@@ -9,6 +9,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+from kvport.errors import UserError
+
 # Latency buckets (seconds) spanning a ~2 us in-memory lookup to a multi-second disk stall.
 BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -171,5 +173,8 @@ def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
     with _register_lock:
         if port in _served_ports:
             return
-        start_http_server(port, addr=addr)
+        try:
+            start_http_server(port, addr=addr)
+        except OSError as exc:  # port taken or not ours to bind: a config problem, not a crash
+            raise UserError(f"cache config: metrics_port={port}: cannot serve metrics ({exc.strerror})") from None
         _served_ports.add(port)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 
+import pytest
 from prometheus_client import generate_latest
 
-from kvport.cache.metrics import CacheMetrics
+from kvport.cache.metrics import CacheMetrics, serve_metrics
+from kvport.errors import UserError
 
 
 def test_snapshot_flattens_labels_and_derives_gbps():
@@ -58,3 +61,12 @@ def test_engines_of_one_namespace_are_summed_into_one_series():
     assert text.count('kvport_cache_hits_total{cache="metrics-same",op="lookup",tier="l2"}') == 1
     assert 'kvport_cache_hits_total{cache="metrics-same",op="lookup",tier="l2"} 5.0' in text
     assert 'kvport_cache_latency_seconds_count{cache="metrics-same",op="lookup"} 2.0' in text
+
+
+def test_metrics_port_in_use_is_a_user_error():
+    with socket.socket() as blocker:
+        blocker.bind(("0.0.0.0", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        with pytest.raises(UserError, match=f"metrics_port={port}: cannot serve metrics"):
+            serve_metrics(port)
