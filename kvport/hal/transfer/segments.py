@@ -199,7 +199,13 @@ def flat_block_ids(descriptor: CopyDescriptor, block_ids: Sequence, num_tokens: 
             raise ValueError(
                 f"group {group.name!r}: {num_tokens} tokens need {need} blocks, got {table.numel()} block ids"
             )
-        parts.append(table[:need].cpu())
+        table = table[:need].cpu()
+        # The kernels and the DMA regions add ids to engine pointers unchecked: an id outside the engine tensors
+        # would read or write memory that is not this KV. Refused exactly as the torch reference refuses it.
+        if table.numel() and (int(table.min()) < 0 or (group.num_blocks and int(table.max()) >= group.num_blocks)):
+            limit = f"0..{group.num_blocks - 1}" if group.num_blocks else ">= 0"
+            raise ValueError(f"group {group.name!r}: block ids must be in {limit}, got {table.tolist()}")
+        parts.append(table)
     if not parts:
         return torch.zeros(0, dtype=torch.int64)
     return torch.cat(parts)

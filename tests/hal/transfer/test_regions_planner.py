@@ -115,3 +115,19 @@ def test_estimates_grow_with_regions():
     m = CostModel()
     assert estimate(m, "dma", 1 << 30, 32768, "d2h") > estimate(m, "dma", 1 << 30, 1, "d2h")
     assert estimate(m, "dma", 1 << 30, 32768, "h2d") > estimate(m, "dma", 1 << 30, 32768, "d2h")
+
+
+@pytest.mark.parametrize("bad", [-1, 4])
+def test_out_of_range_block_ids_are_refused_like_the_reference(bad):
+    """The DMA regions (and the Triton/native tables, which share flat_block_ids) must refuse what the torch
+    reference refuses: an id outside the engine tensors would copy to or from memory that is not KV."""
+    spec = load_layout("vllm-flash-nhd")
+    kv = allocate(spec, 4, generator=torch.Generator().manual_seed(3))
+    d = kv.descriptor
+    tokens = 2 * spec.groups[0].tokens_per_block
+    host = torch.zeros(d.canonical_bytes(tokens), dtype=torch.uint8)
+    message = rf"block ids must be in 0\.\.3, got \[0, {bad}\]"
+    with pytest.raises(ValueError, match=message):
+        ref_gather(d, [0, bad], host, tokens)
+    with pytest.raises(ValueError, match=message):
+        regions(d, [0, bad], tokens, host.data_ptr())

@@ -74,3 +74,19 @@ def test_unaligned_chunk_falls_to_narrow_elements():
     backend.gather(descriptor, ids, raw[1:], 9)
     assert torch.equal(raw[1:], expect)
     assert raw[0] == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 9])
+def test_out_of_range_block_ids_are_refused(bad):
+    """An id outside the engine tensors must be a ValueError before any launch, as in the torch reference."""
+    backend = TritonBackend()
+    spec = load_layout("vllm-flash-nhd")
+    kv = allocate(spec, 9, generator=torch.Generator().manual_seed(5))
+    tokens = 2 * spec.groups[0].tokens_per_block
+    chunk = torch.zeros(kv.descriptor.canonical_bytes(tokens), dtype=torch.uint8)
+    before = [s.clone() for s in kv.storages]
+    with pytest.raises(ValueError, match=rf"block ids must be in 0\.\.8, got \[0, {bad}\]"):
+        backend.gather(kv.descriptor, [0, bad], chunk, tokens)
+    with pytest.raises(ValueError, match=rf"block ids must be in 0\.\.8, got \[0, {bad}\]"):
+        backend.scatter(chunk, kv.descriptor, [0, bad], tokens)
+    assert all(torch.equal(a, b) for a, b in zip(before, kv.storages))
