@@ -7,7 +7,9 @@ import ast
 import re
 from collections.abc import Mapping
 
-_NAME = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+# What may follow `$`: a dim that is not such a name could never be referred to.
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NAME = re.compile(r"\$(" + NAME.pattern + ")")
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
 
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from kvport.layouts.exprs import NAME
 from kvport.layouts.fields import Ctx, coerce, parse_axes, parse_layers, tname
 from kvport.layouts.spec import (
     DTYPE_SIZES,
@@ -70,6 +71,8 @@ def load_file(path: Path, label: str | None = None, dims: Mapping[str, object] |
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise LayoutError(f"{label}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise LayoutError(f"{label}: cannot read: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -86,6 +89,9 @@ def parse_spec(raw: object, label: str, overrides: Mapping[str, object]) -> Layo
     ctx.unknown(raw, _TOP_FIELDS, "")
     name = ctx.string(ctx.need(raw, "name", ""), "name")
     dims = dict(ctx.mapping(raw.get("dims", {}), "dims"))
+    for key in dims:
+        if not isinstance(key, str) or not NAME.fullmatch(key):
+            raise LayoutError(f"{label}: dims: {key!r} is not a name that $ can refer to (letters, digits, _)")
     for key, value in overrides.items():
         if key not in dims:
             raise LayoutError(f"{label}: dims: unknown dim {key!r} (dims: {', '.join(sorted(dims)) or 'none'})")

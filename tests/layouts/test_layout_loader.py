@@ -207,6 +207,15 @@ CASES = [
     ),
     ("name: [unclosed\n", "bad.yaml: invalid YAML at line 2: expected ',' or ']', but got '<stream end>'"),
     ("- just\n- a list\n", "bad.yaml: expected a mapping at the top level, got a list"),
+    (
+        "name: t\ndims: {layers: 2, 3: 1}\ngroups:\n  - {kind: mla, layers: $layers, tokens_per_block: 2,\n"
+        "     structure: per_layer, axes: BNC, dtype: uint8, content: {bytes: 3}}\n",
+        "bad.yaml: dims: 3 is not a name that $ can refer to (letters, digits, _)",
+    ),
+    (
+        {**BASE, "dims": {**BASE["dims"], "head-dim": 16}},
+        "bad.yaml: dims: 'head-dim' is not a name that $ can refer to (letters, digits, _)",
+    ),
 ]
 
 
@@ -216,6 +225,14 @@ def test_malformed_spec_gives_the_one_line_error(tmp_path, doc, message):
         _load(tmp_path, doc)
     assert str(err.value) == message
     assert "\n" not in str(err.value)
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"name: t\xff\n")
+    with pytest.raises(LayoutError) as err:
+        load_file(path, label="bad.yaml")
+    assert str(err.value) == "bad.yaml: cannot read: not UTF-8 text (byte 7)"
 
 
 def test_issue_example_message_for_a_compressed_group(tmp_path):
