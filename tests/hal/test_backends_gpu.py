@@ -11,9 +11,10 @@ torch = pytest.importorskip("torch")
 
 from kvport.hal.platform import detect_platform  # noqa: E402
 from kvport.hal.registry import candidates  # noqa: E402
-from kvport.hal.transfer.differential import buffers, check_gather, check_scatter  # noqa: E402
+from kvport.hal.transfer.differential import buffers, check_gather, check_scatter, random_block_ids  # noqa: E402
 from kvport.hal.transfer.executor import Transfer  # noqa: E402
 from kvport.hal.transfer.planner import CostModel  # noqa: E402
+from kvport.hal.transfer.samples import SAMPLES, Dims, sample  # noqa: E402
 from kvport.layouts import allocate, catalog_names, load_layout  # noqa: E402
 
 pytestmark = [
@@ -132,3 +133,16 @@ def test_single_piece_staged(layout, backend_name):
     adapter = HostPath(Transfer(backend, "cuda", native=_native()), "staged")
     check_gather(adapter, kv.descriptor, ids, tokens, "cpu")
     check_scatter(adapter, kv.descriptor, ids, tokens, "cpu")
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_samples_short_odd_rows(name, backend_name):
+    """mla_odd has rows shorter than a warp and not a power of two long (12-byte scale runs, 36-byte rows at a
+    40-byte stride): lanes past such a row must neither copy nor write the padding after it."""
+    backend = _backend(backend_name)
+    for tokens in (7, 23):
+        descriptor = sample(name, Dims(), device="cuda", seed=tokens)
+        ids = random_block_ids(descriptor, tokens, random.Random(tokens), Dims().blocks)
+        check_gather(backend, descriptor, ids, tokens, "cuda")
+        check_scatter(backend, descriptor, ids, tokens, "cuda")

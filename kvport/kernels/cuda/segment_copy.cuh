@@ -120,7 +120,9 @@ __global__ void __launch_bounds__(kThreads) segment_copy_kernel(const std::int64
           dst[u] = nullptr;
           if (ri0 + u * groups < n_ri) {
             const std::int64_t start = (s * rows64 + r) * row_len64;
-            if (li < length - start) {
+            // A group is a power of two lanes wide: lanes past a shorter row would copy the bytes after it
+            // (padding, or the next row) and race the lane that owns them.
+            if (li < row_len && li < length - start) {
               Vec* e = at<Vec>(eng_base + blocks[boff + b] * bstride + n * sstride + r * rstride) + li;
               Vec* c = base + can_base + start + li;
               v[u] = kGather ? *e : *c;
