@@ -338,11 +338,16 @@ class CacheEngine:
         wholly stored or absent: a write in progress completes its rename or leaves only a temp file."""
         if self._closed:
             return
-        if drain:
-            self.flush()
-        elif self._writes is not None:
-            self.metrics.inc("skipped", self._writes.drop(), reason="dropped_at_close")
-        for pool in (self._worker, self._readers, self._writers):
+        # The worker stops first: a store it is running still queues L2 writes, which the drain or drop below
+        # must see (dropping first let the writers' shutdown cancel those writes uncounted).
+        if self._worker is not None:
+            self._worker.shutdown(wait=True, cancel_futures=not drain)
+        if self._writes is not None:
+            if drain:
+                self._writes.drain()
+            else:
+                self.metrics.inc("skipped", self._writes.drop(), reason="dropped_at_close")
+        for pool in (self._readers, self._writers):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=not drain)
         if self.l2 is not None:

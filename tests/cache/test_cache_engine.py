@@ -350,3 +350,35 @@ def test_bounded_l2_queue_drops_to_l1_only_never_blocks(tmp_path):
     assert on_disk >= 1
     assert all(engine.l1.contains(k) for k in keys)  # dropped chunks still serve from L1
     engine.close()
+
+
+def test_close_without_drain_counts_writes_queued_by_a_running_store(tmp_path):
+    """close(drain=False) while a store_async is mid-way: chunks it queues for L2 after close began are either
+    written or counted as dropped, never cancelled silently."""
+    import threading
+    import time
+
+    class GatedBackend(TorchBackend):
+        def gather(self, desc, tables, dst, num_tokens):
+            gathering.set()
+            if len(gathered) == 1:  # the second chunk waits until close() has started dropping writes
+                dropped.wait(timeout=1)
+            gathered.append(1)
+            return super().gather(desc, tables, dst, num_tokens)
+
+    gathering, dropped, gathered = threading.Event(), threading.Event(), []
+    src, sdesc = nhd_kv(seed=17)
+    tokens = list(range(C * 4))
+    engine = make_engine(tmp_path, l2_write_threads=1)
+    engine.bind(sdesc, GatedBackend())
+    real_put = engine.l2.put
+    engine.l2.put = lambda *a: time.sleep(0.2) or real_put(*a)  # writes lag the gathers: a queue builds up
+    queue = engine._write_queue()
+    real_drop = queue.drop
+    queue.drop = lambda: (real_drop(), dropped.set())[0]
+    handle = engine.store_async(tokens, list(range(8)))
+    assert gathering.wait(timeout=10)
+    engine.close(drain=False)
+    assert handle.wait(timeout=10) == 4 * C
+    on_disk = sum(engine.l2.contains(k) for k in engine.chunk_keys(tokens))
+    assert on_disk + engine.stats()["skipped_dropped_at_close"] == 4
