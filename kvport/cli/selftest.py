@@ -81,21 +81,23 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_cross:
         pool = {s.name: s for s in specs}
         for name in catalog_names():
-            pool.setdefault(name, load_layout(name))
+            if name not in pool:  # not setdefault: it would parse the file even when the name is already there
+                pool[name] = load_layout(name)
+        fingerprints = {name: p.canonical_fingerprint() for name, p in pool.items()}
+
+        @functools.cache
+        def forced_supports(name: str) -> bool:
+            return backend_for(pool[name])[0] is not None
+
         for spec in specs:
             backend = chosen.get(spec.name)
-            partners = [
-                p
-                for p in pool.values()
-                if p.name != spec.name and p.canonical_fingerprint() == spec.canonical_fingerprint()
-            ]
+            mine = spec.canonical_fingerprint()
+            partners = [p for name, p in pool.items() if p.name != spec.name and fingerprints[name] == mine]
             if backend is None or not partners:
                 continue
             bad = []
             for partner in partners:
-                if forced is not None and not forced.supports(
-                    allocate(partner, 1, device=device, fill="zeros").descriptor
-                ):
+                if forced is not None and not forced_supports(partner.name):
                     continue
                 seed = _seed(args.seed, spec.name + ">" + partner.name)
                 result = _guard(functools.partial(cross, spec, partner, backend, str(device), seed, args.staging))
