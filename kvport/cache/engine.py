@@ -88,10 +88,11 @@ class CacheEngine:
             environ = {"KVPORT_BACKEND": self.config.backend} if self.config.backend else None
             backend = select_backend(platform, descriptor, environ=environ)
         chunk_bytes = descriptor.canonical_bytes(self.chunk_tokens)
-        if self.config.l1_bytes < L1Pool.slot_size(chunk_bytes):
+        slot_bytes = L1Pool.slot_size(chunk_bytes)
+        if self.config.l1_bytes < slot_bytes:
             raise UserError(
                 f"cache config: l1_bytes={self.config.l1_bytes} is smaller than one chunk of layout "
-                f"{descriptor.layout} ({L1Pool.slot_size(chunk_bytes)} bytes with alignment, "
+                f"{descriptor.layout} ({slot_bytes} bytes with alignment, "
                 f"chunk_tokens={self.chunk_tokens})"
             )
         import torch
@@ -191,8 +192,9 @@ class CacheEngine:
         try:
             start = time.perf_counter()
             if self.l2.put(lease.key, self.descriptor.fingerprint, lease.buffer):
-                self.metrics.transfer("l2", "write", lease.buffer.numel(), time.perf_counter() - start)
-                self.metrics.observe("latency", time.perf_counter() - start, op="l2_write")
+                elapsed = time.perf_counter() - start
+                self.metrics.transfer("l2", "write", lease.buffer.numel(), elapsed)
+                self.metrics.observe("latency", elapsed, op="l2_write")
         except Exception:
             # A background write has no caller to raise to: count it and log it loudly, never swallow it.
             self.metrics.inc("failures", tier="l2", reason="write_exception")

@@ -68,11 +68,14 @@ class CacheMetrics:
         with self._lock:
             return sum(v for (n, lab), v in self._counters.items() if n == name and set(labels.items()) <= set(lab))
 
+    def _copy(self) -> tuple[dict, dict]:
+        """Counters and histograms copied under the lock, so a reader never sees half of an update."""
+        with self._lock:
+            return dict(self._counters), {k: (list(v[0]), v[1], v[2]) for k, v in self._hists.items()}
+
     def snapshot(self) -> dict[str, Any]:
         """Flat dict: totals per counter name, per label set (``hits_l1``, ``bytes_l2_read``), GB/s per tier/op."""
-        with self._lock:
-            counters = dict(self._counters)
-            hists = {k: (list(v[0]), v[1], v[2]) for k, v in self._hists.items()}
+        counters, hists = self._copy()
         out: dict[str, Any] = {name: 0 for name in COUNTERS}
         for (name, labels), value in counters.items():
             out[name] = out.get(name, 0) + value
@@ -89,9 +92,7 @@ class CacheMetrics:
         return out
 
     def _families(self) -> Iterator[tuple[str, str, dict[str, str], Any]]:
-        with self._lock:
-            counters = dict(self._counters)
-            hists = {k: (list(v[0]), v[1], v[2]) for k, v in self._hists.items()}
+        counters, hists = self._copy()
         for (name, labels), value in counters.items():
             yield "counter", name, dict(labels), value
         for (name, labels), value in hists.items():

@@ -23,12 +23,6 @@ class Handle:
         """Block until finished; re-raises the operation's exception; TimeoutError after ``timeout`` seconds."""
         return int(self._future.result(timeout))
 
-    @classmethod
-    def completed(cls, value: int) -> Handle:
-        future: cf.Future = cf.Future()
-        future.set_result(value)
-        return cls(future)
-
 
 class BoundedSubmitter:
     """Runs jobs on an executor with at most ``limit`` outstanding; ``try_submit`` refuses instead of blocking,
