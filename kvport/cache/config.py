@@ -135,8 +135,12 @@ def _from_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"cache config {path}: expected a mapping of settings, got {type(data).__name__}")
-    # A file may hold only the cache settings, or nest them under `cache:` next to other sections.
-    if set(data) == {"cache"} and isinstance(data["cache"], dict):
+    # A file holds the settings at top level or in a `cache:` section that is its only key: kvport reads no other
+    # section, so a key beside it (a misplaced setting, a typo) would otherwise go unchecked or be misreported.
+    if isinstance(data.get("cache"), dict):
+        others = sorted(str(k) for k in data if k != "cache")
+        if others:
+            raise UserError(f"cache config {path}: keys beside the 'cache' section ({', '.join(others)}); move them in")
         data = data["cache"]
     return {str(k): v for k, v in data.items()}
 

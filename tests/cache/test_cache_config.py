@@ -30,6 +30,9 @@ def test_nested_cache_section_and_config_env(tmp_path):
     path = tmp_path / "kv.yaml"
     path.write_text("cache:\n  l2_bytes: 2GB\n")
     assert load_config(environ={"KVPORT_CONFIG": str(path)}).l2_bytes == 2 * 10**9
+    path.write_text("cache:\n  l2_bytes: 2GB\nchunk_tokns: 128\n")  # a setting left outside the section
+    with pytest.raises(UserError, match=r"kv\.yaml: keys beside the 'cache' section \(chunk_tokns\)"):
+        load_config(path, environ={})
 
 
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
