@@ -7,10 +7,11 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
+# The storage bench's writer: atomic, and an unwritable path is a one-line UserError rather than a traceback.
+from kvport.bench.storage import _atomic_write
 from kvport.errors import UserError
 
 DIRECTIONS = ("d2h", "h2d", "d2d")
@@ -42,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", choices=PATHS, action="append", help="host paths (default: dma staged zero-copy)")
     parser.add_argument("--load", choices=("gemm", "none"), action="append", help="default: none gemm")
     parser.add_argument("--backend", action="append", help="copy backends (default: every one available here)")
-    parser.add_argument("--repeat", type=int, default=10, help="timed repetitions per case (median reported)")
+    parser.add_argument(
+        "--repeat", type=int, default=10, help="least timed repetitions per case (mean of a >= 40 ms window reported)"
+    )
     parser.add_argument("--piece-mib", type=int, help="staged path: pipeline piece size in MiB (default: planner's)")
     parser.add_argument("--zero-copy-programs", type=int, help="zero-copy path: CTAs/programs (default: executor's)")
     parser.add_argument("--json", type=Path, help="write device, memcpy figures and one record per case")
@@ -161,15 +164,9 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=6)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def median(values) -> float:
-    return statistics.median(values)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--plot {path}: cannot write ({exc.strerror})") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -113,3 +114,15 @@ def test_json_records_carry_the_comparison_fields(tmp_path):
     rec = json.loads(path.read_text())["records"][0]
     for field in ("layout", "backend", "direction", "tokens", "path", "load", "bytes", "gbps", "ratio_to_memcpy"):
         assert field in rec
+
+
+def test_unwritable_outputs_are_user_errors(tmp_path):
+    """--json/--plot into a missing directory: a one-line user error, not a traceback after the run."""
+    from kvport.errors import UserError
+
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(UserError, match="--json .*cannot write"):
+        kernels._atomic_write(missing / "r.json", "{}")
+    if importlib.util.find_spec("matplotlib") is not None:
+        with pytest.raises(UserError, match="--plot .*cannot write"):
+            kernels.plot(RESULT, missing / "k.png")
