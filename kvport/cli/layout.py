@@ -114,17 +114,10 @@ def _layer_text(layers: list[int]) -> str:
 
 
 def _tensor_text(g) -> str:
-    sizes = g.letter_sizes(1)
-    drop = {"per_layer": "L", "kv_lists": "LK", "shared": "L" if g.hands == "layers" else ""}[g.structure]
-    parts = []
-    for dim in g.shape_order:
-        if set(dim) & set(drop):
-            continue
-        size = 1
-        for letter in dim:
-            size *= 1 if letter == "B" else sizes[letter]
-        parts.append(("blocks" if size == 1 else f"{size}*blocks") if "B" in dim else str(size))
-    shape = "[" + ", ".join(parts) + "]"
+    from kvport.layouts.spec import shape_words
+
+    dims = g.handed_dims()
+    shape = "[" + ", ".join(shape_words(dims, g.dim_sizes(dims))) + "]"
     n = len(g.layers)
     if g.structure == "per_layer" or (g.structure == "shared" and g.hands == "layers"):
         return f"{n} x {shape}" + (" (views into one buffer)" if g.structure == "shared" else "")

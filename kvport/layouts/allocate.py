@@ -55,18 +55,11 @@ def _one_tensor(g: GroupSpec, num_blocks: int, drop: str, *, fill: str, device, 
         raw = torch.zeros(nbytes, dtype=torch.uint8)
     raw = raw.to(device)
     flat = raw.view(getattr(torch, g.dtype))
-    sizes = g.letter_sizes(num_blocks)
     mem_dims = [d for d in g.axes if not set(d) & set(drop)]
     shape_dims = [d for d in g.shape_order if not set(d) & set(drop)]
-    shape, elem_strides = [], []
-    for dim in shape_dims:
-        size = 1
-        for letter in dim:
-            size *= sizes[letter]
-        shape.append(size)
-        elem_strides.append(strides[dim[-1]] // item)
     assert sorted(mem_dims) == sorted(shape_dims)
-    return flat.as_strided(shape, elem_strides, 0)
+    elem_strides = [strides[dim[-1]] // item for dim in shape_dims]
+    return flat.as_strided(g.dim_sizes(shape_dims, num_blocks), elem_strides, 0)
 
 
 def allocate(

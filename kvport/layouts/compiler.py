@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from kvport.layouts.descriptor import CopyDescriptor, GroupDesc, StreamDesc
-from kvport.layouts.spec import GroupSpec, LayoutError, LayoutSpec, format_axes
+from kvport.layouts.spec import GroupSpec, LayoutError, LayoutSpec, format_axes, shape_words
 
 if TYPE_CHECKING:
     import torch
@@ -93,14 +93,9 @@ def letter_strides(spec: LayoutSpec, gi: int, handed: Handed) -> tuple[dict[str,
         raise LayoutError(f"{where}: dtype {str(t.dtype).removeprefix('torch.')}, the spec says {g.dtype}")
     dims = present_dims(g, handed)
     sizes = g.letter_sizes(1)
-    expected = []
-    for dim in dims:
-        size = 1
-        for letter in dim:
-            size *= 1 if letter == "B" else sizes[letter]
-        expected.append(size)
-    parts = [("blocks" if e == 1 else f"{e}*blocks") if "B" in d else str(e) for d, e in zip(dims, expected)]
-    shape_text = f"shape {tuple(t.shape)} does not match {format_axes(dims)} = ({', '.join(parts)})"
+    expected = g.dim_sizes(dims)
+    words = ", ".join(shape_words(dims, expected))
+    shape_text = f"shape {tuple(t.shape)} does not match {format_axes(dims)} = ({words})"
     if t.dim() != len(dims):
         raise LayoutError(f"{where}: {shape_text}")
     num_blocks = 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+from collections.abc import Sequence
 
 from kvport.errors import UserError
 
@@ -38,6 +40,11 @@ class LayoutError(UserError):
 
 def format_axes(dims: Dims) -> str:
     return "".join(d[0] if len(d) == 1 else "(" + "".join(d) + ")" for d in dims)
+
+
+def shape_words(dims: Dims, per_block: Sequence[int]) -> list[str]:
+    """A shape for messages from ``dim_sizes(dims)``: a B dim reads 'blocks' or 'N*blocks', the others a number."""
+    return [("blocks" if n == 1 else f"{n}*blocks") if "B" in d else str(n) for d, n in zip(dims, per_block)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +126,15 @@ class GroupSpec:
             "C": self.padded_elems,
         }
 
-    def tensor_letters(self) -> tuple[str, ...]:
-        """Letters present in each engine tensor handed over (L and K are list indices for some structures)."""
+    def handed_dims(self) -> Dims:
+        """Dims, in shape order, of each tensor the engine hands over (L and K are list indices for some structures)."""
         drop = {"per_layer": "L", "kv_lists": "LK", "shared": "L" if self.hands == "layers" else ""}[self.structure]
-        return tuple(letter for letter in self.letters if letter not in drop)
+        return tuple(d for d in self.shape_order if not set(d) & set(drop))
+
+    def dim_sizes(self, dims: Dims, num_blocks: int = 1) -> list[int]:
+        """Each dim's size (its letters' sizes multiplied); with ``num_blocks`` 1, what a B dim holds per block."""
+        sizes = self.letter_sizes(num_blocks)
+        return [math.prod(sizes[letter] for letter in dim) for dim in dims]
 
     def k_outside_block(self) -> bool:
         """K/V are separate streams of an opaque group when they are separate tensors or K is outer to B."""
