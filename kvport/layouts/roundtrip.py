@@ -89,6 +89,8 @@ def staging_buffer(nbytes: int, device, staging: str) -> torch.Tensor:
     """Random uint8 staging memory: on the engine device, or pinned host memory (what UVA kernels write)."""
     import torch
 
+    if staging not in STAGINGS:  # anything else would quietly test the host path under another name
+        raise ValueError(f"staging {staging!r} is not one of {', '.join(STAGINGS)}")
     data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
     if staging == "device":
         return data.to(device)

@@ -3,6 +3,7 @@ a dropped partial last block, writes past the chunk. Faulty backends here are re
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvport.hal.backends.torch_ref import TorchBackend
@@ -93,3 +94,8 @@ def test_random_fill_is_random_bytes():
     assert torch.unique(raw).numel() == 256
     zeros = allocate(load_layout("vllm-flash-nhd"), 8, fill="zeros")
     assert int(zeros.storages[0].sum()) == 0
+
+
+def test_an_unknown_staging_is_refused_not_run_as_host():
+    with pytest.raises(ValueError, match="staging 'hots' is not one of device, host"):
+        roundtrip(load_layout("vllm-flash-nhd"), TorchBackend(), staging="hots")
