@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kvport.hal.transfer.segments import flat_block_ids, merge_stream
+from kvport.hal.transfer.segments import flat_block_ids, group_block_offsets, merge_stream
 
 if TYPE_CHECKING:
     import torch
@@ -32,11 +32,8 @@ def regions(
 
     ids = flat_block_ids(descriptor, block_ids, num_tokens)
     offsets = descriptor.stream_offsets(num_tokens)
-    block_offset, eng_parts, can_parts, size_parts = {}, [], [], []
-    total = 0
-    for group in descriptor.groups:
-        block_offset[group.index] = total
-        total += group.block_count(num_tokens)
+    block_offsets = group_block_offsets(descriptor, num_tokens)
+    eng_parts, can_parts, size_parts = [], [], []
     for stream, offset in zip(descriptor.streams, offsets):
         group = descriptor.groups[stream.group]
         m = merge_stream(stream, group)
@@ -45,10 +42,9 @@ def regions(
         if supers == 0 or length == 0:
             continue
         s = torch.arange(supers, dtype=torch.int64)
-        table = ids[block_offset[stream.group] : block_offset[stream.group] + group.block_count(num_tokens)]
         eng = (
             stream.base_ptr
-            + table[s // m.super_per_block] * stream.block_stride
+            + ids[block_offsets[stream.group] + s // m.super_per_block] * stream.block_stride
             + (s % m.super_per_block) * m.slot_stride
         )
         r = torch.arange(m.rows, dtype=torch.int64)

@@ -120,10 +120,7 @@ def compile_plan(
     ``max_width`` caps the element width (Triton moves at most 8-byte elements; vectors come from hints)."""
     groups = descriptor.groups
     offsets = descriptor.stream_offsets(num_tokens)
-    block_offsets, total = [], 0
-    for group in groups:
-        block_offsets.append(total)
-        total += group.block_count(num_tokens)
+    block_offsets = group_block_offsets(descriptor, num_tokens)
     by_width: dict[tuple[int, int], Launch] = {}
     for index, (stream, offset) in enumerate(zip(descriptor.streams, offsets)):
         group = groups[stream.group]
@@ -184,6 +181,15 @@ def scaled_table(launch: Launch, elem_bytes: int) -> list[list[int]]:
     """The launch's table in units of ``elem_bytes`` (a divisor of launch.width)."""
     factor = launch.width // elem_bytes
     return [[v * factor if c in ELEMENT_COLUMNS else v for c, v in enumerate(row)] for row in launch.table]
+
+
+def group_block_offsets(descriptor: CopyDescriptor, num_tokens: int) -> list[int]:
+    """Where each group's ids start in flat_block_ids' table (groups in order, block_count ids each)."""
+    offsets, total = [], 0
+    for group in descriptor.groups:
+        offsets.append(total)
+        total += group.block_count(num_tokens)
+    return offsets
 
 
 def flat_block_ids(descriptor: CopyDescriptor, block_ids: Sequence, num_tokens: int) -> torch.Tensor:
