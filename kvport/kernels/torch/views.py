@@ -45,10 +45,28 @@ def stream_rows(stream: StreamDesc, group: GroupDesc, max_block: int) -> torch.T
 
 
 def per_group_ids(descriptor: CopyDescriptor, block_ids, num_tokens: int):
-    """Yield, per group, the (blocks, slots) index pair; validates the block tables once per call."""
+    """Per group, the (blocks, slots) index pair; validates the block tables once per call."""
     tables = descriptor.normalize_block_ids(block_ids)
     out = []
     for group, table in zip(descriptor.groups, tables):
         table = torch.as_tensor(table, dtype=torch.int64)
         out.append(slot_index(group, table, num_tokens))
     return out
+
+
+def addressed_streams(descriptor: CopyDescriptor, block_ids, num_tokens: int):
+    """Yield (canonical offset, row view, (blocks, slots) on the view's device) for each stream with slots to move.
+
+    The index, its highest block and its copy to a device are made once per group, not once per stream."""
+    index = per_group_ids(descriptor, block_ids, num_tokens)
+    top = [int(blocks.max()) if blocks.numel() else -1 for blocks, _ in index]
+    on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+    for stream, offset in zip(descriptor.streams, descriptor.stream_offsets(num_tokens)):
+        blocks, slots = index[stream.group]
+        if blocks.numel() == 0:
+            continue
+        view = stream_rows(stream, descriptor.groups[stream.group], top[stream.group])
+        key = (stream.group, view.device)
+        if key not in on_device:
+            on_device[key] = (blocks.to(view.device), slots.to(view.device))
+        yield offset, view, on_device[key]
