@@ -148,3 +148,41 @@ def test_samples_short_odd_rows(name, backend_name):
         ids = random_block_ids(descriptor, tokens, random.Random(tokens), Dims().blocks)
         check_gather(backend, descriptor, ids, tokens, "cuda")
         check_scatter(backend, descriptor, ids, tokens, "cuda")
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("direction", ["d2h", "h2d"])
+def test_back_to_back_staged_transfers_keep_their_own_bytes(backend_name, direction):
+    """A staged transfer issued while the previous one still uses the staging ring must not overwrite it: the
+    first transfer's copies (d2h) or scatters (h2d) are held behind a sleep on their stream while the second runs."""
+    from kvport.kernels.torch.gather import gather as ref_gather
+
+    backend = _backend(backend_name)
+    kv, ids, tokens = _kv("vllm-flash-nhd", seed=13)
+    d = kv.descriptor
+    # Disjoint blocks for the second transfer, so neither can pass for the other.
+    other = [sorted(set(range(2 * len(t) + 1)) - set(t))[: len(t)] for t in ids]
+    nbytes = d.canonical_bytes(tokens)
+    transfer = Transfer(backend, "cuda", CostModel(piece_bytes=-(-nbytes // 2)), native=_native())
+    assert 2 <= len(transfer._piece_list(d, tokens)) <= transfer.model.staging_buffers
+    first = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
+    second = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
+
+    def issue(host, table):
+        if direction == "d2h":
+            return transfer.to_host(d, table, host, tokens, path="staged")
+        return transfer.from_host(host, d, table, tokens, path="staged")
+
+    # Warm-up: kernels compiled, tables cached and staging allocated, so nothing below synchronizes the host.
+    issue(torch.empty(nbytes, dtype=torch.uint8).pin_memory(), ids).synchronize()
+    held = transfer.dma_stream if direction == "d2h" else transfer.kernel_stream
+    with torch.cuda.stream(held):
+        torch.cuda._sleep(100_000_000)  # ~50 ms
+    a = issue(first, ids)
+    b = issue(second, other)
+    a.synchronize()
+    b.synchronize()
+    for host, table in ((first, ids), (second, other)):
+        expect = torch.empty(nbytes, dtype=torch.uint8)
+        ref_gather(d, table, expect, tokens)
+        assert torch.equal(host, expect), f"{direction}: a later transfer overwrote staging still in use"

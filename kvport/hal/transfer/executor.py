@@ -189,8 +189,12 @@ class Transfer:
 
         pieces = self._piece_list(descriptor, num_tokens)
         size = max(n for _, _, n in pieces)
+        # The staging buffers outlive a call: a transfer issued before this one may still be copying out of them
+        # (d2h, on the DMA stream) or scattering from them (h2d, on the kernel stream) when this one starts.
+        self.kernel_stream.wait_stream(self.dma_stream)
         if len(pieces) == 1:
             return self._staged_single(direction, descriptor, block_ids, host, num_tokens, size)
+        self.dma_stream.wait_stream(self.kernel_stream)
         ring = min(len(pieces), self.model.staging_buffers)
         bufs = [self._stage(i, size) for i in range(ring)]
         freed: list = [None] * ring  # event: ring slot i is free again
