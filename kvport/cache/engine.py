@@ -8,11 +8,11 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvport.cache.config import CacheConfig
-from kvport.cache.keys import chunk_keys
+from kvport.cache.keys import iter_chunk_keys
 from kvport.cache.l1 import L1Pool, Lease
 from kvport.cache.l2.base import ReadResult
 from kvport.cache.metrics import CacheMetrics, serve_metrics
@@ -109,7 +109,11 @@ class CacheEngine:
 
     def chunk_keys(self, tokens: Sequence[int] | Any) -> list[str]:
         """One key per full chunk of ``tokens`` (a partial tail chunk has no key and is never stored)."""
-        return chunk_keys(tokens, self.chunk_tokens, self.namespace, self.config.salt)
+        return list(self._iter_keys(tokens))
+
+    def _iter_keys(self, tokens: Sequence[int] | Any) -> Iterator[str]:
+        """The same keys, derived one at a time for loops that stop at the first miss."""
+        return iter_chunk_keys(tokens, self.chunk_tokens, self.namespace, self.config.salt)
 
     # ---- lookup ------------------------------------------------------------------------------------------
     def lookup(self, tokens: Sequence[int] | Any) -> int:
@@ -118,7 +122,7 @@ class CacheEngine:
         self._check_open()
         start = time.perf_counter()
         in_l1 = in_l2 = 0
-        for key in self.chunk_keys(tokens):
+        for key in self._iter_keys(tokens):
             if self.l1 is not None and self.l1.contains(key):
                 in_l1 += 1
             elif self.l2 is not None and self.l2.contains(key):
@@ -244,7 +248,7 @@ class CacheEngine:
 
         def run() -> int:
             count = 0
-            for key in self.chunk_keys(tokens):
+            for key in self._iter_keys(tokens):
                 got = self._fetch(key)
                 if got is None or got is _NO_SLOT:
                     break

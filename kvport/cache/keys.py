@@ -6,24 +6,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 # 32-byte digests: collisions between chunks of different prefixes must be out of reach, not just unlikely.
 KEY_BYTES = 32
 # Bump when the derivation changes, so old stored chunks can never be read as new ones.
 KEY_VERSION = b"kvport-chunk-key-v1"
-
-
-def token_bytes(tokens: Any) -> bytes:
-    """Tokens as little-endian int64 bytes, whatever container they come in (list, tuple, array, tensor)."""
-    if hasattr(tokens, "detach"):  # torch tensor: avoid a Python-level loop
-        import torch
-
-        return tokens.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy().astype("<i8").tobytes()
-    if hasattr(tokens, "astype"):  # numpy array
-        return tokens.astype("<i8").tobytes()
-    return struct.pack(f"<{len(tokens)}q", *tokens)
 
 
 @functools.lru_cache(maxsize=64)  # lookups call this per request; the namespace rarely changes
@@ -38,13 +27,40 @@ def root_digest(namespace: str, salt: str = "") -> bytes:
 
 def chunk_keys(tokens: Sequence[int] | Any, chunk_tokens: int, namespace: str, salt: str = "") -> list[str]:
     """One hex key per FULL chunk of ``tokens``; key i depends on chunks 0..i and on namespace and salt."""
+    return list(iter_chunk_keys(tokens, chunk_tokens, namespace, salt))
+
+
+def iter_chunk_keys(tokens: Sequence[int] | Any, chunk_tokens: int, namespace: str, salt: str = "") -> Iterator[str]:
+    """``chunk_keys`` one key at a time: a lookup that stops at its first miss (most requests) neither converts nor
+    hashes the rest of a long prompt (all keys of 32k tokens: 0.75-1.3 ms on the dev VM; the first: 7 us)."""
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    raw = token_bytes(tokens)
-    step = chunk_tokens * 8
-    prev = root_digest(namespace, salt)
-    keys = []
-    for start in range(0, len(raw) - step + 1, step):
-        prev = hashlib.blake2b(prev + raw[start : start + step], digest_size=KEY_BYTES).digest()
-        keys.append(prev.hex())
-    return keys
+    return _chain(tokens, chunk_tokens, root_digest(namespace, salt))
+
+
+def _chain(tokens: Sequence[int] | Any, chunk_tokens: int, prev: bytes) -> Iterator[str]:
+    for raw in _chunk_bytes(tokens, chunk_tokens):
+        h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
+        h.update(raw)
+        prev = h.digest()
+        yield prev.hex()
+
+
+def _chunk_bytes(tokens: Sequence[int] | Any, chunk_tokens: int) -> Iterator[bytes | memoryview]:
+    """Each FULL chunk of ``tokens`` as little-endian int64 bytes, whatever the container (list, tuple, array,
+    tensor); produced as asked for, so a caller that stops early converts no further."""
+    if hasattr(tokens, "detach"):  # torch tensor: one vectorized conversion, no Python-level loop
+        import torch
+
+        tokens = tokens.detach().to(device="cpu", dtype=torch.int64).numpy()
+    if hasattr(tokens, "astype"):  # numpy array
+        import numpy as np
+
+        whole = memoryview(np.ascontiguousarray(tokens, dtype="<i8")).cast("B")
+        step = chunk_tokens * 8
+        for start in range(0, len(whole) - step + 1, step):
+            yield whole[start : start + step]
+        return
+    pack = struct.Struct(f"<{chunk_tokens}q").pack
+    for start in range(0, len(tokens) - chunk_tokens + 1, chunk_tokens):  # a partial tail chunk has no key
+        yield pack(*tokens[start : start + chunk_tokens])

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvport.cache.keys import chunk_keys
+from kvport.cache.keys import chunk_keys, iter_chunk_keys
 
 C = 16
 
@@ -69,3 +69,9 @@ def test_keys_are_stable_across_processes_and_hash_seeds():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         outs.add(out.stdout.strip())
     assert outs == {chunk_keys(list(range(64)), 16, "ns", "s")[-1]}
+
+
+def test_iter_chunk_keys_derives_a_key_only_when_asked():
+    tokens = list(range(C)) + [None] * C  # the second chunk cannot be converted: it must not be touched
+    assert next(iter_chunk_keys(tokens, C, "m")) == chunk_keys(tokens[:C], C, "m")[0]
+    assert list(iter_chunk_keys(list(range(C * 3 + 1)), C, "m")) == chunk_keys(list(range(C * 3 + 1)), C, "m")
