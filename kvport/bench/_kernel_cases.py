@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import sys
 
 import torch
 from tqdm import tqdm
@@ -154,7 +155,7 @@ class Bench:
         records = []
         kv_cache: dict = {}
         rng = random.Random(0)
-        for case in tqdm(cases, desc="bench kernels", unit="case", file=__import__("sys").stderr):
+        for case in tqdm(cases, desc="bench kernels", unit="case", file=sys.stderr):
             name, spec, allocate, tokens, direction, backend, path, load = case
             key = (name, tokens)
             if key not in kv_cache:
@@ -269,7 +270,7 @@ class Bench:
     def _under_load(self, enqueue) -> tuple[float, float]:
         """Transfers back to back while a GEMM loop runs on another stream, both started together.
 
-        Returns (median transfer ms, GEMM speed as a ratio to solo: solo ms / mean ms of the GEMMs that ran
+        Returns (mean transfer ms, GEMM speed as a ratio to solo: solo ms / mean ms of the GEMMs that ran
         entirely inside the transfer window)."""
         self.gemm_solo_ms()
         a, b, c = self._gemm
