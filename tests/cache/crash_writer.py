@@ -23,7 +23,7 @@ def main() -> None:
     engine = CacheEngine(cfg, "crash-test")
     engine.bind(desc)
     if mode == "stall":
-        real_write_all = local_disk._write_all
+        real_write_all = local_disk.write_all
 
         def half_then_stall(fd, buffers):
             header, body = buffers
@@ -31,7 +31,7 @@ def main() -> None:
             marker.write_text("mid-write")
             time.sleep(3600)
 
-        local_disk._write_all = half_then_stall
+        local_disk.write_all = half_then_stall
         engine.store(list(range(64)), [0, 1, 2, 3])
         time.sleep(3600)
     n = 0

@@ -172,7 +172,7 @@ class LocalDiskL2(L2Tier):
             path.parent.mkdir(exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                _write_all(fd, [memoryview(header), payload])
+                write_all(fd, [memoryview(header), payload])
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -273,7 +273,8 @@ class LocalDiskL2(L2Tier):
         return found
 
 
-def _write_all(fd: int, buffers: list[memoryview]) -> None:
+def write_all(fd: int, buffers: list[memoryview]) -> None:
+    """Write every byte of ``buffers`` in order (os.write may write less than asked)."""
     for buf in buffers:
         done = 0
         while done < len(buf):
