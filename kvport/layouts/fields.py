@@ -3,12 +3,18 @@ Owns the one-line messages for single fields; must not know how fields combine i
 
 from __future__ import annotations
 
+import re
+
 from kvport.layouts.exprs import ExprError, substitute
 from kvport.layouts.spec import AXIS_LETTERS, DTYPE_SIZES, Dims, LayoutError
 
+_INT = re.compile(r"-?\d+")
+
 
 def coerce(value: object) -> object:
-    if isinstance(value, str) and value.lstrip("-").isdigit():
+    """A dim given as text (``--dims layers=32``) -> int when it is one; anything else stays text for the checks."""
+    # Not lstrip("-").isdigit(): int() refuses "--3" and "2²", which would be a traceback, not a one-line error.
+    if isinstance(value, str) and _INT.fullmatch(value):
         return int(value)
     return value
 

@@ -104,6 +104,17 @@ def test_unknown_dim_override_is_one_line():
     )
 
 
+@pytest.mark.parametrize("text", ["--3", "2\u00b2"])
+def test_a_dim_text_that_int_refuses_is_one_line(text):
+    with pytest.raises(LayoutError) as err:
+        load_layout("vllm-flash-nhd", layers=text)
+    assert str(err.value).startswith("vllm-flash-nhd.yaml: groups[0].layers: expected a layer count")
+
+
+def test_dim_text_that_is_an_integer_becomes_one():
+    assert load_layout("vllm-flash-nhd", layers="02", kv_heads="3").groups[0].heads == 3
+
+
 def test_torch_dtype_objects_are_accepted_as_dims():
     torch = pytest.importorskip("torch")
     assert load_layout("vllm-flash-nhd", dtype=torch.float16).groups[0].dtype == "float16"
