@@ -3,6 +3,7 @@ Owns every validation message (one line: file, field path, problem); must not im
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -164,7 +165,7 @@ def _group(ctx: Ctx, raw: object, i: int, default_dtype: object) -> GroupSpec:
     )
     _check_axes(ctx, group, p, "shape_order" in raw)
     strides = _strides(ctx, raw.get("strides"), f"{p}.strides", group) if "strides" in raw else ()
-    group = GroupSpec(**{**group.__dict__, "strides_bytes": strides})
+    group = dataclasses.replace(group, strides_bytes=strides)
     if planes:
         _check_planes(ctx, group, p)
     return group
