@@ -3,13 +3,20 @@
 #include "ops.h"
 #include "vendor.h"
 
+// One place decides whether this build has the batched call; memcpy_batch and has_batched_memcpy both read it.
+#if !defined(KVPORT_HIP) && defined(CUDART_VERSION) && CUDART_VERSION >= 12080
+#define KVPORT_BATCHED_MEMCPY 1
+#else
+#define KVPORT_BATCHED_MEMCPY 0
+#endif
+
 namespace kvport {
 
 const char* memcpy_batch(const std::uintptr_t* dsts, const std::uintptr_t* srcs, const std::size_t* sizes,
                          std::size_t count, std::uintptr_t stream, bool batched) {
   if (count == 0) return nullptr;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-#if !defined(KVPORT_HIP) && defined(CUDART_VERSION) && CUDART_VERSION >= 12080
+#if KVPORT_BATCHED_MEMCPY
   if (batched) {
     cudaMemcpyAttributes attr = {};
     // Stream order: the sources were written by earlier work on this stream (the engine's forward pass).
@@ -40,12 +47,6 @@ const char* memcpy_batch(const std::uintptr_t* dsts, const std::uintptr_t* srcs,
   return nullptr;
 }
 
-bool has_batched_memcpy() {
-#if !defined(KVPORT_HIP) && defined(CUDART_VERSION) && CUDART_VERSION >= 12080
-  return true;
-#else
-  return false;
-#endif
-}
+bool has_batched_memcpy() { return KVPORT_BATCHED_MEMCPY != 0; }
 
 }  // namespace kvport
