@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("kvport.cache")
 _NO_SLOT = object()  # a fetch that found the chunk in L2 but had no free L1 slot to read it into
+# Longest wait for a chunk another thread is reading into L1 (one chunk read takes milliseconds).
+_FILL_WAIT_S = 1.0
 
 
 def _metrics_label(namespace: str) -> str:
@@ -269,25 +271,18 @@ class CacheEngine:
             return None
         lease = self.l1.reserve(key)
         if lease is None:
-            return self._fetch_contended(key)
+            # Either another thread is filling this key right now (wait for it, briefly) or every slot is pinned
+            # (the caller falls back to the scratch buffer).
+            lease = self.l1.acquire(key, wait_fill=_FILL_WAIT_S)
+            if lease is None:
+                return _NO_SLOT
+            self.metrics.inc("hits", op="load", tier="l1")
+            return lease
         if self._read_l2(key, lease.buffer):
             self.l1.commit(lease)
             return lease
         self.l1.abort(lease)
         return None
-
-    def _fetch_contended(self, key: str):
-        # Either another thread is filling this key right now or every slot is pinned. Wait briefly for the
-        # former; fall back to the scratch buffer for the latter.
-        for _ in range(1000):
-            lease = self.l1.acquire(key)
-            if lease is not None:
-                self.metrics.inc("hits", op="load", tier="l1")
-                return lease
-            if not self.l1.is_filling(key):
-                break
-            time.sleep(0.001)
-        return _NO_SLOT
 
     def _read_l2(self, key: str, dst: torch.Tensor) -> bool:
         start = time.perf_counter()

@@ -65,6 +65,7 @@ class L1Pool:
         skip = -raw.data_ptr() % SLOT_ALIGN
         self.memory = raw[skip : skip + self.num_slots * self.slot_bytes]
         self._lock = threading.Lock()
+        self._filled = threading.Condition(self._lock)  # notified whenever a reserved slot is committed or aborted
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU first
         self._free = list(range(self.num_slots - 1, -1, -1))
         self.metrics = metrics  # a CacheMetrics, or None
@@ -84,9 +85,12 @@ class L1Pool:
             entry = self._entries.get(key)
             return entry is not None and entry.visible
 
-    def acquire(self, key: str) -> Lease | None:
-        """Pin a visible chunk for reading and mark it most recently used; None when absent."""
+    def acquire(self, key: str, wait_fill: float = 0.0) -> Lease | None:
+        """Pin a visible chunk for reading and mark it most recently used; None when absent. With ``wait_fill``,
+        a chunk another thread is filling right now is waited for, up to that many seconds."""
         with self._lock:
+            if wait_fill > 0:
+                self._filled.wait_for(lambda: self._entries.get(key) is None or self._entries[key].visible, wait_fill)
             entry = self._entries.get(key)
             if entry is None or not entry.visible:
                 return None
@@ -113,6 +117,7 @@ class L1Pool:
         with self._lock:
             self._entries[lease.key].visible = True
             self._entries.move_to_end(lease.key)
+            self._filled.notify_all()
 
     def abort(self, lease: Lease) -> None:
         """Drop a reserved slot that was not filled (a failed gather or read)."""
@@ -121,6 +126,7 @@ class L1Pool:
             if entry is not None:
                 self._free.append(entry.slot)
             lease._released = True
+            self._filled.notify_all()
 
     def discard(self, key: str) -> bool:
         """Remove a visible, unpinned chunk (e.g. found stale); pinned chunks stay until their readers finish."""
@@ -131,12 +137,6 @@ class L1Pool:
             del self._entries[key]
             self._free.append(entry.slot)
             return True
-
-    def is_filling(self, key: str) -> bool:
-        """True while ``key`` is reserved but not yet committed (another thread is filling it)."""
-        with self._lock:
-            entry = self._entries.get(key)
-            return entry is not None and not entry.visible
 
     @staticmethod
     def slot_size(chunk_bytes: int) -> int:

@@ -106,3 +106,19 @@ def test_concurrent_readers_never_see_their_slot_reused():
     assert errors == []
     assert pool.evictions > 0  # the churn really evicted
     assert pool.pinned_count() == 0
+
+
+def test_acquire_waits_for_a_fill_in_progress():
+    pool = L1Pool(2 * SLOT_ALIGN, CHUNK)
+    lease = pool.reserve("x")
+    assert pool.acquire("x") is None  # no wait asked: a slot being filled is not there yet
+    timer = threading.Timer(0.05, lambda: (lease.buffer.fill_(7), pool.commit(lease), lease.release()))
+    timer.start()
+    got = pool.acquire("x", wait_fill=10)
+    assert got is not None and torch.all(got.buffer == 7)
+    got.release()
+    aborted = pool.reserve("y")
+    threading.Timer(0.05, pool.abort, args=(aborted,)).start()
+    assert pool.acquire("y", wait_fill=10) is None  # the fill failed: absent, without waiting out the timeout
+    assert pool.acquire("z", wait_fill=10) is None  # never reserved: returns at once
+    assert pool.pinned_count() == 0
