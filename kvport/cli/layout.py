@@ -78,9 +78,8 @@ def _show(name: str, dims: dict[str, str], chunk_tokens: int) -> int:
     print(f"bytes/token  {spec.bytes_per_token():g}")
     total = 0
     for gi, g in enumerate(spec.groups):
-        slots = -(-chunk_tokens // (g.tokens_per_block if g.opaque else g.tokens_per_slot))
         comps = g.canonical_components()
-        chunk = slots * len(g.layers) * sum(c.rows * c.row_bytes for c in comps)
+        chunk = g.canonical_bytes(chunk_tokens)
         total += chunk
         layers = list(g.layers)
         print(f"groups[{gi}]    {g.name}: kind {g.kind}, {len(layers)} layers {_layer_text(layers)}")

@@ -179,11 +179,21 @@ class GroupSpec:
                 total *= sizes[letter]
         return total
 
+    def tokens_per_canonical_slot(self) -> int:
+        """Tokens behind one canonical slot: a whole block for opaque groups, else one (compressed) slot."""
+        return self.tokens_per_block if self.opaque else self.tokens_per_slot
+
+    def canonical_slot_bytes(self) -> int:
+        """Canonical bytes of one slot, all components of all this group's layers."""
+        return sum(c.rows * c.row_bytes for c in self.canonical_components()) * len(self.layers)
+
+    def canonical_bytes(self, num_tokens: int) -> int:
+        """This group's share of a canonical chunk of ``num_tokens`` tokens (a partial last slot counts whole)."""
+        return -(-num_tokens // self.tokens_per_canonical_slot()) * self.canonical_slot_bytes()
+
     def bytes_per_token(self) -> float:
         """Canonical bytes per token of this group, all its layers (compressed slots count fractionally)."""
-        per_slot = sum(c.rows * c.row_bytes for c in self.canonical_components()) * len(self.layers)
-        per = self.tokens_per_block if self.opaque else self.tokens_per_slot
-        return per_slot / per
+        return self.canonical_slot_bytes() / self.tokens_per_canonical_slot()
 
 
 @dataclasses.dataclass(frozen=True)

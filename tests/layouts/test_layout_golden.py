@@ -97,6 +97,17 @@ def test_bytes_per_token_for_a_real_model_size():
     assert load_layout("vllm-flash-nhd", layers=32, kv_heads=8, head_dim=128).bytes_per_token() == 131072
 
 
+def test_spec_chunk_size_matches_the_compiled_descriptor():
+    # `kvport layout show` sizes chunks from the spec alone; it must agree with what the copy ops move.
+    from kvport.layouts import catalog_names
+
+    for name in catalog_names():
+        spec = load_layout(name)
+        descriptor = allocate(spec, 1, fill="zeros").descriptor
+        for tokens in (1, 7, 64, 256, 1000):
+            assert sum(g.canonical_bytes(tokens) for g in spec.groups) == descriptor.canonical_bytes(tokens), name
+
+
 def _by_hand(rows_of, layers, comps, slots):
     """Canonical bytes from a row accessor: stream (layer, comp) after stream, slot after slot."""
     parts = [
