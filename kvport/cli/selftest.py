@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         result = _guard(
             functools.partial(roundtrip, spec, backend, str(device), _seed(args.seed, spec.name), args.staging)
         )
-        passed, failures = _report(result, f"{spec.name:{width}}", backend, device, tag, passed, failures)
+        ok = _report(result.ok, f"{spec.name:{width}}", f"{backend.name}/{device}{tag}", result.detail)
+        passed, failures = passed + ok, failures + (not ok)
 
     if not args.no_cross:
         pool = {s.name: s for s in specs}
@@ -104,22 +105,16 @@ def run(args: argparse.Namespace) -> int:
                 if not result.ok:
                     bad.append(f"{partner.name}: {result.detail}")
             label = f"cross {spec.name} -> {len(partners)} compatible"
-            if bad:
-                print(f"FAIL {label} [{backend.name}/{device}{tag}] {'; '.join(bad)}")
-                failures += 1
-            else:
-                print(f"ok   {label} [{backend.name}/{device}{tag}]")
-                passed += 1
+            ok = _report(not bad, label, f"{backend.name}/{device}{tag}", "; ".join(bad))
+            passed, failures = passed + ok, failures + (not ok)
     print(f"selftest: {passed} passed, {failures} failed, {skipped} skipped (seed {args.seed})")
     return 1 if failures else 0
 
 
-def _report(result, label, backend, device, tag, passed, failures):
-    if result.ok:
-        print(f"ok   {label} [{backend.name}/{device}{tag}] {result.detail}")
-        return passed + 1, failures
-    print(f"FAIL {label} [{backend.name}/{device}{tag}] {result.detail}")
-    return passed, failures + 1
+def _report(ok: bool, label: str, where: str, detail: str) -> bool:
+    """Print one check's line (``ok``/``FAIL``, label, [backend/device], detail) and return ``ok`` for counting."""
+    print(f"{'ok  ' if ok else 'FAIL'} {label} [{where}]" + (f" {detail}" if detail else ""))
+    return ok
 
 
 def _guard(check):
