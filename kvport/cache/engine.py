@@ -328,11 +328,13 @@ class CacheEngine:
         return out
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait for queued L2 writes (they are visible to other processes afterwards)."""
+        """Wait for queued stores and their L2 writes (visible to other processes afterwards); TimeoutError when
+        that takes longer than ``timeout`` seconds in all."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self._worker is not None:
             self._worker.submit(lambda: None).result(timeout)
         if self._writes is not None:
-            self._writes.drain(timeout)
+            self._writes.drain(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def close(self, drain: bool = True) -> None:
         """Finish (``drain``) or cancel queued background work, then stop the threads. Every chunk ends up

@@ -52,9 +52,12 @@ class BoundedSubmitter:
             return len(self._pending)
 
     def drain(self, timeout: float | None = None) -> None:
+        """Wait for the jobs outstanding now; TimeoutError when some are still running after ``timeout`` seconds."""
         with self._lock:
             futures = list(self._pending)
-        cf.wait(futures, timeout)
+        _, not_done = cf.wait(futures, timeout)
+        if not_done:
+            raise TimeoutError(f"{len(not_done)} background jobs still pending after {timeout} s")
 
     def drop(self) -> int:
         """Cancel every job not started yet; returns how many were cancelled (running ones finish whole)."""

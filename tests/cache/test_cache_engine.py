@@ -382,3 +382,19 @@ def test_close_without_drain_counts_writes_queued_by_a_running_store(tmp_path):
     assert handle.wait(timeout=10) == 4 * C
     on_disk = sum(engine.l2.contains(k) for k in engine.chunk_keys(tokens))
     assert on_disk + engine.stats()["skipped_dropped_at_close"] == 4
+
+
+def test_flush_timeout_raises_while_writes_are_pending(tmp_path):
+    import time
+
+    src, sdesc = nhd_kv(seed=18)
+    tokens = list(range(C * 2))
+    engine = make_engine(tmp_path, desc=sdesc, l2_write_threads=1)
+    real_put = engine.l2.put
+    engine.l2.put = lambda *a: time.sleep(0.3) or real_put(*a)
+    engine.store(tokens, list(range(4)))
+    with pytest.raises(TimeoutError):
+        engine.flush(timeout=0.05)  # like Handle.wait: a timeout is reported, never a silent early return
+    engine.flush()
+    assert all(engine.l2.contains(k) for k in engine.chunk_keys(tokens))
+    engine.close()
