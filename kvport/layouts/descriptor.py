@@ -113,9 +113,10 @@ class CopyDescriptor:
 
 
 def _is_nested(block_ids: Sequence) -> bool:
-    if hasattr(block_ids, "dim"):
-        return block_ids.dim() > 1
+    # ndim, not torch's dim(): engines also hand numpy block tables (a 2-D one is one table per group).
+    if hasattr(block_ids, "ndim"):
+        return block_ids.ndim > 1
     if len(block_ids) == 0:
         return False
     first = block_ids[0]
-    return isinstance(first, (list, tuple)) or (hasattr(first, "dim") and first.dim() >= 1)
+    return isinstance(first, (list, tuple)) or getattr(first, "ndim", 0) >= 1

@@ -82,6 +82,22 @@ def test_zero_tokens_moves_nothing():
     assert int(buffer.sum()) == 0
 
 
+@pytest.mark.parametrize("kind", ["list", "torch", "numpy", "numpy rows"])
+def test_one_group_table_nested_or_as_an_array(kind):
+    np = pytest.importorskip("numpy")
+    table = {
+        "list": [[2, 0]],
+        "torch": torch.tensor([[2, 0]]),
+        "numpy": np.array([[2, 0]]),
+        "numpy rows": [np.array([2, 0])],
+    }[kind]
+    buffer = torch.arange(4 * 4 * 4, dtype=torch.uint8)
+    want, got = torch.empty(18, dtype=torch.uint8), torch.empty(18, dtype=torch.uint8)
+    gather(_descriptor(buffer), [2, 0], want, 6)
+    gather(_descriptor(buffer), table, got, 6)
+    assert torch.equal(got, want)
+
+
 def test_per_group_tables_for_two_groups():
     a, b = torch.arange(64, dtype=torch.uint8), torch.arange(64, 128, dtype=torch.uint8)
     groups = (GroupDesc(0, "a", 4, num_blocks=4), GroupDesc(1, "b", 2, num_blocks=8))
