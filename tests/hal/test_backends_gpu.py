@@ -186,3 +186,16 @@ def test_back_to_back_staged_transfers_keep_their_own_bytes(backend_name, direct
         expect = torch.empty(nbytes, dtype=torch.uint8)
         ref_gather(d, table, expect, tokens)
         assert torch.equal(host, expect), f"{direction}: a later transfer overwrote staging still in use"
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_pageable_host_chunk_is_refused(backend_name):
+    """A kernel cannot reach pageable host memory: a ValueError before launch, not a device fault."""
+    backend = _backend(backend_name)
+    kv, ids, tokens = _kv("vllm-flash-nhd", seed=17)
+    chunk = torch.zeros(kv.descriptor.canonical_bytes(tokens), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="must be pinned"):
+        backend.gather(kv.descriptor, ids, chunk, tokens)
+    with pytest.raises(ValueError, match="must be pinned"):
+        backend.scatter(chunk, kv.descriptor, ids, tokens)
+    torch.cuda.synchronize()

@@ -69,14 +69,11 @@ class NativeBackend(Backend):
     def _run(self, descriptor, block_ids, chunk, num_tokens, gather, max_programs, flat_ids) -> None:
         import torch
 
-        check_buffer("gather dst" if gather else "scatter src", chunk, descriptor.canonical_bytes(num_tokens))
+        device = descriptor.streams[0].buffer.device
+        name = "gather dst" if gather else "scatter src"
+        check_buffer(name, chunk, descriptor.canonical_bytes(num_tokens), engine_device=device)
         if num_tokens <= 0:
             return
-        device = descriptor.streams[0].buffer.device
-        if chunk.device.type == "cpu" and not chunk.is_pinned():
-            raise ValueError(
-                "native gather/scatter: a host chunk must be pinned (it is read through its mapped address)"
-            )
         module = self.module()
         _, launches = self._tables.get(descriptor, num_tokens, chunk, lambda width: width)
         blocks = flat_ids if flat_ids is not None else device_block_ids(descriptor, block_ids, num_tokens, device)

@@ -78,11 +78,12 @@ class TritonBackend(Backend):
     def _run(self, descriptor, block_ids, chunk, num_tokens, gather, max_programs, flat_ids) -> None:
         from kvport.kernels.triton.segment_copy import launch
 
-        check_buffer("gather dst" if gather else "scatter src", chunk, descriptor.canonical_bytes(num_tokens))
+        device = descriptor.streams[0].buffer.device
+        name = "gather dst" if gather else "scatter src"
+        check_buffer(name, chunk, descriptor.canonical_bytes(num_tokens), engine_device=device)
         if num_tokens <= 0:
             return
         plan, launches = self._tables.get(descriptor, num_tokens, chunk, _elem_bytes)
-        device = descriptor.streams[0].buffer.device
         blocks = flat_ids if flat_ids is not None else device_block_ids(descriptor, block_ids, num_tokens, device)
         storage = descriptor.streams[0].buffer.untyped_storage()
         for item in launches:

@@ -217,7 +217,9 @@ def flat_block_ids(descriptor: CopyDescriptor, block_ids: Sequence, num_tokens: 
     return torch.cat(parts)
 
 
-def check_buffer(name: str, tensor: torch.Tensor, need: int) -> None:
+def check_buffer(name: str, tensor: torch.Tensor, need: int, engine_device=None) -> None:
+    """A chunk the kernels can address: contiguous uint8 of ``need`` bytes, and pinned when it is host memory
+    for engine memory on ``engine_device`` (kernels reach it through its mapped address; pageable memory faults)."""
     import torch
 
     if tensor.dtype != torch.uint8 or not tensor.is_contiguous() or tensor.numel() < need:
@@ -225,3 +227,6 @@ def check_buffer(name: str, tensor: torch.Tensor, need: int) -> None:
             f"{name}: must be a contiguous uint8 tensor with >= {need} bytes, got {tensor.dtype} x {tensor.numel()}"
             f"{'' if tensor.is_contiguous() else ' (not contiguous)'}"
         )
+    if engine_device is not None and engine_device.type != "cpu" and tensor.device.type == "cpu":
+        if not tensor.is_pinned():
+            raise ValueError(f"{name}: a host chunk must be pinned (it is read through its mapped address)")

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from kvport.hal.transfer.planner import CostModel, estimate, plan  # noqa: E402
 from kvport.hal.transfer.regions import region_count, regions  # noqa: E402
 from kvport.hal.transfer.samples import Dims, sample  # noqa: E402
-from kvport.hal.transfer.segments import compile_plan, merge_stream  # noqa: E402
+from kvport.hal.transfer.segments import check_buffer, compile_plan, merge_stream  # noqa: E402
 from kvport.kernels.torch.gather import gather as ref_gather  # noqa: E402
 from kvport.kernels.torch.scatter import scatter as ref_scatter  # noqa: E402
 from kvport.layouts import allocate, catalog_names, load_layout  # noqa: E402
@@ -131,3 +131,11 @@ def test_out_of_range_block_ids_are_refused_like_the_reference(bad):
         ref_gather(d, [0, bad], host, tokens)
     with pytest.raises(ValueError, match=message):
         regions(d, [0, bad], tokens, host.data_ptr())
+
+
+def test_host_chunk_for_gpu_engine_must_be_pinned():
+    """Both kernel backends reach a host chunk through its mapped address: pageable memory would fault the GPU."""
+    chunk = torch.zeros(64, dtype=torch.uint8)
+    check_buffer("gather dst", chunk, 64, engine_device=torch.device("cpu"))  # interpreter: CPU engine memory
+    with pytest.raises(ValueError, match="gather dst: a host chunk must be pinned"):
+        check_buffer("gather dst", chunk, 64, engine_device=torch.device("cuda", 0))
