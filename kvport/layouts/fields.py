@@ -79,7 +79,7 @@ class Ctx:
         value = self.sub(value, path)
         if not isinstance(value, str) and type(value).__name__ == "dtype":  # a torch.dtype passed as a dim
             value = str(value).removeprefix("torch.")
-        if value not in DTYPE_SIZES:
+        if not isinstance(value, str) or value not in DTYPE_SIZES:  # a list or mapping is not hashable
             raise self.fail(path, f"unknown dtype {value!r} (dtypes: {', '.join(DTYPE_SIZES)})")
         return value
 

@@ -289,6 +289,8 @@ def _planes(ctx: Ctx, value: object, path: str) -> tuple[PlaneSpec, ...]:
 def _check_planes(ctx: Ctx, g: GroupSpec, p: str) -> None:
     if g.opaque:
         raise ctx.fail(f"{p}.planes", "opaque groups have no planes")
+    if g.structure == "kv_lists":
+        raise ctx.fail(f"{p}.planes", "planes divide one tensor's block; kv_lists hand K and V as separate tensors")
     end = g.plane_offsets()[-1] + g.slots_per_block * g.planes[-1].slot_bytes
     room = g.block_bytes()
     if end > room:

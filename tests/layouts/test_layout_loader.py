@@ -216,6 +216,15 @@ CASES = [
         _mutate(hands="layers"),
         "bad.yaml: groups[0].hands: only a shared structure can be handed as a buffer or as per-layer views",
     ),
+    (
+        _mutate(dtype=["bfloat16"]),
+        "bad.yaml: groups[0].dtype: unknown dtype ['bfloat16'] (dtypes: bfloat16, float16, "
+        "float32, float64, float8_e4m3fn, float8_e5m2, uint8, int8, int16, int32)",
+    ),
+    (
+        _mutate(structure="kv_lists", axes="BNHC", planes=[{"name": "a", "dtype": "uint8", "content": {"bytes": 4}}]),
+        "bad.yaml: groups[0].planes: planes divide one tensor's block; kv_lists hand K and V as separate tensors",
+    ),
     ("name: [unclosed\n", "bad.yaml: invalid YAML at line 2: expected ',' or ']', but got '<stream end>'"),
     ("- just\n- a list\n", "bad.yaml: expected a mapping at the top level, got a list"),
     (
