@@ -60,8 +60,9 @@ class Transfer:
         self.dma_stream = torch.cuda.Stream(self.device)
         self.zero_copy_programs = ZERO_COPY_PROGRAMS
         self._staging: list[torch.Tensor] = []
+        # Per-transfer host work memoized (host time matters): plans and staged pieces, see _memo.
         self._pieces: dict = {}
-        self._plans: dict = {}  # (descriptor id, tokens, direction, path) -> (descriptor, Plan): host time matters
+        self._plans: dict = {}
 
     def allowed(self, descriptor: CopyDescriptor) -> dict[str, str]:
         """Per path, "" if it can run here or the reason it cannot."""
@@ -75,16 +76,27 @@ class Transfer:
             out["zero-copy"] = "the torch backend cannot bound its SM use (no program limit)"
         return out
 
-    def plan(self, descriptor: CopyDescriptor, num_tokens: int, direction: str, path: str = "auto") -> Plan:
-        key = (id(descriptor), num_tokens, direction, path)
-        hit = self._plans.get(key)
+    @staticmethod
+    def _memo(cache: dict, key: tuple, descriptor: CopyDescriptor, make):
+        """``make()`` memoized under (id(descriptor), *key). Entries hold the descriptor, so its id cannot be reused
+        while cached; the cache is dropped past 256 entries so descriptors that come and go are not kept alive."""
+        full = (id(descriptor), *key)
+        hit = cache.get(full)
         if hit is not None and hit[0] is descriptor:
             return hit[1]
-        chosen = plan(descriptor, num_tokens, direction, self.allowed(descriptor), path, self.model)
-        if len(self._plans) > 256:
-            self._plans.clear()
-        self._plans[key] = (descriptor, chosen)
-        return chosen
+        value = make()
+        if len(cache) > 256:
+            cache.clear()
+        cache[full] = (descriptor, value)
+        return value
+
+    def plan(self, descriptor: CopyDescriptor, num_tokens: int, direction: str, path: str = "auto") -> Plan:
+        return self._memo(
+            self._plans,
+            (num_tokens, direction, path),
+            descriptor,
+            lambda: plan(descriptor, num_tokens, direction, self.allowed(descriptor), path, self.model),
+        )
 
     def to_host(
         self, descriptor, block_ids: Sequence, host: torch.Tensor, num_tokens: int, path: str = "auto", after=None
@@ -138,10 +150,12 @@ class Transfer:
             self.native.memcpy_regions(dsts, srcs, size)
 
     def _piece_list(self, descriptor, num_tokens):
-        key = (id(descriptor), num_tokens, self.model.piece_bytes)
-        hit = self._pieces.get(key)
-        if hit is not None and hit[0] is descriptor:
-            return hit[1]
+        key = (num_tokens, self.model.piece_bytes)
+        return self._memo(self._pieces, key, descriptor, lambda: self._split(descriptor, num_tokens))
+
+    def _split(self, descriptor, num_tokens):
+        """Consecutive streams grouped into pieces of at least ``piece_bytes`` (the last may be smaller):
+        (sub-descriptor, chunk offset, bytes) each."""
         offsets = descriptor.stream_offsets(num_tokens)
         total = descriptor.canonical_bytes(num_tokens)
         pieces, start = [], 0
@@ -151,7 +165,6 @@ class Transfer:
                 sub = dataclasses.replace(descriptor, streams=descriptor.streams[start:i])
                 pieces.append((sub, offsets[start], end - offsets[start]))
                 start = i
-        self._pieces[key] = (descriptor, pieces)
         return pieces
 
     def _stage(self, index: int, nbytes: int):

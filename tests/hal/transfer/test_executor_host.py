@@ -1,0 +1,41 @@
+"""The executor's host-side bookkeeping on CPU, streams faked: staged pieces tile the chunk in canonical order,
+and the per-descriptor memos stay bounded when descriptors come and go."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kvport.hal.backends.torch_ref import TorchBackend  # noqa: E402
+from kvport.hal.transfer.executor import Transfer  # noqa: E402
+from kvport.hal.transfer.planner import CostModel  # noqa: E402
+from kvport.hal.transfer.samples import Dims, sample  # noqa: E402
+
+
+@pytest.fixture
+def transfer(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: None)  # no stream is used below
+    return Transfer(TorchBackend(), "cpu", CostModel(piece_bytes=100))
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 23])
+def test_pieces_tile_the_chunk_in_order(transfer, tokens):
+    d = sample("mla_odd", Dims())
+    pieces = transfer._piece_list(d, tokens)
+    assert [s for sub, _, _ in pieces for s in sub.streams] == list(d.streams)
+    offset = 0
+    for sub, start, nbytes in pieces:
+        assert start == offset and nbytes == sub.canonical_bytes(tokens)
+        offset += nbytes
+    assert offset == d.canonical_bytes(tokens)
+    assert all(n >= transfer.model.piece_bytes for _, _, n in pieces[:-1])
+    assert transfer._piece_list(d, tokens) is pieces
+
+
+def test_memos_stay_bounded(transfer):
+    for seed in range(300):
+        d = sample("nhd", Dims(), seed=seed)  # a new descriptor each time, as when engines come and go
+        transfer._piece_list(d, 5)
+        assert transfer.plan(d, 5, "d2h").path == "staged"
+    assert len(transfer._pieces) <= 257 and len(transfer._plans) <= 257
