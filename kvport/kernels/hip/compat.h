@@ -17,6 +17,3 @@
 #define cudaDriverGetVersion hipDriverGetVersion
 #define cudaMemcpyAsync hipMemcpyAsync
 #define cudaMemcpyDefault hipMemcpyDefault
-#define cudaStreamSynchronize hipStreamSynchronize
-#define cudaMemcpyHostToDevice hipMemcpyHostToDevice
-#define cudaMemcpyDeviceToHost hipMemcpyDeviceToHost
