@@ -140,17 +140,8 @@ def roundtrip(
     spec: LayoutSpec, backend: Backend, device: str = "cpu", seed: int = 0, staging: str = "device"
 ) -> CheckResult:
     """Gather a random block set from random engine tensors, scatter it into a fresh cache, compare bytes."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    plan = make_plan(spec, gen)
-    source = allocate(spec, list(plan.num_blocks), device=device, generator=gen)
-    chunk, problem = gather_checked(spec, source, plan, backend, device, staging)
-    if not problem:
-        scatter_plan = make_plan(spec, gen, plan.num_tokens)
-        problem = scatter_checked(spec, chunk, scatter_plan, backend, device, gen)
-    nbytes = source.descriptor.canonical_bytes(plan.num_tokens)
-    where = f"{plan.num_tokens} tokens, {nbytes} bytes"
+    plan, source, problem = _gather_then_scatter(spec, spec, backend, device, seed, staging)
+    where = f"{plan.num_tokens} tokens, {source.descriptor.canonical_bytes(plan.num_tokens)} bytes"
     return CheckResult(not problem, f"{where}: {problem}" if problem else where)
 
 
@@ -158,15 +149,22 @@ def cross(
     a: LayoutSpec, b: LayoutSpec, backend: Backend, device: str = "cpu", seed: int = 0, staging: str = "device"
 ) -> CheckResult:
     """Gather from layout ``a``, scatter into layout ``b`` (same canonical fingerprint), compare token values."""
-    import torch
-
     if a.canonical_fingerprint() != b.canonical_fingerprint():
         return CheckResult(False, f"{a.name} and {b.name} have different canonical fingerprints")
+    plan, _, problem = _gather_then_scatter(a, b, backend, device, seed, staging)
+    return CheckResult(not problem, problem or f"{plan.num_tokens} tokens")
+
+
+def _gather_then_scatter(
+    a: LayoutSpec, b: LayoutSpec, backend: Backend, device, seed: int, staging: str
+) -> tuple[Plan, EngineKV, str]:
+    """Random ``a`` tensors, gathered and checked; the chunk scattered into a fresh ``b`` cache and checked."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
-    plan_a = make_plan(a, gen)
-    source = allocate(a, list(plan_a.num_blocks), device=device, generator=gen)
-    chunk, problem = gather_checked(a, source, plan_a, backend, device, staging)
+    plan = make_plan(a, gen)
+    source = allocate(a, list(plan.num_blocks), device=device, generator=gen)
+    chunk, problem = gather_checked(a, source, plan, backend, device, staging)
     if not problem:
-        plan_b = make_plan(b, gen, plan_a.num_tokens)
-        problem = scatter_checked(b, chunk, plan_b, backend, device, gen)
-    return CheckResult(not problem, problem or f"{plan_a.num_tokens} tokens")
+        problem = scatter_checked(b, chunk, make_plan(b, gen, plan.num_tokens), backend, device, gen)
+    return plan, source, problem
