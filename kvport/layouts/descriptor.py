@@ -111,6 +111,30 @@ class CopyDescriptor:
             )
         return list(block_ids)
 
+    def block_tables(self, block_ids: Sequence, num_tokens: int) -> list[torch.Tensor]:
+        """Per group, the block ids the first ``num_tokens`` tokens use: int64 on the CPU, checked once for every
+        backend. Every backend adds these ids to engine pointers, so an id outside the engine tensors (negative, past
+        ``num_blocks``, or a truncated non-integer) would read or write memory that is not this KV."""
+        import torch
+
+        tables = []
+        for group, table in zip(self.groups, self.normalize_block_ids(block_ids)):
+            table = torch.as_tensor(table)
+            if table.numel() and (table.dtype.is_floating_point or table.dtype.is_complex or table.dtype == torch.bool):
+                raise ValueError(f"group {group.name!r}: block ids must be integers, got {table.dtype}")
+            table = table.reshape(-1)
+            need = group.block_count(num_tokens)
+            if table.numel() < need:
+                raise ValueError(
+                    f"group {group.name!r}: {num_tokens} tokens need {need} blocks, got {table.numel()} block ids"
+                )
+            table = table[:need].to(device="cpu", dtype=torch.int64)
+            if table.numel() and (int(table.min()) < 0 or (group.num_blocks and int(table.max()) >= group.num_blocks)):
+                limit = f"0..{group.num_blocks - 1}" if group.num_blocks else ">= 0"
+                raise ValueError(f"group {group.name!r}: block ids must be in {limit}, got {table.tolist()}")
+            tables.append(table)
+        return tables
+
 
 def _is_nested(block_ids: Sequence) -> bool:
     # ndim, not torch's dim(): engines also hand numpy block tables (a 2-D one is one table per group).

@@ -196,22 +196,7 @@ def flat_block_ids(descriptor: CopyDescriptor, block_ids: Sequence, num_tokens: 
     """The block ids each group needs for num_tokens, concatenated in group order (int64, CPU)."""
     import torch
 
-    tables = descriptor.normalize_block_ids(block_ids)
-    parts = []
-    for group, table in zip(descriptor.groups, tables):
-        need = group.block_count(num_tokens)
-        table = torch.as_tensor(table, dtype=torch.int64).reshape(-1)
-        if table.numel() < need:
-            raise ValueError(
-                f"group {group.name!r}: {num_tokens} tokens need {need} blocks, got {table.numel()} block ids"
-            )
-        table = table[:need].cpu()
-        # The kernels and the DMA regions add ids to engine pointers unchecked: an id outside the engine tensors
-        # would read or write memory that is not this KV. Refused exactly as the torch reference refuses it.
-        if table.numel() and (int(table.min()) < 0 or (group.num_blocks and int(table.max()) >= group.num_blocks)):
-            limit = f"0..{group.num_blocks - 1}" if group.num_blocks else ">= 0"
-            raise ValueError(f"group {group.name!r}: block ids must be in {limit}, got {table.tolist()}")
-        parts.append(table)
+    parts = descriptor.block_tables(block_ids, num_tokens)
     if not parts:
         return torch.zeros(0, dtype=torch.int64)
     return torch.cat(parts)

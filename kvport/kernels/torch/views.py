@@ -15,22 +15,12 @@ def storage_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return raw
 
 
-def slot_index(group: GroupDesc, block_ids: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block id, in-block slot) for every slot the first ``num_tokens`` tokens touch, in canonical order."""
+def slot_index(group: GroupDesc, table: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block id, in-block slot) for every slot the first ``num_tokens`` tokens touch, in canonical order.
+    ``table`` is the group's checked table from ``CopyDescriptor.block_tables``."""
     slots = torch.arange(group.slot_count(num_tokens), dtype=torch.int64)
     spb = group.slots_per_block
-    needed = group.block_count(num_tokens)
-    if block_ids.numel() < needed:
-        raise ValueError(
-            f"group {group.name!r}: {num_tokens} tokens need {needed} blocks, got {block_ids.numel()} block ids"
-        )
-    table = block_ids.to(torch.int64).cpu()[:needed]
-    # Negative ids would silently index from the end of the view; ids past the tensors would read other memory.
-    if table.numel() and (int(table.min()) < 0 or (group.num_blocks and int(table.max()) >= group.num_blocks)):
-        limit = f"0..{group.num_blocks - 1}" if group.num_blocks else ">= 0"
-        raise ValueError(f"group {group.name!r}: block ids must be in {limit}, got {table.tolist()}")
-    blocks = table[slots // spb]
-    return blocks, slots % spb
+    return table[slots // spb], slots % spb
 
 
 def stream_rows(stream: StreamDesc, group: GroupDesc, max_block: int) -> torch.Tensor:
@@ -45,13 +35,9 @@ def stream_rows(stream: StreamDesc, group: GroupDesc, max_block: int) -> torch.T
 
 
 def per_group_ids(descriptor: CopyDescriptor, block_ids, num_tokens: int):
-    """Per group, the (blocks, slots) index pair; validates the block tables once per call."""
-    tables = descriptor.normalize_block_ids(block_ids)
-    out = []
-    for group, table in zip(descriptor.groups, tables):
-        table = torch.as_tensor(table, dtype=torch.int64)
-        out.append(slot_index(group, table, num_tokens))
-    return out
+    """Per group, the (blocks, slots) index pair; the block tables are checked once per call."""
+    tables = descriptor.block_tables(block_ids, num_tokens)
+    return [slot_index(group, table, num_tokens) for group, table in zip(descriptor.groups, tables)]
 
 
 def addressed_streams(descriptor: CopyDescriptor, block_ids, num_tokens: int):

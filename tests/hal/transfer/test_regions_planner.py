@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from kvport.hal.transfer.planner import CostModel, estimate, plan  # noqa: E402
 from kvport.hal.transfer.regions import region_count, regions  # noqa: E402
 from kvport.hal.transfer.samples import Dims, sample  # noqa: E402
-from kvport.hal.transfer.segments import check_buffer, compile_plan, merge_stream  # noqa: E402
+from kvport.hal.transfer.segments import check_buffer, compile_plan, flat_block_ids, merge_stream  # noqa: E402
 from kvport.kernels.torch.gather import gather as ref_gather  # noqa: E402
 from kvport.kernels.torch.scatter import scatter as ref_scatter  # noqa: E402
 from kvport.layouts import allocate, catalog_names, load_layout  # noqa: E402
@@ -131,6 +131,15 @@ def test_out_of_range_block_ids_are_refused_like_the_reference(bad):
         ref_gather(d, [0, bad], host, tokens)
     with pytest.raises(ValueError, match=message):
         regions(d, [0, bad], tokens, host.data_ptr())
+
+
+def test_float_block_ids_are_refused_by_every_table_builder():
+    spec = load_layout("vllm-flash-nhd")
+    kv = allocate(spec, 4, generator=torch.Generator().manual_seed(3))
+    tokens = 2 * spec.groups[0].tokens_per_block
+    with pytest.raises(ValueError, match="block ids must be integers, got torch.float32"):
+        flat_block_ids(kv.descriptor, [0.0, 2.5], tokens)
+    assert flat_block_ids(kv.descriptor, [], 0).numel() == 0
 
 
 def test_host_chunk_for_gpu_engine_must_be_pinned():

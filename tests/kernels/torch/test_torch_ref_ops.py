@@ -57,6 +57,9 @@ def test_compressed_slots_count_partial_slots():
         ([0], "group 'g': 6 tokens need 2 blocks, got 1 block ids"),
         ([0, -1], r"group 'g': block ids must be in 0..3, got \[0, -1\]"),
         ([4, 0], r"group 'g': block ids must be in 0..3, got \[4, 0\]"),
+        # 1.7 would otherwise be truncated to block 1: a silently wrong block.
+        ([0.0, 1.7], r"group 'g': block ids must be integers, got torch.float32"),
+        (torch.tensor([0.0, 1.0], dtype=torch.float64), r"group 'g': block ids must be integers, got torch.float64"),
     ],
 )
 def test_bad_block_ids_are_refused(ids, message):
