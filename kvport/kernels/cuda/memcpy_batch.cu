@@ -3,12 +3,7 @@
 #include "ops.h"
 #include "vendor.h"
 
-// One place decides whether this build has the batched call; memcpy_batch and has_batched_memcpy both read it.
-#if !defined(KVPORT_HIP) && defined(CUDART_VERSION) && CUDART_VERSION >= 12080
-#define KVPORT_BATCHED_MEMCPY 1
-#else
-#define KVPORT_BATCHED_MEMCPY 0
-#endif
+// KVPORT_BATCHED_MEMCPY (vendor.h / hip/compat.h) says whether this build has the batched call.
 
 namespace kvport {
 
@@ -36,8 +31,8 @@ const char* memcpy_batch(const std::uintptr_t* dsts, const std::uintptr_t* srcs,
     return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
   }
 #endif
-  // HIP: the batched call is unreliable before ROCm 7.14 (issue 4), and Debian's hipcc headers predate it,
-  // so ROCm always takes per-region copies here.
+  // Builds without the batched call (HIP, CUDA < 12.8; see KVPORT_BATCHED_MEMCPY) and calls with batched=false
+  // take one async copy per region.
   (void)batched;
   for (std::size_t i = 0; i < count; ++i) {
     cudaError_t err = cudaMemcpyAsync(reinterpret_cast<void*>(dsts[i]), reinterpret_cast<const void*>(srcs[i]),
