@@ -52,13 +52,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, help="write a PNG of ratio to memcpy per layout and backend")
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flag values are checked before anything touches a device, so a typo is one line on any machine."""
+    for tokens in args.tokens or []:
+        if tokens < 1:
+            raise UserError(f"--tokens {tokens}: expected a positive token count")
+    for flag, value in (("--repeat", args.repeat), ("--piece-mib", args.piece_mib)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: expected a positive number")
+    if args.zero_copy_programs is not None and args.zero_copy_programs < 1:
+        raise UserError(f"--zero-copy-programs {args.zero_copy_programs}: expected a positive CTA/program count")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_flags(args)
     import torch
 
     if not torch.cuda.is_available():
         raise UserError("no CUDA/ROCm device visible to torch: the kernel benchmark needs a GPU")
-    if args.repeat < 1:
-        raise UserError(f"--repeat {args.repeat}: expected a positive count")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -69,8 +80,6 @@ def run(args: argparse.Namespace) -> int:
 
     model = CostModel()
     if args.piece_mib is not None:
-        if args.piece_mib < 1:
-            raise UserError(f"--piece-mib {args.piece_mib}: expected a positive size")
         model = dataclasses.replace(model, piece_bytes=args.piece_mib << 20)
 
     bench = Bench(

@@ -126,3 +126,21 @@ def test_unwritable_outputs_are_user_errors(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         with pytest.raises(UserError, match="--plot .*cannot write"):
             kernels.plot(RESULT, missing / "k.png")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--tokens 0", "--tokens 0: expected a positive token count"),
+        ("--tokens 256 --tokens -8", "--tokens -8: expected a positive token count"),
+        ("--repeat 0", "--repeat 0: expected a positive number"),
+        ("--piece-mib 0", "--piece-mib 0: expected a positive number"),
+        ("--zero-copy-programs -1", "--zero-copy-programs -1: expected a positive CTA/program count"),
+    ],
+)
+def test_bad_flag_values_are_one_line_errors_on_any_machine(flags, message, capsys):
+    from kvport.cli.main import main
+
+    assert main(["bench", "kernels", *flags.split()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kvport bench: {message}"
