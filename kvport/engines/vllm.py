@@ -21,7 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvport.engines.vllm_layouts import AttentionInfo, load_for, namespace_for, tensors_in_order
-from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, TransferSpec
+from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, TransferSpec, metrics_port_for
 from kvport.engines.vllm_worker import WorkerSide
 from kvport.errors import UserError
 
@@ -68,10 +68,12 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
 
         options, overrides = split_extra_config(self._kv_transfer_config.kv_connector_extra_config)
         self._options = options
-        self._cache_config = load_config(options.get("config"), overrides)
+        rank, world = _tp_rank_world(role)
+        config = load_config(options.get("config"), overrides)
+        port = metrics_port_for(config.metrics_port, role == KVConnectorRole.WORKER, rank)
+        self._cache_config = dataclasses.replace(config, metrics_port=port)
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
         self._block_size = groups[0].kv_cache_spec.block_size if groups else vllm_config.cache_config.block_size
-        rank, world = _tp_rank_world(role)
         self._rank = rank
         self._engine = CacheEngine(self._cache_config, _namespace(vllm_config, options, rank, world))
         self._stats_dir = options.get("stats_dir")

@@ -7,6 +7,16 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 
+def metrics_port_for(base: int | None, worker: bool, rank: int) -> int | None:
+    """The Prometheus port of one connector process. vLLM runs a scheduler connector and one worker connector per
+    tensor-parallel rank, often in separate processes, and only one process can bind a port: the scheduler serves
+    on ``metrics_port`` and TP rank r's worker on ``metrics_port + 1 + r``. (In one process both ports serve the
+    same registry.)"""
+    if base is None:
+        return None
+    return base + 1 + rank if worker else base
+
+
 @dataclasses.dataclass
 class TransferSpec:
     """One load or store the worker runs this step (all token counts are multiples of the chunk size)."""

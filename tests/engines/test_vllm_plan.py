@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvport.engines.vllm_plan import SchedulerPlan, StepRequest
+from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, metrics_port_for
 
 CHUNK, BLOCK = 256, 128
 
@@ -90,3 +90,9 @@ def test_finished_forgets_the_request() -> None:
     plan.finished("r")
     plan.finished("r")  # idempotent: vLLM may report a request finished for all groups too
     assert plan.tracked() == 0
+
+
+def test_each_connector_process_gets_its_own_metrics_port():
+    assert metrics_port_for(None, worker=True, rank=3) is None
+    ports = [metrics_port_for(9400, worker=False, rank=0)] + [metrics_port_for(9400, True, r) for r in range(4)]
+    assert ports == [9400, 9401, 9402, 9403, 9404]
