@@ -3,19 +3,17 @@ Owns the adapter from the Backend interface to the compiled module; must not bui
 
 from __future__ import annotations
 
-from kvport.hal.backend import Backend, Verdict
-from kvport.hal.transfer.segments import check_buffer
-from kvport.hal.transfer.tables import TableCache, device_block_ids
+from kvport.hal.backend import Verdict
+from kvport.hal.backends.segmented import SegmentedBackend
+from kvport.hal.transfer.tables import TableCache
 
 # Which torch platform each native target serves (ROCm torch still calls its devices "cuda").
 PLATFORM_OF = {"cuda": "cuda", "hip": "rocm"}
 
 
-class NativeBackend(Backend):
+class NativeBackend(SegmentedBackend):
     target = ""
     priority = 20
-    # Transfer may pass one device copy of the flat block ids to every piece of a staged transfer.
-    accepts_flat_ids = True
 
     def __init__(self) -> None:
         self._tables = TableCache("zero", max_width=16)
@@ -51,32 +49,19 @@ class NativeBackend(Backend):
         return info.get("target") == self.target and platform.name == PLATFORM_OF[self.target]
 
     def supports(self, descriptor) -> Verdict:
-        if not descriptor.streams:
-            return Verdict.no(f"{descriptor.layout}: descriptor has no streams")
-        devices = {s.buffer.device for s in descriptor.streams}
-        if len(devices) != 1 or next(iter(devices)).type != "cuda":
-            return Verdict.no(
-                f"{descriptor.layout}: native kernels need all streams on one GPU, got {sorted(map(str, devices))}"
-            )
+        device, refusal = self._one_device(descriptor)
+        if refusal is not None and not descriptor.streams:
+            return refusal
+        if device is None or device.type != "cuda":
+            devices = sorted({str(s.buffer.device) for s in descriptor.streams})
+            return Verdict.no(f"{descriptor.layout}: native kernels need all streams on one GPU, got {devices}")
         return Verdict.yes(f"{descriptor.layout}: strided rows, vectors up to 16 B")
 
-    def gather(self, descriptor, block_ids, dst, num_tokens, max_programs: int | None = None, flat_ids=None) -> None:
-        self._run(descriptor, block_ids, dst, num_tokens, True, max_programs, flat_ids)
-
-    def scatter(self, src, descriptor, block_ids, num_tokens, max_programs: int | None = None, flat_ids=None) -> None:
-        self._run(descriptor, block_ids, src, num_tokens, False, max_programs, flat_ids)
-
-    def _run(self, descriptor, block_ids, chunk, num_tokens, gather, max_programs, flat_ids) -> None:
+    def _launch(self, descriptor, chunk, num_tokens, blocks, gather, max_programs, device) -> None:
         import torch
 
-        device = descriptor.streams[0].buffer.device
-        name = "gather dst" if gather else "scatter src"
-        check_buffer(name, chunk, descriptor.canonical_bytes(num_tokens), engine_device=device)
-        if num_tokens <= 0:
-            return
         module = self.module()
         _, launches = self._tables.get(descriptor, num_tokens, chunk, lambda width: width)
-        blocks = flat_ids if flat_ids is not None else device_block_ids(descriptor, block_ids, num_tokens, device)
         stream = torch.cuda.current_stream(device).cuda_stream
         op = module.gather if gather else module.scatter
         for item in launches:

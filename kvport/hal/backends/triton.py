@@ -6,9 +6,9 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from kvport.hal.backend import Backend, Verdict
-from kvport.hal.transfer.segments import check_buffer
-from kvport.hal.transfer.tables import TableCache, device_block_ids
+from kvport.hal.backend import Verdict
+from kvport.hal.backends.segmented import SegmentedBackend
+from kvport.hal.transfer.tables import TableCache
 
 GPU_PLATFORMS = ("cuda", "rocm", "xpu")
 
@@ -22,12 +22,9 @@ def _elem_bytes(width: int) -> int:
     return 4 if width >= 4 else width
 
 
-class TritonBackend(Backend):
+class TritonBackend(SegmentedBackend):
     name = "triton"
     priority = 10
-
-    # Transfer may pass one device copy of the flat block ids to every piece of a staged transfer.
-    accepts_flat_ids = True
 
     def __init__(self) -> None:
         self._tables = TableCache("first", max_width=16)
@@ -43,21 +40,12 @@ class TritonBackend(Backend):
         return Verdict.no(f"Triton needs a GPU (cuda, rocm, xpu); platform is {platform.name} (TRITON_INTERPRET unset)")
 
     def supports(self, descriptor) -> Verdict:
-        if not descriptor.streams:
-            return Verdict.no(f"{descriptor.layout}: descriptor has no streams")
-        devices = {s.buffer.device for s in descriptor.streams}
-        if len(devices) != 1:
-            return Verdict.no(f"{descriptor.layout}: streams span several devices ({sorted(map(str, devices))})")
-        device = next(iter(devices))
+        device, refusal = self._one_device(descriptor)
+        if refusal is not None:
+            return refusal
         if device.type == "cpu" and not interpreter_on():
             return Verdict.no(f"{descriptor.layout}: engine memory is on the CPU and TRITON_INTERPRET is unset")
         return Verdict.yes(f"{descriptor.layout}: every stream is a strided row copy")
-
-    def gather(self, descriptor, block_ids, dst, num_tokens, max_programs: int | None = None, flat_ids=None) -> None:
-        self._run(descriptor, block_ids, dst, num_tokens, True, max_programs, flat_ids)
-
-    def scatter(self, src, descriptor, block_ids, num_tokens, max_programs: int | None = None, flat_ids=None) -> None:
-        self._run(descriptor, block_ids, src, num_tokens, False, max_programs, flat_ids)
 
     def _anchor(self, storage, elem_bytes: int, device):
         import torch
@@ -75,16 +63,10 @@ class TritonBackend(Backend):
             self._anchors[key] = anchor
         return anchor
 
-    def _run(self, descriptor, block_ids, chunk, num_tokens, gather, max_programs, flat_ids) -> None:
+    def _launch(self, descriptor, chunk, num_tokens, blocks, gather, max_programs, device) -> None:
         from kvport.kernels.triton.segment_copy import launch
 
-        device = descriptor.streams[0].buffer.device
-        name = "gather dst" if gather else "scatter src"
-        check_buffer(name, chunk, descriptor.canonical_bytes(num_tokens), engine_device=device)
-        if num_tokens <= 0:
-            return
         plan, launches = self._tables.get(descriptor, num_tokens, chunk, _elem_bytes)
-        blocks = flat_ids if flat_ids is not None else device_block_ids(descriptor, block_ids, num_tokens, device)
         storage = descriptor.streams[0].buffer.untyped_storage()
         for item in launches:
             anchor = self._anchor(storage, item.elem_bytes, device)
