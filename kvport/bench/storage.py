@@ -93,14 +93,14 @@ class Bench:
     def __init__(self, work: Path, args: argparse.Namespace) -> None:
         import torch
 
-        from kvport.cache.l2.local_disk import LocalDiskL2
+        from kvport.store.tiers.local_disk import LocalDiskTier
 
         self.work = work
         self.args = args
         self.chunk_bytes = _chunk_bytes(args)
         self.total = self.chunk_bytes * args.chunks
         # Capacity far above what the run writes: eviction is measured by the tests, not here.
-        self.tier = LocalDiskL2(work / "l2", capacity_bytes=1 << 50)
+        self.tier = LocalDiskTier(work / "l2", capacity_bytes=1 << 50)
         gen = torch.Generator().manual_seed(0)
         # Random bytes, as KV is incompressible; one buffer per chunk so threads never share one.
         self.src = [torch.randint(0, 256, (self.chunk_bytes,), dtype=torch.uint8, generator=gen)]
@@ -165,7 +165,7 @@ class Bench:
 
     # ---- raw sequential I/O of the same bytes on the same file system --------------------------------------
     def raw_write(self, path: Path) -> dict:
-        from kvport.cache.l2.local_disk import write_all  # the tier's own write loop: only its overhead differs
+        from kvport.store.tiers.local_disk import write_all  # the tier's own write loop: only its overhead differs
 
         progress = _progress(self.args.chunks, "raw write")
         latencies = []
@@ -211,7 +211,7 @@ class Bench:
 
         def put(i: int) -> None:
             t0 = time.perf_counter()
-            if not self.tier.put(keys[i], self.fingerprint, self.src[i % len(self.src)]):
+            if not self.tier.put_one(keys[i], self.fingerprint, self.src[i % len(self.src)]):
                 raise RuntimeError(f"store of chunk {i} failed (disk full or I/O error under {self.work})")
             latencies.append(time.perf_counter() - t0)
             progress.update()
@@ -225,7 +225,7 @@ class Bench:
         return _summary(self.total, elapsed, latencies)
 
     def load(self, keys: list[str]) -> dict:
-        from kvport.cache.l2.base import ReadResult
+        from kvport.store.tiers.base import ReadResult
 
         if self.args.cold:
             _drop_cache([self.tier.path(k) for k in keys])
@@ -240,7 +240,7 @@ class Bench:
                 with lock:
                     local.buf = self.dst[next(counter)]
             t0 = time.perf_counter()
-            result = self.tier.get_into(keys[i], self.fingerprint, local.buf)
+            result = self.tier.get_one(keys[i], self.fingerprint, local.buf)
             if result is not ReadResult.HIT:
                 raise RuntimeError(f"load of chunk {i}: {result.value}")
             latencies.append(time.perf_counter() - t0)
@@ -259,7 +259,7 @@ class Bench:
         import torch
 
         from kvport.cache import CacheEngine, load_config
-        from kvport.cache.keys import chunk_keys
+        from kvport.store.keys import chunk_keys
 
         chunk_tokens = 256
         n = self.args.index_chunks
@@ -269,7 +269,7 @@ class Bench:
         for i in range(n):
             tokens = [i, *range(chunk_tokens - 1)]
             key = chunk_keys(tokens, chunk_tokens, "bench-lookup")[0]
-            self.tier.put(key, self.fingerprint, payload)
+            self.tier.put_one(key, self.fingerprint, payload)
             if i < LOOKUP_SAMPLES:
                 token_sets.append(tokens)
             progress.update()

@@ -1,10 +1,10 @@
-"""The cache engine: chunk keys, the L1 host pool, L2 tiers, the async pipeline, config and metrics.
+"""The local cache facade: a chunk store (kvport.store) and a mover (descriptor + backend + transfer), its config.
 Exports the public API; must not import torch or create pools at import time."""
 
 from __future__ import annotations
 
 from kvport.cache.config import CacheConfig, load_config
 from kvport.cache.engine import CacheEngine
-from kvport.cache.pipeline import Handle
+from kvport.cache.pipeline import Handle, Ticket
 
-__all__ = ["CacheConfig", "CacheEngine", "Handle", "load_config"]
+__all__ = ["CacheConfig", "CacheEngine", "Handle", "Ticket", "load_config"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvport.errors import UserError
+from kvport.store.tiers import check_tier_spec
 
 GiB = 1 << 30
 
@@ -23,11 +24,13 @@ class CacheConfig:
     chunk_tokens: int = 256
     # Host memory for the L1 pool, allocated once at bind (pinned when a CUDA/ROCm device exists).
     l1_bytes: int = 2 * GiB
-    # Directory of the local-disk L2 tier; None disables the disk tier.
+    # Storage tiers behind L1, fastest first: a list of specs such as
+    # [{type: local_disk, path: /var/cache/kvport, bytes: 64GiB}] (kvport.store.tiers lists the types).
+    tiers: tuple = ()
+    # Shorthand for one local_disk tier in front of ``tiers`` (kept from the first release): its directory
+    # (None: no disk tier), capacity and whether each chunk file is fsynced before it becomes visible.
     l2_path: str | None = None
-    # Capacity of the disk tier; the oldest chunks are evicted past it.
     l2_bytes: int = 64 * GiB
-    # fsync each chunk file before it becomes visible (survives power loss, not only a process crash).
     l2_fsync: bool = False
     # Tenant isolation: different salts never share a key.
     salt: str = ""
@@ -47,8 +50,11 @@ class CacheConfig:
     max_pending_stores: int = 256
     # Chunks an L2 load reads ahead of the scatter.
     prefetch_depth: int = 4
-    # Serve Prometheus metrics on this port (None: only in-process registry).
+    # Serve Prometheus metrics on this port (None: only in-process registry). The host process serves them (the
+    # engine adapter or `kvport server`), never the cache itself.
     metrics_port: int | None = None
+    # Address the metrics port binds to: loopback by default, so KV statistics are not exposed to the network.
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +70,28 @@ class CacheConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise UserError(f"cache config: {name}={getattr(self, name)!r}, expected {expected}")
+        specs = tuple(check_tier_spec(spec, f"cache config: tiers[{i}]") for i, spec in enumerate(self.tiers or ()))
+        object.__setattr__(self, "tiers", specs)
+        disks = [s for s in specs if s.get("type") == "local_disk"]
+        if self.l2_path is not None and disks:
+            raise UserError(
+                "cache config: l2_path and a local_disk tier are both set; keep one (write the disk tier as "
+                "tiers: [{type: local_disk, path: ..., bytes: ...}])"
+            )
+
+    def tier_specs(self) -> tuple[dict[str, Any], ...]:
+        """Every tier, fastest first: the ``l2_path`` shorthand (if set) then ``tiers``."""
+        if self.l2_path is None:
+            return self.tiers
+        disk = {
+            "type": "local_disk",
+            "path": self.l2_path,
+            "bytes": self.l2_bytes,
+            "fsync": self.l2_fsync,
+            "read_threads": self.io_threads,
+            "write_threads": self.l2_write_threads,
+        }
+        return (disk, *self.tiers)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(CacheConfig)}
@@ -86,7 +114,53 @@ def parse_bytes(value: Any, where: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def coerce_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise UserError(f"{where}: {value!r} is not a boolean (expected true/false)")
+
+
+def coerce_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or isinstance(value, (dict, list, float)):
+        raise UserError(f"{where}: {value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if not text.isascii() or not text.lstrip("+-").isdigit():
+        raise UserError(f"{where}: {value!r} is not an integer")
+    return int(text)
+
+
+def coerce_positive_int(value: Any, where: str) -> int:
+    number = coerce_int(value, where)
+    if number < 1:
+        raise UserError(f"{where}: {number}, expected at least 1")
+    return number
+
+
+def _coerce_tiers(value: Any, where: str) -> tuple:
+    if isinstance(value, str):  # from the environment: KVPORT_TIERS='[{type: local_disk, path: /x}]'
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"{where}: not a YAML/JSON list of tier specs") from None
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{where}: expected a list of tier specs like [{{type: local_disk, path: ...}}]")
+    return tuple(value)
+
+
 def _coerce(name: str, value: Any, where: str) -> Any:
+    if name == "tiers":
+        return _coerce_tiers(value, where)
     if name in _BYTE_FIELDS:
         return parse_bytes(value, where)
     kind = _FIELDS[name].type
@@ -96,21 +170,9 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return None
         raise UserError(f"{where}: null is not allowed (expected {kind})")
     if kind.startswith("bool"):
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"{where}: {value!r} is not a boolean (expected true/false)")
+        return coerce_bool(value, where)
     if kind.startswith("int"):
-        if isinstance(value, bool):
-            raise UserError(f"{where}: {value!r} is not an integer")
-        try:
-            return int(str(value).strip()) if not isinstance(value, int) else value
-        except ValueError:
-            raise UserError(f"{where}: {value!r} is not an integer") from None
+        return coerce_int(value, where)
     if kind.startswith("str"):
         if isinstance(value, (dict, list)):
             raise UserError(f"{where}: {value!r} is not a string")

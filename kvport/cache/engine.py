@@ -1,79 +1,64 @@
-"""The cache engine: longest-prefix lookup, load (scatter into engine blocks) and store (gather out of them)
-over the L1 pool and an optional L2 tier. Owns the data path's policy; must not know engines or kernel code."""
+"""The cache engine: one model shard's cache, a chunk store (what is cached where) plus a mover (how bytes move).
+Owns the load/store sequencing between them and the completions it hands back; must not know engines, hold copy
+code or storage code, or let a buffer be read before the device work that fills it finished."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvport.cache.config import CacheConfig
-from kvport.cache.keys import iter_chunk_keys
-from kvport.cache.l1 import L1Pool, Lease
-from kvport.cache.l2.base import ReadResult
-from kvport.cache.metrics import CacheMetrics, serve_metrics
-from kvport.cache.pipeline import BoundedSubmitter, Handle, fetch_in_order
+from kvport.cache.pipeline import Handle, Ticket
 from kvport.errors import UserError
+from kvport.hal.completion import all_of
+from kvport.store.chunk_store import NO_SLOT, ChunkStore
+from kvport.store.l1 import Lease
+from kvport.store.metrics import CacheMetrics
 
 if TYPE_CHECKING:
-    import torch
-
-    from kvport.cache.l2.base import L2Tier
+    from kvport.cache.mover import ChunkMover
     from kvport.hal.backend import Backend
     from kvport.layouts.descriptor import CopyDescriptor
 
-_log = logging.getLogger("kvport.cache")
-_NO_SLOT = object()  # a fetch that found the chunk in L2 but had no free L1 slot to read it into
-# Longest wait for a chunk another thread is reading into L1 (one chunk read takes milliseconds).
-_FILL_WAIT_S = 1.0
+# Chunks moved by one transfer of a load: large enough that a 8K-token prefix is two transfers, small enough that
+# the first scatter starts while later chunks are still being read from a tier.
+LOAD_BATCH = 16
 
 
 def _metrics_label(namespace: str) -> str:
     if len(namespace) <= 64:
         return namespace
-    return namespace[:40] + "~" + hashlib.blake2b(namespace.encode(), digest_size=8).hexdigest()
+    return (
+        namespace[:40] + "~" + hashlib.blake2b(namespace.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+    )
 
 
 class CacheEngine:
-    """One model shard's cache. Scheduler-side processes use ``lookup`` only (L2 by config + namespace);
-    worker-side processes ``bind`` the engine's copy descriptor, then ``load``/``store``."""
+    """Scheduler-side processes use ``lookup`` only (tiers by config + namespace); worker-side processes ``bind`` the
+    engine's copy descriptor, then ``submit_load``/``submit_store`` (or the blocking ``load``/``store``)."""
 
     def __init__(self, config: CacheConfig, namespace: str) -> None:
-        if not namespace:
-            raise ValueError("namespace must identify the model shard (model id, dtype, layout, tp rank/size)")
         self.config = config
         self.namespace = namespace
         self.chunk_tokens = config.chunk_tokens
         self.metrics = CacheMetrics(_metrics_label(namespace))
-        self.l2: L2Tier | None = None
-        if config.l2_path is not None:
-            from kvport.cache.l2.local_disk import LocalDiskL2
-
-            self.l2 = LocalDiskL2(config.l2_path, config.l2_bytes, fsync=config.l2_fsync, metrics=self.metrics)
-        self.descriptor: CopyDescriptor | None = None
-        self.backend: Backend | None = None
-        self.l1: L1Pool | None = None
-        self._scratch: torch.Tensor | None = None  # one chunk, for L2 reads when every L1 slot is pinned
+        self.chunks = ChunkStore(config, namespace, self.metrics)
+        self.mover: ChunkMover | None = None
+        self._scratch = None  # one chunk, for tier reads when every L1 slot is pinned
         self._scratch_lock = threading.Lock()
-        # Reads and writes use separate threads so a load's read-ahead never queues behind a burst of stores.
-        self._readers: cf.ThreadPoolExecutor | None = None
-        self._writers: cf.ThreadPoolExecutor | None = None
-        self._writes: BoundedSubmitter | None = None
-        self._worker: cf.ThreadPoolExecutor | None = None
+        self._prefetcher: cf.ThreadPoolExecutor | None = None
         self._setup_lock = threading.Lock()
+        self._inflight: set[Ticket] = set()  # submitted, not yet settled: close() waits for them
         self._closed = False
-        if config.metrics_port is not None:
-            serve_metrics(config.metrics_port)
 
     # ---- setup -------------------------------------------------------------------------------------------
     def bind(self, descriptor: CopyDescriptor, backend: Backend | None = None) -> None:
-        """Attach the engine's KV memory (worker side): picks the backend and allocates the L1 pool once."""
+        """Attach the engine's KV memory (worker side): picks the platform and backend and allocates L1 once."""
         self._check_open()
-        if self.descriptor is not None:
+        if self.mover is not None:
             raise RuntimeError("CacheEngine.bind called twice; create one engine per KV cache registration")
         for group in descriptor.groups:
             if self.chunk_tokens % group.tokens_per_block:
@@ -81,232 +66,224 @@ class CacheEngine:
                     f"cache config: chunk_tokens={self.chunk_tokens} is not a multiple of layout "
                     f"{descriptor.layout} group {group.name!r} tokens_per_block={group.tokens_per_block}"
                 )
+        from kvport.cache.mover import ChunkMover
         from kvport.hal.platform import detect_platform
+        from kvport.hal.platforms import platform_for_device
 
-        platform = detect_platform()
+        info = detect_platform()
+        platform = platform_for_device(descriptor.streams[0].buffer.device, info)
         if backend is None:
-            from kvport.hal.registry import select_backend
+            from kvport.hal.registry import BackendError, select_backend
 
             environ = {"KVPORT_BACKEND": self.config.backend} if self.config.backend else None
-            backend = select_backend(platform, descriptor, environ=environ)
+            try:
+                backend = select_backend(info, descriptor, environ=environ)
+            except BackendError as exc:
+                raise UserError(f"cache config: {exc}") from None
         chunk_bytes = descriptor.canonical_bytes(self.chunk_tokens)
-        slot_bytes = L1Pool.slot_size(chunk_bytes)
-        if self.config.l1_bytes < slot_bytes:
-            raise UserError(
-                f"cache config: l1_bytes={self.config.l1_bytes} is smaller than one chunk of layout "
-                f"{descriptor.layout} ({slot_bytes} bytes with alignment, "
-                f"chunk_tokens={self.chunk_tokens})"
-            )
-        import torch
+        self.chunks.open_l1(chunk_bytes, descriptor.fingerprint, platform.host_empty)
+        self._scratch = platform.host_empty(chunk_bytes)
+        self.mover = ChunkMover(descriptor, backend, platform)
 
-        pin = platform.name in ("cuda", "rocm")  # pinned host memory exists only with a CUDA/ROCm driver
-        self.l1 = L1Pool(self.config.l1_bytes, chunk_bytes, pin_memory=pin, metrics=self.metrics)
-        self._scratch = torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=pin)
-        self.descriptor, self.backend = descriptor, backend
+    @property
+    def descriptor(self) -> CopyDescriptor | None:
+        return self.mover.descriptor if self.mover is not None else None
+
+    @property
+    def backend(self) -> Backend | None:
+        return self.mover.backend if self.mover is not None else None
+
+    @property
+    def l1(self):
+        return self.chunks.l1
 
     @property
     def chunk_bytes(self) -> int:
         self._check_bound()
-        return self.l1.chunk_bytes
+        return self.chunks.l1.chunk_bytes
 
-    def chunk_keys(self, tokens: Sequence[int] | Any) -> list[str]:
+    def chunk_keys(self, tokens) -> list[str]:
         """One key per full chunk of ``tokens`` (a partial tail chunk has no key and is never stored)."""
-        return list(self._iter_keys(tokens))
-
-    def _iter_keys(self, tokens: Sequence[int] | Any) -> Iterator[str]:
-        """The same keys, derived one at a time for loops that stop at the first miss."""
-        return iter_chunk_keys(tokens, self.chunk_tokens, self.namespace, self.config.salt)
+        return self.chunks.keys(tokens)
 
     # ---- lookup ------------------------------------------------------------------------------------------
-    def lookup(self, tokens: Sequence[int] | Any) -> int:
-        """Longest cached prefix of ``tokens`` in tokens (a multiple of chunk_tokens), checking L1 then L2.
-        A hit here is a promise load() keeps unless the chunk is evicted or found corrupt meanwhile."""
+    def lookup(self, tokens) -> int:
+        """Longest cached prefix of ``tokens`` in tokens (a multiple of chunk_tokens), in L1 or any tier."""
         self._check_open()
-        start = time.perf_counter()
-        in_l1 = in_l2 = 0
-        for key in self._iter_keys(tokens):
-            if self.l1 is not None and self.l1.contains(key):
-                in_l1 += 1
-            elif self.l2 is not None and self.l2.contains(key):
-                in_l2 += 1
-            else:
-                self.metrics.inc("misses", op="lookup", tier="all")
-                break
-        # one update per tier, not per chunk: lookups sit on the scheduler's critical path
-        found = in_l1 + in_l2
-        if in_l1:
-            self.metrics.inc("hits", in_l1, op="lookup", tier="l1")
-        if in_l2:
-            self.metrics.inc("hits", in_l2, op="lookup", tier="l2")
-        self.metrics.observe("latency", time.perf_counter() - start, op="lookup")
-        return found * self.chunk_tokens
+        return self.chunks.lookup(tokens) * self.chunk_tokens
 
     # ---- store -------------------------------------------------------------------------------------------
-    def store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0) -> int:
-        """Gather the full chunks of ``tokens[:num_tokens]`` from the engine blocks into L1 and queue them for L2.
+    def submit_store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0) -> Ticket:
+        """Gather the full chunks of ``tokens[:num_tokens]`` out of the engine blocks into L1, asynchronously.
 
-        Chunks before ``skip_tokens // chunk_tokens`` and chunks already cached are skipped. Returns the tokens
-        gathered by this call. When this returns, the engine blocks may be reused; with ``async_store`` the L2
-        write continues in the background. Stops (never blocks, never allocates) when L1 has no free slot.
-        """
+        Chunks before ``skip_tokens // chunk_tokens`` and chunks already cached are skipped. The gather is ordered
+        after the work on the engine's current stream (the forward that wrote the KV). The engine must not reuse the
+        blocks before ``ticket.completion`` (order its stream after it); the chunks become visible in L1 and go to
+        the tiers once it finished. Stops (never blocks, never allocates) when L1 has no free slot, and never
+        evicts this request's own chunks or pins the whole of L1."""
         self._check_bound()
         num_tokens = len(tokens) if num_tokens is None else num_tokens
-        keys = self.chunk_keys(tokens[:num_tokens])
+        keys = self.chunks.keys(tokens[:num_tokens])
         tables = self.descriptor.normalize_block_ids(block_ids)
-        stored = 0
-        for index in range(skip_tokens // self.chunk_tokens, len(keys)):
-            key = keys[index]
-            if self.l1.contains(key) or (self.l2 is not None and self.l2.contains(key)):
-                self.metrics.inc("skipped", reason="present")
-                continue
-            lease = self.l1.reserve(key)
+        own = frozenset(keys)
+        cap = max(1, self.chunks.l1.num_slots - 1)  # one slot always stays for loads and other requests
+        leases: list[Lease] = []
+        indices: list[int] = []
+        for index in self.chunks.absent(keys, skip_tokens // self.chunk_tokens):
+            if len(leases) == cap:
+                self.metrics.inc("skipped", len(keys) - index, reason="l1_share")
+                break
+            lease = self.chunks.reserve(keys[index], protect=own)
             if lease is None:
-                if self.l1.contains(key):  # stored meanwhile by another thread
+                if self.chunks.l1.contains(keys[index]):  # stored meanwhile by another thread
                     continue
                 break  # L1 exhausted (or the chunk is being written right now): later chunks would be unreachable
-            start = time.perf_counter()
-            try:
-                self.backend.gather(self.descriptor, self._chunk_tables(tables, index), lease.buffer, self.chunk_tokens)
-            except BaseException:
-                self.l1.abort(lease)
-                raise
-            self.metrics.transfer("l1", "write", lease.buffer.numel(), time.perf_counter() - start)
-            self.l1.commit(lease)
-            stored += self.chunk_tokens
-            self._to_l2(lease)
-        self.metrics.inc("tokens_stored", stored)
-        return stored
-
-    def store_async(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0) -> Handle:
-        """``store`` on the engine's worker thread; ``wait()`` returns once the blocks were gathered."""
-        self._check_bound()
-        return Handle(self._worker_pool().submit(self.store, tokens, block_ids, num_tokens, skip_tokens))
-
-    def _to_l2(self, lease: Lease) -> None:
-        """Hand a committed, pinned L1 chunk to L2; the pin keeps it in L1 until the write finished."""
-        if self.l2 is None:
-            lease.release()
-            return
-        if not self.config.async_store:
-            self._write_l2(lease)
-            return
-        if self._write_queue().try_submit(self._write_l2, lease) is None:
-            self.metrics.inc("skipped", reason="l2_queue_full")
-            lease.release()
-
-    def _write_l2(self, lease: Lease) -> None:
+            leases.append(lease)
+            indices.append(index)
+        if not leases:
+            return Ticket.settled(0)
+        start = time.perf_counter()
         try:
-            start = time.perf_counter()
-            if self.l2.put(lease.key, self.descriptor.fingerprint, lease.buffer):
-                elapsed = time.perf_counter() - start
-                self.metrics.transfer("l2", "write", lease.buffer.numel(), elapsed)
-                self.metrics.observe("latency", elapsed, op="l2_write")
-        except Exception:
-            # A background write has no caller to raise to: count it and log it loudly, never swallow it.
-            self.metrics.inc("failures", tier="l2", reason="write_exception")
-            _log.exception("kvport cache: L2 write of chunk %s failed", lease.key)
-        finally:
-            lease.release()
+            completion = self.mover.to_host(
+                [self._chunk_tables(tables, i) for i in indices], [lease.buffer for lease in leases], self.chunk_tokens
+            )
+        except BaseException:
+            self.chunks.abort(leases)
+            raise
+        ticket = Ticket(len(leases) * self.chunk_tokens, completion)
+
+        def settle(error: BaseException | None) -> None:
+            if error is not None:
+                self.chunks.abort(leases)
+                self.metrics.inc("failures", tier="l1", reason="gather_error")
+                ticket.settle(error)
+                return
+            self.metrics.transfer(
+                "l1", "write", sum(lease.buffer.numel() for lease in leases), time.perf_counter() - start
+            )
+            self.metrics.inc("tokens_stored", ticket.tokens)
+            try:
+                self.chunks.admit(leases)
+            except BaseException as exc:
+                ticket.settle(exc)
+                raise
+            ticket.settle()
+
+        self._track(ticket)
+        completion.add_done_callback(settle)
+        return ticket
+
+    def store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0) -> int:
+        """``submit_store`` and wait until the chunks are in L1 (and, without ``async_store``, in every tier).
+        Returns the tokens stored; the blocks may be reused when it returns."""
+        return self.submit_store(tokens, block_ids, num_tokens, skip_tokens).wait()
 
     # ---- load --------------------------------------------------------------------------------------------
-    def load(self, tokens, block_ids, num_tokens: int) -> int:
+    def submit_load(self, tokens, block_ids, num_tokens: int) -> Ticket:
         """Scatter the cached full chunks of ``tokens[:num_tokens]`` into the engine blocks, in order.
 
-        Stops at the first chunk that is missing or fails validation and returns the tokens loaded (a multiple
-        of chunk_tokens). Every loaded chunk was checksummed; no partial or unverified bytes are scattered.
-        """
+        Stops at the first chunk that is missing or fails validation; ``ticket.tokens`` is what was loaded (a
+        multiple of chunk_tokens), known when this returns. Every chunk was checksummed before it is scattered. The
+        engine orders its stream after ``ticket.completion`` before it reads the blocks."""
         self._check_bound()
-        keys = self.chunk_keys(tokens[:num_tokens])
+        keys = self.chunks.keys(tokens[:num_tokens])
         tables = self.descriptor.normalize_block_ids(block_ids)
-        prefetch = self.config.prefetch and self.l2 is not None
-        executor = self._read_pool() if prefetch else None
-        fetches = fetch_in_order(keys, self._fetch, executor, self.config.prefetch_depth, _release_fetch)
+        completions = []
+        batch: list[tuple[int, Lease]] = []
         loaded = 0
+        fetches = self.chunks.fetch(keys)
         try:
             for index, got in enumerate(fetches):
-                if got is _NO_SLOT:
+                if got is None:
+                    break
+                if got is NO_SLOT:
+                    completions.append(self._flush(batch, tables))
                     if not self._load_via_scratch(keys[index], tables, index):
                         break
-                elif got is None:
-                    break
                 else:
-                    with got:
-                        self._scatter(got.buffer, tables, index)
+                    batch.append((index, got))
+                    if len(batch) == LOAD_BATCH:
+                        completions.append(self._flush(batch, tables))
                 loaded += self.chunk_tokens
+            completions.append(self._flush(batch, tables))
+        except BaseException:
+            for _, lease in batch:
+                lease.release()
+            raise
         finally:
             fetches.close()
         self.metrics.inc("tokens_loaded", loaded)
-        return loaded
+        completion = all_of(completions)
+        ticket = Ticket(loaded, completion)
+        self._track(ticket)
+        completion.add_done_callback(ticket.settle)
+        return ticket
 
-    def load_async(self, tokens, block_ids, num_tokens: int) -> Handle:
-        """``load`` on the engine's worker thread; ``wait()`` returns the tokens loaded."""
-        self._check_bound()
-        return Handle(self._worker_pool().submit(self.load, tokens, block_ids, num_tokens))
+    def load(self, tokens, block_ids, num_tokens: int) -> int:
+        """``submit_load`` and wait until the blocks hold the loaded KV; returns the tokens loaded."""
+        return self.submit_load(tokens, block_ids, num_tokens).wait()
+
+    def _flush(self, batch: list[tuple[int, Lease]], tables: list):
+        """One transfer for the leased chunks in ``batch``; the leases are released when it finished (a read-ahead
+        may then reuse their slots, never while the scatter still reads them)."""
+        if not batch:
+            return all_of([])
+        leases = [lease for _, lease in batch]
+        start = time.perf_counter()
+        completion = self.mover.from_host(
+            [lease.buffer for lease in leases], [self._chunk_tables(tables, i) for i, _ in batch], self.chunk_tokens
+        )
+        batch.clear()
+        nbytes = sum(lease.buffer.numel() for lease in leases)
+
+        def release(error: BaseException | None) -> None:
+            if error is None:
+                self.metrics.transfer("l1", "read", nbytes, time.perf_counter() - start)
+            for lease in leases:
+                lease.release()
+
+        completion.add_done_callback(release)
+        return completion
+
+    def _load_via_scratch(self, key: str, tables: list, index: int) -> bool:
+        with self._scratch_lock:
+            if not self.chunks.read_into(key, self._scratch):
+                return False
+            # The scratch buffer is reused by the next chunk: wait for this scatter before giving it back.
+            self.mover.from_host([self._scratch], [self._chunk_tables(tables, index)], self.chunk_tokens).wait()
+            return True
 
     def prefetch(self, tokens) -> Handle:
-        """Pull the cached prefix of ``tokens`` from L2 into L1 in the background; ``wait()`` returns the tokens
-        now in L1 (the load that follows then reads memory only)."""
+        """Pull the cached prefix of ``tokens`` from the tiers into L1 in the background; ``wait()`` returns the
+        tokens now in L1 (the load that follows then reads memory only)."""
         self._check_bound()
 
         def run() -> int:
             count = 0
-            for key in self._iter_keys(tokens):
-                got = self._fetch(key)
-                if got is None or got is _NO_SLOT:
-                    break
-                got.release()
-                count += self.chunk_tokens
+            fetches = self.chunks.fetch(self.chunks.keys(tokens))
+            try:
+                for got in fetches:
+                    if not isinstance(got, Lease):
+                        break
+                    got.release()
+                    count += self.chunk_tokens
+            finally:
+                fetches.close()
             return count
 
-        return Handle(self._read_pool().submit(run))
+        with self._setup_lock:
+            if self._prefetcher is None:
+                self._prefetcher = cf.ThreadPoolExecutor(1, thread_name_prefix="kvport-prefetch")
+        return Handle(self._prefetcher.submit(run))
 
-    def _fetch(self, key: str):
-        """A pinned L1 lease holding ``key`` (read from L2 into L1 if needed), None on a miss, or _NO_SLOT."""
-        lease = self.l1.acquire(key)
-        if lease is not None:
-            self.metrics.inc("hits", op="load", tier="l1")
-            return lease
-        if self.l2 is None:
-            self.metrics.inc("misses", op="load", tier="l1")
-            return None
-        lease = self.l1.reserve(key)
-        if lease is None:
-            # Either another thread is filling this key right now (wait for it, briefly) or every slot is pinned
-            # (the caller falls back to the scratch buffer).
-            lease = self.l1.acquire(key, wait_fill=_FILL_WAIT_S)
-            if lease is None:
-                return _NO_SLOT
-            self.metrics.inc("hits", op="load", tier="l1")
-            return lease
-        if self._read_l2(key, lease.buffer):
-            self.l1.commit(lease)
-            return lease
-        self.l1.abort(lease)
-        return None
+    def _track(self, ticket: Ticket) -> None:
+        with self._setup_lock:
+            self._inflight.add(ticket)
+        ticket._settled.add_done_callback(lambda _: self._untrack(ticket))
 
-    def _read_l2(self, key: str, dst: torch.Tensor) -> bool:
-        start = time.perf_counter()
-        result = self.l2.get_into(key, self.descriptor.fingerprint, dst)
-        elapsed = time.perf_counter() - start
-        if result is ReadResult.HIT:
-            self.metrics.inc("hits", op="load", tier="l2")
-            self.metrics.transfer("l2", "read", dst.numel(), elapsed)
-            self.metrics.observe("latency", elapsed, op="l2_read")
-            return True
-        self.metrics.inc("misses", op="load", tier="l2")
-        return False
-
-    def _load_via_scratch(self, key: str, tables: list, index: int) -> bool:
-        with self._scratch_lock:
-            if not self._read_l2(key, self._scratch):
-                return False
-            self._scatter(self._scratch, tables, index)
-            return True
-
-    def _scatter(self, src: torch.Tensor, tables: list, index: int) -> None:
-        start = time.perf_counter()
-        self.backend.scatter(src, self.descriptor, self._chunk_tables(tables, index), self.chunk_tokens)
-        self.metrics.transfer("l1", "read", src.numel(), time.perf_counter() - start)
+    def _untrack(self, ticket: Ticket) -> None:
+        with self._setup_lock:
+            self._inflight.discard(ticket)
 
     def _chunk_tables(self, tables: list, index: int) -> list:
         """Per group, the block ids chunk ``index`` occupies."""
@@ -319,42 +296,38 @@ class CacheEngine:
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Counters (hits, misses, bytes, failures, evictions, skipped, tokens...) plus the pools' state."""
-        out = self.metrics.snapshot()
-        if self.l1 is not None:
-            out["l1_chunks"] = len(self.l1)
-            out["l1_capacity_chunks"] = self.l1.num_slots
-            out["l1_pinned_chunks"] = self.l1.pinned_count()
-        out["pending_l2_writes"] = self._writes.pending() if self._writes is not None else 0
+        out = self.chunks.stats()
+        if self.mover is not None:
+            out["backend"] = self.mover.backend.name
+            out["platform"] = self.mover.platform.name
         return out
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait for queued stores and their L2 writes (visible to other processes afterwards); TimeoutError when
-        that takes longer than ``timeout`` seconds in all."""
+        """Wait for submitted stores and their tier writes (visible to other processes afterwards); TimeoutError
+        when that takes longer than ``timeout`` seconds in all."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._worker is not None:
-            self._worker.submit(lambda: None).result(timeout)
-        if self._writes is not None:
-            self._writes.drain(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with self._setup_lock:
+            inflight = list(self._inflight)
+        for ticket in inflight:
+            ticket.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self.chunks.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def close(self, drain: bool = True) -> None:
-        """Finish (``drain``) or cancel queued background work, then stop the threads. Every chunk ends up
-        wholly stored or absent: a write in progress completes its rename or leaves only a temp file."""
+        """Finish (``drain``) or cancel queued tier writes, then stop. Every chunk ends up wholly stored or absent:
+        a write in progress completes its rename or leaves only a temp file."""
         if self._closed:
             return
-        # The worker stops first: a store it is running still queues L2 writes, which the drain or drop below
-        # must see (dropping first let the writers' shutdown cancel those writes uncounted).
-        if self._worker is not None:
-            self._worker.shutdown(wait=True, cancel_futures=not drain)
-        if self._writes is not None:
-            if drain:
-                self._writes.drain()
-            else:
-                self.metrics.inc("skipped", self._writes.drop(), reason="dropped_at_close")
-        for pool in (self._readers, self._writers):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=not drain)
-        if self.l2 is not None:
-            self.l2.close()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=not drain)
+        # Device work cannot be cancelled: every submitted move settles (commits or frees its L1 slots) first.
+        with self._setup_lock:
+            inflight = list(self._inflight)
+        for ticket in inflight:
+            try:
+                ticket.wait()
+            except Exception:
+                pass  # its own caller sees the error; closing must still release everything
+        self.chunks.close(drain)
         self._closed = True
 
     def __enter__(self) -> CacheEngine:
@@ -369,29 +342,5 @@ class CacheEngine:
 
     def _check_bound(self) -> None:
         self._check_open()
-        if self.descriptor is None:
+        if self.mover is None:
             raise RuntimeError("CacheEngine.bind(descriptor) must be called before load/store (worker side)")
-
-    def _read_pool(self) -> cf.ThreadPoolExecutor:
-        with self._setup_lock:
-            if self._readers is None:
-                self._readers = cf.ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="kvport-read")
-            return self._readers
-
-    def _write_queue(self) -> BoundedSubmitter:
-        with self._setup_lock:
-            if self._writes is None:
-                self._writers = cf.ThreadPoolExecutor(self.config.l2_write_threads, thread_name_prefix="kvport-write")
-                self._writes = BoundedSubmitter(self._writers, self.config.max_pending_stores)
-            return self._writes
-
-    def _worker_pool(self) -> cf.ThreadPoolExecutor:
-        with self._setup_lock:
-            if self._worker is None:
-                self._worker = cf.ThreadPoolExecutor(1, thread_name_prefix="kvport-cache")
-            return self._worker
-
-
-def _release_fetch(got) -> None:
-    if isinstance(got, Lease):
-        got.release()

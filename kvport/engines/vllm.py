@@ -72,6 +72,10 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         config = load_config(options.get("config"), overrides)
         port = metrics_port_for(config.metrics_port, role == KVConnectorRole.WORKER, rank)
         self._cache_config = dataclasses.replace(config, metrics_port=port)
+        if port is not None:  # serving metrics is the host process's job, not the cache's
+            from kvport.store.metrics import serve_metrics
+
+            serve_metrics(port, config.metrics_host)
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
         self._block_size = groups[0].kv_cache_spec.block_size if groups else vllm_config.cache_config.block_size
         self._rank = rank
@@ -81,9 +85,10 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._plan = SchedulerPlan(self._lookup, self._cache_config.chunk_tokens, self._block_size)
-            if self._cache_config.l2_path is None:
+            if not self._cache_config.tier_specs():
                 log.warning(
-                    "kvport: no l2_path: only a worker in this process can serve hits (from its L1); engines in "
+                    "kvport: no tiers (l2_path or tiers): only a worker in this process can serve hits (from its L1); "
+                    "engines in "
                     "other processes and restarts see nothing"
                 )
             if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
@@ -109,7 +114,6 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         descriptor = compile_descriptor(spec, per_group[0] if len(per_group) == 1 else per_group)
         self._engine.bind(descriptor)
         _LOCAL_WORKERS[self._engine.namespace] = self._engine
-        self._device = next(iter(kv_caches.values())).device
         self._worker = WorkerSide(self._engine, self._block_size, bool(self._options.get("debug_random_load")))
         if self._worker.debug_random_load:
             log.warning("kvport: debug_random_load is ON: loaded KV is replaced by random bytes (test only)")
@@ -130,7 +134,7 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
             self._write_stats()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # start_load_kv finished every load before the forward
+        return  # start_load_kv ordered the forward's stream after every load (no host wait)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # whole-step stores in wait_for_save: one gather per chunk instead of one per layer
@@ -139,7 +143,6 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         meta = self._get_connector_metadata()
         if self._worker is None or not isinstance(meta, KVPortMetadata) or not meta.stores:
             return
-        _wait_for_compute(self._device)
         self._worker.store(meta.stores)
         self._write_stats()
 
@@ -275,12 +278,3 @@ def _attention_infos(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) ->
             )
         )
     return infos
-
-
-def _wait_for_compute(device: torch.device) -> None:
-    """The forward's KV writes must be complete before the gather reads them: wait on the compute stream."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-    elif device.type == "xpu":
-        torch.xpu.current_stream(device).synchronize()
-    # CPU: the forward ran synchronously on this thread.

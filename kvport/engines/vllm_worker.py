@@ -33,16 +33,20 @@ class WorkerSide:
             "store_requests": 0,
             "tokens_stored": 0,
             "random_loads": 0,
-            "load_seconds": 0.0,  # wall time inside load(), including disk reads and checksum checks
-            "store_seconds": 0.0,  # wall time inside store() (gather into L1; disk writes continue behind it)
+            "load_seconds": 0.0,  # host time issuing loads, including tier reads and checksum checks
+            "store_seconds": 0.0,  # host time issuing stores (the gather and tier writes continue behind it)
         }
 
     def load(self, specs: Sequence[TransferSpec]) -> None:
-        """Scatter each spec's cached prefix into its blocks; blocks whose chunk is missing or corrupt are
-        reported to vLLM (``take_invalid_blocks``), which then recomputes them."""
+        """Scatter each spec's cached prefix into its blocks, ordered before the forward on the engine's current
+        stream (no host wait); blocks whose chunk is missing or corrupt are reported to vLLM
+        (``take_invalid_blocks``), which then recomputes them."""
         for spec in specs:
             start = time.perf_counter()
-            loaded = self.engine.load(spec.tokens, spec.block_ids, spec.num_tokens)
+            ticket = self.engine.submit_load(spec.tokens, spec.block_ids, spec.num_tokens)
+            # The forward that reads these blocks is issued on this stream after us: it waits for the scatter.
+            ticket.completion.wait_on()
+            loaded = ticket.tokens
             self.counters["load_seconds"] += time.perf_counter() - start
             self.counters["load_requests"] += 1
             self.counters["tokens_load_planned"] += spec.num_tokens
@@ -50,8 +54,7 @@ class WorkerSide:
             if loaded < spec.num_tokens:
                 self.counters["load_failures"] += 1
                 self.counters["tokens_load_failed"] += spec.num_tokens - loaded
-                first, last = loaded // self.block_size, -(-spec.num_tokens // self.block_size)
-                self._invalid_blocks.update(spec.block_ids[0][first:last])
+                self._invalid_blocks.update(self._blocks_from(spec, loaded))
                 log.warning(
                     "kvport: request %s loaded %d of %d cached tokens (chunk missing or failed its checksum); "
                     "vLLM recomputes the rest",
@@ -63,14 +66,25 @@ class WorkerSide:
                 self._scatter_random(spec, loaded)
 
     def store(self, specs: Sequence[TransferSpec]) -> None:
-        """Gather the new full chunks of each spec out of vLLM's blocks (the caller synchronized the compute
-        stream, so the KV written by this step's forward is complete)."""
+        """Gather the new full chunks of each spec out of vLLM's blocks. The gather is ordered after this step's
+        forward on the current stream (so it reads complete KV), and the stream is ordered after the gather (so a
+        later forward cannot overwrite blocks it still reads); the host does not wait."""
         for spec in specs:
             start = time.perf_counter()
-            stored = self.engine.store(spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens)
+            ticket = self.engine.submit_store(spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens)
+            ticket.completion.wait_on()
             self.counters["store_seconds"] += time.perf_counter() - start
             self.counters["store_requests"] += 1
-            self.counters["tokens_stored"] += stored
+            self.counters["tokens_stored"] += ticket.tokens
+
+    def _blocks_from(self, spec: TransferSpec, loaded: int) -> set[int]:
+        """Every group's blocks that hold tokens [loaded, num_tokens): what vLLM must recompute."""
+        out: set[int] = set()
+        groups = self.engine.descriptor.groups
+        for group, ids in zip(groups, spec.block_ids):
+            per_block = group.tokens_per_block
+            out.update(ids[loaded // per_block : -(-spec.num_tokens // per_block)])
+        return out
 
     def take_invalid_blocks(self) -> set[int]:
         out, self._invalid_blocks = self._invalid_blocks, set()
@@ -84,10 +98,11 @@ class WorkerSide:
         prove that vLLM really reads what kvport loads (outputs must change)."""
         import torch
 
-        descriptor, backend = self.engine.descriptor, self.engine.backend
-        noise = torch.randint(0, 256, (descriptor.canonical_bytes(num_tokens),), dtype=torch.uint8)
+        mover = self.engine.mover
+        noise = mover.platform.host_empty(mover.descriptor.canonical_bytes(num_tokens))
+        noise.copy_(torch.randint(0, 256, noise.shape, dtype=torch.uint8))
         # Random bytes can be NaN/inf patterns in bf16; keep them finite so the change shows up as different
         # tokens rather than a crash: clear the exponent's top bit of every high byte (little-endian bf16/fp16).
         noise[1::2] &= 0xBF
-        backend.scatter(noise, descriptor, spec.block_ids, num_tokens)
+        mover.from_host([noise], [spec.block_ids], num_tokens).wait()
         self.counters["random_loads"] += 1

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from kvport.hal.completion import Completion
     from kvport.hal.platform import PlatformInfo
     from kvport.layouts.descriptor import CopyDescriptor
 
@@ -38,6 +39,11 @@ class Backend(abc.ABC):
     """Moves KV between engine memory (described by a CopyDescriptor) and canonical chunks.
 
     ``available`` must be cheap and must not create a device context: it is called by ``kvport doctor``.
+
+    ``gather`` and ``scatter`` issue their work on the engine device's current stream, ordered after whatever was
+    issued there before, and return a Completion of it (kvport.hal.completion): an event on that stream on
+    platforms with streams, done at once where the work is synchronous. Nobody may read a gathered chunk, or reuse
+    or free a chunk a scatter reads, before that completion.
     """
 
     name: str = ""
@@ -64,7 +70,7 @@ class Backend(abc.ABC):
         block_ids: Sequence,
         dst: torch.Tensor,
         num_tokens: int,
-    ) -> None:
+    ) -> Completion:
         """Engine memory -> canonical bytes in ``dst`` (uint8, at least canonical_bytes(num_tokens))."""
 
     @abc.abstractmethod
@@ -74,5 +80,5 @@ class Backend(abc.ABC):
         descriptor: CopyDescriptor,
         block_ids: Sequence,
         num_tokens: int,
-    ) -> None:
+    ) -> Completion:
         """Canonical bytes in ``src`` -> engine memory; bytes outside the addressed slots stay untouched."""

@@ -8,12 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from kvfixtures import nhd_kv  # noqa: E402
-
-from kvport.cache import CacheEngine, load_config  # noqa: E402
-from kvport.cache.l2 import local_disk  # noqa: E402
+from kvport.cache import CacheEngine, load_config
+from kvport.store.tiers import local_disk
+from kvport.testing.kv import nhd_kv
 
 
 def main() -> None:

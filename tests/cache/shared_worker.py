@@ -9,12 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+import torch
 
-import torch  # noqa: E402
-from kvfixtures import nhd_kv  # noqa: E402
-
-from kvport.cache import CacheEngine, load_config  # noqa: E402
+from kvport.cache import CacheEngine, load_config
+from kvport.testing.kv import nhd_kv
 
 C = 32
 SEQS = 12

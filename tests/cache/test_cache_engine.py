@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvfixtures import blocks_equal, nhd_kv, two_group_kv
 
 from kvport.cache import CacheEngine, load_config
-from kvport.cache.l2.local_disk import HEADER_BYTES
 from kvport.errors import UserError
 from kvport.hal.backends.torch_ref import TorchBackend
+from kvport.store.tiers.local_disk import HEADER_BYTES
+from kvport.testing.kv import blocks_equal, nhd_kv, two_group_kv
 
 C = 32  # chunk tokens: two 16-token blocks
 
@@ -36,7 +36,7 @@ def test_round_trip_into_other_blocks(tmp_path):
         assert blocks_equal(src, dst, list(range(6)), dst_blocks[:6])
         untouched = [b for b in range(32) if b not in dst_blocks[:6]]
         assert all(torch.count_nonzero(t[:, untouched]) == 0 for t in dst)  # nothing written elsewhere
-        assert engine.stats()["hits_load_l2"] == 3
+        assert engine.stats()["hits_load_local_disk"] == 3
 
 
 def test_two_groups_with_different_block_sizes(tmp_path):
@@ -61,9 +61,9 @@ def test_longest_prefix_across_l1_and_l2(tmp_path):
     engine.flush()
     keys = engine.chunk_keys(tokens)
     assert engine.l1.discard(keys[0]) and engine.l1.discard(keys[1])  # chunks 0,1: L2 only
-    engine.l2.delete(keys[2])  # chunk 2: L1 only
+    engine.chunks.tiers[0].delete_one(keys[2])  # chunk 2: L1 only
     engine.l1.discard(keys[3])
-    engine.l2.delete(keys[3])  # chunk 3: nowhere
+    engine.chunks.tiers[0].delete_one(keys[3])  # chunk 3: nowhere
     assert engine.lookup(tokens) == 3 * C
     scheduler = make_engine(tmp_path)  # lookup-only (scheduler side, no bind): sees the shared L2 only
     assert scheduler.lookup(tokens) == 2 * C
@@ -120,7 +120,7 @@ def test_corrupt_chunk_stops_load_without_touching_its_blocks(tmp_path):
     with make_engine(tmp_path, desc=sdesc) as engine:
         engine.store(tokens, list(range(6)))
         keys = engine.chunk_keys(tokens)
-        path = engine.l2.path(keys[1])
+        path = engine.chunks.tiers[0].path(keys[1])
     with open(path, "r+b") as fh:
         fh.seek(HEADER_BYTES + 100)
         fh.write(b"\xff\x00\xff")
@@ -163,24 +163,24 @@ def test_async_store_and_load_handles(tmp_path):
     src, sdesc = nhd_kv(seed=9)
     tokens = list(range(C * 4))
     with make_engine(tmp_path, desc=sdesc) as engine:
-        handle = engine.store_async(tokens, list(range(8)))
+        handle = engine.submit_store(tokens, list(range(8)))
         assert handle.wait(timeout=30) == 4 * C and handle.done()
     dst, ddesc = nhd_kv()
     with make_engine(tmp_path, desc=ddesc) as engine:
         assert engine.prefetch(tokens).wait(timeout=30) == 4 * C
         assert engine.stats()["l1_chunks"] == 4
-        handle = engine.load_async(tokens, list(range(8)), C * 4)
+        handle = engine.submit_load(tokens, list(range(8)), C * 4)
         assert handle.wait(timeout=30) == 4 * C
         assert engine.stats()["hits_load_l1"] == 4  # served from L1 after the prefetch
     assert blocks_equal(src, dst, list(range(8)), list(range(8)))
 
 
-def test_sync_store_writes_l2_before_returning(tmp_path):
+def test_sync_store_writes_local_disk_before_returning(tmp_path):
     src, sdesc = nhd_kv(seed=10)
     tokens = list(range(C * 2))
     engine = make_engine(tmp_path, desc=sdesc, async_store=False)
     engine.store(tokens, list(range(4)))
-    assert all(engine.l2.contains(k) for k in engine.chunk_keys(tokens))
+    assert all(engine.chunks.tiers[0].contains_one(k) for k in engine.chunk_keys(tokens))
     engine.close()
 
 
@@ -247,7 +247,7 @@ def test_prometheus_exposition(tmp_path):
     assert 'kvport_cache_latency_seconds_count{cache="prom-test",op="lookup"} 1.0' in text
 
 
-def test_l2_write_failure_is_counted_and_l1_still_serves(tmp_path):
+def test_local_disk_write_failure_is_counted_and_l1_still_serves(tmp_path):
     src, sdesc = nhd_kv(seed=14)
     tokens = list(range(C * 2))
     engine = make_engine(tmp_path, desc=sdesc)
@@ -259,20 +259,25 @@ def test_l2_write_failure_is_counted_and_l1_still_serves(tmp_path):
     assert engine.store(tokens, list(range(4))) == 2 * C  # the caller is not failed by a background write
     engine.flush()
     stats = engine.stats()
-    assert stats["failures_l2_write_io_error"] == 2
+    assert stats["failures_local_disk_write_io_error"] == 2
     assert engine.lookup(tokens) == 2 * C  # still in L1
     engine.close()
 
 
-def test_metrics_served_over_http(tmp_path):
+def test_metrics_are_served_by_the_host_process_not_the_engine(tmp_path):
     import socket
     import urllib.request
+
+    from kvport.store.metrics import serve_metrics
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with make_engine(tmp_path, namespace="http-test", metrics_port=port) as engine:
         engine.lookup(list(range(C)))
+        with socket.socket() as probe:  # the cache engine itself opened no port
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+        serve_metrics(port)  # what an adapter or server process does
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'kvport_cache_misses_total{cache="http-test",op="lookup",tier="all"} 1.0' in body
 
@@ -337,50 +342,35 @@ def test_concurrent_loads_and_stores_with_a_tiny_l1(tmp_path):
     engine.close()
 
 
-def test_bounded_l2_queue_drops_to_l1_only_never_blocks(tmp_path):
+def test_bounded_local_disk_queue_drops_to_l1_only_never_blocks(tmp_path):
     src, sdesc = nhd_kv(num_blocks=64, heads=8, head_dim=64, seed=16)  # 128 KiB chunks: writes lag the gathers
     tokens = list(range(C * 30))
     engine = make_engine(tmp_path, desc=sdesc, l1_bytes="16MiB", max_pending_stores=1, l2_write_threads=1)
     assert engine.store(tokens, list(range(60))) == 30 * C  # every chunk gathered into L1, none refused
     engine.flush()
     keys = engine.chunk_keys(tokens)
-    on_disk = sum(engine.l2.contains(k) for k in keys)
-    dropped = engine.stats().get("skipped_l2_queue_full", 0)
+    on_disk = sum(engine.chunks.tiers[0].contains_one(k) for k in keys)
+    dropped = engine.stats().get("skipped_tier_queue_full", 0)
     assert on_disk + dropped == 30  # each chunk either written or counted as dropped, never lost silently
     assert on_disk >= 1
     assert all(engine.l1.contains(k) for k in keys)  # dropped chunks still serve from L1
     engine.close()
 
 
-def test_close_without_drain_counts_writes_queued_by_a_running_store(tmp_path):
-    """close(drain=False) while a store_async is mid-way: chunks it queues for L2 after close began are either
-    written or counted as dropped, never cancelled silently."""
-    import threading
+def test_close_without_drain_counts_writes_it_drops(tmp_path):
+    """close(drain=False) while tier writes are queued: each chunk is either written or counted as dropped,
+    never cancelled silently; the chunks stay whole or absent on disk."""
     import time
 
-    class GatedBackend(TorchBackend):
-        def gather(self, desc, tables, dst, num_tokens):
-            gathering.set()
-            if len(gathered) == 1:  # the second chunk waits until close() has started dropping writes
-                dropped.wait(timeout=1)
-            gathered.append(1)
-            return super().gather(desc, tables, dst, num_tokens)
-
-    gathering, dropped, gathered = threading.Event(), threading.Event(), []
     src, sdesc = nhd_kv(seed=17)
     tokens = list(range(C * 4))
-    engine = make_engine(tmp_path, l2_write_threads=1)
-    engine.bind(sdesc, GatedBackend())
-    real_put = engine.l2.put
-    engine.l2.put = lambda *a: time.sleep(0.2) or real_put(*a)  # writes lag the gathers: a queue builds up
-    queue = engine._write_queue()
-    real_drop = queue.drop
-    queue.drop = lambda: (real_drop(), dropped.set())[0]
-    handle = engine.store_async(tokens, list(range(8)))
-    assert gathering.wait(timeout=10)
+    engine = make_engine(tmp_path, desc=sdesc, l2_write_threads=1)
+    real_put = engine.chunks.tiers[0].put_one
+    engine.chunks.tiers[0].put_one = lambda *a: time.sleep(0.2) or real_put(*a)  # writes lag: a queue builds up
+    assert engine.store(tokens, list(range(8))) == 4 * C
     engine.close(drain=False)
-    assert handle.wait(timeout=10) == 4 * C
-    on_disk = sum(engine.l2.contains(k) for k in engine.chunk_keys(tokens))
+    on_disk = sum(engine.chunks.tiers[0].contains_one(k) for k in engine.chunk_keys(tokens))
+    assert engine.stats()["skipped_dropped_at_close"] >= 1
     assert on_disk + engine.stats()["skipped_dropped_at_close"] == 4
 
 
@@ -390,11 +380,11 @@ def test_flush_timeout_raises_while_writes_are_pending(tmp_path):
     src, sdesc = nhd_kv(seed=18)
     tokens = list(range(C * 2))
     engine = make_engine(tmp_path, desc=sdesc, l2_write_threads=1)
-    real_put = engine.l2.put
-    engine.l2.put = lambda *a: time.sleep(0.3) or real_put(*a)
+    real_put = engine.chunks.tiers[0].put_one
+    engine.chunks.tiers[0].put_one = lambda *a: time.sleep(0.3) or real_put(*a)
     engine.store(tokens, list(range(4)))
     with pytest.raises(TimeoutError):
         engine.flush(timeout=0.05)  # like Handle.wait: a timeout is reported, never a silent early return
     engine.flush()
-    assert all(engine.l2.contains(k) for k in engine.chunk_keys(tokens))
+    assert all(engine.chunks.tiers[0].contains_one(k) for k in engine.chunk_keys(tokens))
     engine.close()

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import torch
-from kvfixtures import nhd_kv
 
 from kvport.cache import CacheEngine, load_config
-from kvport.cache.l2.base import ReadResult
-from kvport.cache.l2.local_disk import STALE_TMP_S, SUFFIX, TMP_PREFIX, LocalDiskL2
+from kvport.store.tiers.base import ReadResult
+from kvport.store.tiers.local_disk import STALE_TMP_S, SUFFIX, TMP_PREFIX, LocalDiskTier
+from kvport.testing.kv import nhd_kv
 
 HELPER = Path(__file__).parent / "crash_writer.py"
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ def test_kill_mid_write_leaves_no_visible_chunk(tmp_path):
     # the dead writer's temp file is reclaimed once stale
     old = time.time() - STALE_TMP_S - 1
     os.utime(temps[0], (old, old))
-    engine.l2.enforce_capacity()
+    engine.chunks.tiers[0].enforce_capacity()
     assert not temps[0].exists()
     engine.close()
 
@@ -74,10 +74,10 @@ def test_kill_during_store_loop_every_visible_chunk_is_whole(tmp_path):
     chunks = list(l2.rglob(f"*{SUFFIX}"))
     assert len(chunks) >= 3
     src, desc = nhd_kv(num_blocks=64, block_size=16, layers=4, heads=8, head_dim=64, seed=1)
-    tier = LocalDiskL2(l2, 1 << 40)
+    tier = LocalDiskTier(l2, 1 << 40)
     buf = torch.empty(desc.canonical_bytes(64), dtype=torch.uint8)
     for path in chunks:
-        assert tier.get_into(path.name[: -len(SUFFIX)], desc.fingerprint, buf) is ReadResult.HIT
+        assert tier.get_one(path.name[: -len(SUFFIX)], desc.fingerprint, buf) is ReadResult.HIT
     # and loads of every stored prefix give exactly the stored bytes
     engine = engine_for(l2)
     dst = engine.descriptor.streams[0].buffer

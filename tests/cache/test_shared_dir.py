@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
-from kvfixtures import nhd_kv
 
-from kvport.cache.l2.base import ReadResult
-from kvport.cache.l2.local_disk import HEADER_BYTES, SUFFIX, LocalDiskL2
+from kvport.store.tiers.base import ReadResult
+from kvport.store.tiers.local_disk import HEADER_BYTES, SUFFIX, LocalDiskTier
+from kvport.testing.kv import nhd_kv
 
 HELPER = Path(__file__).parent / "shared_worker.py"
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,9 +56,9 @@ def test_shared_capacity_bound_holds_and_survivors_validate(tmp_path):
     results = run_pair(tmp_path, str(capacity))
     for res in results:
         assert res["bad"] == 0  # evicted chunks are misses, never wrong bytes
-    tier = LocalDiskL2(tmp_path / "l2", capacity)
+    tier = LocalDiskTier(tmp_path / "l2", capacity)
     # each process may overshoot by what the other wrote since its last scan (10% of capacity) plus in-flight
     assert tier.usage() <= capacity * 1.25
     buf = torch.empty(desc.canonical_bytes(32), dtype=torch.uint8)
     for path in (tmp_path / "l2").rglob(f"*{SUFFIX}"):
-        assert tier.get_into(path.name[: -len(SUFFIX)], desc.fingerprint, buf) is ReadResult.HIT
+        assert tier.get_one(path.name[: -len(SUFFIX)], desc.fingerprint, buf) is ReadResult.HIT

@@ -49,7 +49,7 @@ def test_corrupt_chunk_reports_the_blocks_vllm_must_recompute(tmp_path) -> None:
     tokens = list(range(800))
     with _engine(tmp_path, src) as engine:
         WorkerSide(engine, BLOCK).store([TransferSpec("a", tokens, [list(range(7))], 768)])
-        victim = engine.l2.path(engine.chunk_keys(tokens)[1])
+        victim = engine.chunks.tiers[0].path(engine.chunk_keys(tokens)[1])
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))

@@ -4,6 +4,7 @@ Owns the gather/scatter entry points, the chunk check and the block-id table; mu
 from __future__ import annotations
 
 from kvport.hal.backend import Backend, Verdict
+from kvport.hal.completion import READY, Completion, completion_after
 from kvport.hal.transfer.segments import check_buffer
 from kvport.hal.transfer.tables import device_block_ids
 
@@ -23,20 +24,25 @@ class SegmentedBackend(Backend):
             return None, Verdict.no(f"{descriptor.layout}: streams span several devices ({sorted(map(str, devices))})")
         return next(iter(devices)), None
 
-    def gather(self, descriptor, block_ids, dst, num_tokens, max_programs: int | None = None, flat_ids=None) -> None:
-        self._run(descriptor, block_ids, dst, num_tokens, True, max_programs, flat_ids)
+    def gather(
+        self, descriptor, block_ids, dst, num_tokens, max_programs: int | None = None, flat_ids=None
+    ) -> Completion:
+        return self._run(descriptor, block_ids, dst, num_tokens, True, max_programs, flat_ids)
 
-    def scatter(self, src, descriptor, block_ids, num_tokens, max_programs: int | None = None, flat_ids=None) -> None:
-        self._run(descriptor, block_ids, src, num_tokens, False, max_programs, flat_ids)
+    def scatter(
+        self, src, descriptor, block_ids, num_tokens, max_programs: int | None = None, flat_ids=None
+    ) -> Completion:
+        return self._run(descriptor, block_ids, src, num_tokens, False, max_programs, flat_ids)
 
-    def _run(self, descriptor, block_ids, chunk, num_tokens, gather, max_programs, flat_ids) -> None:
+    def _run(self, descriptor, block_ids, chunk, num_tokens, gather, max_programs, flat_ids) -> Completion:
         device = descriptor.streams[0].buffer.device
         name = "gather dst" if gather else "scatter src"
         check_buffer(name, chunk, descriptor.canonical_bytes(num_tokens), engine_device=device)
         if num_tokens <= 0:
-            return
+            return READY
         blocks = flat_ids if flat_ids is not None else device_block_ids(descriptor, block_ids, num_tokens, device)
         self._launch(descriptor, chunk, num_tokens, blocks, gather, max_programs, device)
+        return completion_after(device, (chunk, blocks))
 
     def _launch(self, descriptor, chunk, num_tokens, blocks, gather, max_programs, device) -> None:
         raise NotImplementedError

@@ -1,9 +1,12 @@
-"""Runs a planned transfer between paged engine memory and pinned host memory on side streams, with events.
+"""Runs a planned transfer of one or more chunks between paged engine memory and host memory on side streams.
 Owns stream/event ordering and staging buffers; must not choose the path (planner.py) or hold kernels.
 
 Ordering: a transfer first waits on the stream that was current when it was issued (the engine's compute stream),
-so a gather after the forward pass never reads KV that is still being written; the result's event is what the
-engine must wait on before it reads blocks that a load scattered (``TransferResult.wait``)."""
+so a gather after the forward pass never reads KV that is still being written. Its result carries a Completion
+(kvport.hal.completion): the engine orders its stream after it before it reads blocks a load scattered
+(``TransferResult.wait``), and the cache commits a gathered chunk, or frees a host buffer a scatter read, only in
+the completion's callback. A transfer of several chunks (one request's prefix, each chunk in its own host buffer)
+is one pipeline and one completion."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from kvport.hal.completion import Completion, EventCompletion
 from kvport.hal.transfer.planner import CostModel, Plan, plan
 from kvport.hal.transfer.regions import regions
 from kvport.hal.transfer.segments import check_buffer
@@ -19,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from kvport.hal.backend import Backend
+    from kvport.hal.platforms.base import Platform
     from kvport.layouts.descriptor import CopyDescriptor
 
 # CTAs/programs a zero-copy kernel may hold: 8 of 132 H100 SMs kept 91% of the link in DESIGN.md's measurement
@@ -30,34 +35,47 @@ ZERO_COPY_PROGRAMS = 8
 class TransferResult:
     path: str
     reason: str
-    event: torch.cuda.Event
-    keepalive: list = dataclasses.field(default_factory=list, repr=False)
+    completion: Completion
 
-    def wait(self, stream: torch.cuda.Stream | None = None) -> None:
+    def wait(self, stream=None) -> None:
         """Make ``stream`` (default: the current one) wait for the transfer, without blocking the host."""
-        import torch
-
-        (stream or torch.cuda.current_stream()).wait_event(self.event)
+        self.completion.wait_on(stream)
 
     def synchronize(self) -> None:
-        self.event.synchronize()
-        self.keepalive.clear()
+        """Block the host until the transfer finished."""
+        self.completion.wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Work:
+    """One kernel-sized piece of one chunk: a sub-descriptor, that chunk's block ids and its host bytes."""
+
+    sub: CopyDescriptor
+    block_ids: Sequence
+    flat_ids: object  # device block-id table for the backend, or None
+    host: torch.Tensor  # the piece's slice of the chunk's host buffer
 
 
 class Transfer:
-    """Moves KV for one device with one backend. Not thread-safe: one per engine worker thread."""
+    """Moves KV for one device with one backend. Not thread-safe: one issuing thread at a time (the cache's mover
+    holds a lock around it)."""
 
-    def __init__(self, backend: Backend, device, model: CostModel | None = None, native=None) -> None:
+    def __init__(
+        self, backend: Backend, device, model: CostModel | None = None, native=None, platform: Platform | None = None
+    ) -> None:
         import torch
+
+        from kvport.hal.platforms import platform_for_device
 
         self.backend = backend
         self.device = torch.device(device)
+        self.platform = platform or platform_for_device(self.device)
         self.model = model or CostModel()
         self.native = native  # a NativeBackend for the DMA path, or None
         # High priority: under load the short gather/scatter kernels get SMs as soon as any free up, so the copy
         # engine is not left waiting behind a long engine kernel (the GEMM-under-load case of the benchmark).
-        self.kernel_stream = torch.cuda.Stream(self.device, priority=-1)
-        self.dma_stream = torch.cuda.Stream(self.device)
+        self.kernel_stream = self.platform.new_stream(self.device, high_priority=True)
+        self.dma_stream = self.platform.new_stream(self.device)
         self.zero_copy_programs = ZERO_COPY_PROGRAMS
         self._staging: list[torch.Tensor] = []
         # Per-transfer host work memoized (host time matters): plans and staged pieces, see _memo.
@@ -74,6 +92,8 @@ class Transfer:
             out["staged"] = out["zero-copy"] = verdict.reason
         elif self.backend.name == "torch":
             out["zero-copy"] = "the torch backend cannot bound its SM use (no program limit)"
+        elif not self.platform.kernels_address_host:
+            out["zero-copy"] = f"kernels on {self.platform.name} do not address host memory"
         return out
 
     @staticmethod
@@ -90,63 +110,90 @@ class Transfer:
         cache[full] = (descriptor, value)
         return value
 
-    def plan(self, descriptor: CopyDescriptor, num_tokens: int, direction: str, path: str = "auto") -> Plan:
+    def plan(
+        self, descriptor: CopyDescriptor, num_tokens: int, direction: str, path: str = "auto", chunks: int = 1
+    ) -> Plan:
         return self._memo(
             self._plans,
-            (num_tokens, direction, path),
+            (num_tokens, direction, path, chunks),
             descriptor,
-            lambda: plan(descriptor, num_tokens, direction, self.allowed(descriptor), path, self.model),
+            lambda: plan(descriptor, num_tokens, direction, self.allowed(descriptor), path, self.model, chunks),
         )
 
+    # ---- entry points ----------------------------------------------------------------------------------------
     def to_host(
         self, descriptor, block_ids: Sequence, host: torch.Tensor, num_tokens: int, path: str = "auto", after=None
     ) -> TransferResult:
-        return self._run("d2h", descriptor, block_ids, host, num_tokens, path, after)
+        return self.move("d2h", descriptor, [(block_ids, host)], num_tokens, path, after)
 
     def from_host(
         self, host: torch.Tensor, descriptor, block_ids: Sequence, num_tokens: int, path: str = "auto", after=None
     ) -> TransferResult:
-        return self._run("h2d", descriptor, block_ids, host, num_tokens, path, after)
+        return self.move("h2d", descriptor, [(block_ids, host)], num_tokens, path, after)
 
-    def _run(self, direction, descriptor, block_ids, host, num_tokens, path, after) -> TransferResult:
-        import torch
+    def move(
+        self,
+        direction: str,
+        descriptor: CopyDescriptor,
+        chunks: Sequence[tuple[Sequence, torch.Tensor]],
+        num_tokens: int,
+        path: str = "auto",
+        after=None,
+    ) -> TransferResult:
+        """Move ``chunks`` — (block ids, host buffer) pairs of ``num_tokens`` tokens each — in one pipeline:
+        ``d2h`` gathers engine blocks into the host buffers, ``h2d`` scatters host buffers into engine blocks."""
+        if not chunks:
+            raise ValueError("transfer: no chunks to move")
+        need = descriptor.canonical_bytes(num_tokens)
+        for _, host in chunks:
+            if not self.platform.is_host_ready(host):
+                raise ValueError(
+                    "transfer: a host chunk must be a pinned CPU tensor (torch.empty(..., pin_memory=True))"
+                )
+            check_buffer("transfer host chunk", host, need)
+        chosen = self.plan(descriptor, num_tokens, direction, path, len(chunks))
+        self._order_after(after)
+        keep: list = [host for _, host in chunks]
+        if chosen.path == "dma":
+            self._dma(direction, descriptor, chunks, num_tokens, keep)
+            done = self.dma_stream
+        elif chosen.path == "zero-copy":
+            with self.platform.stream_scope(self.kernel_stream):
+                for block_ids, host in chunks:
+                    if direction == "d2h":
+                        self.backend.gather(
+                            descriptor, block_ids, host, num_tokens, max_programs=self.zero_copy_programs
+                        )
+                    else:
+                        self.backend.scatter(
+                            host, descriptor, block_ids, num_tokens, max_programs=self.zero_copy_programs
+                        )
+            done = self.kernel_stream
+        else:
+            done = self._staged(direction, descriptor, chunks, num_tokens, keep)
+        event = self.platform.new_event()
+        event.record(done)
+        return TransferResult(chosen.path, chosen.reason, EventCompletion(self.platform, self.device, event, keep))
 
-        if host.device.type != "cpu" or not host.is_pinned():
-            raise ValueError("transfer: the host chunk must be a pinned CPU tensor (torch.empty(..., pin_memory=True))")
-        check_buffer("transfer host chunk", host, descriptor.canonical_bytes(num_tokens))
-        chosen = self.plan(descriptor, num_tokens, direction, path)
-        issuer = torch.cuda.current_stream(self.device)
+    def _order_after(self, after) -> None:
+        issuer = self.platform.current_stream(self.device)
         for stream in (self.kernel_stream, self.dma_stream):
             if after is None:
                 stream.wait_stream(issuer)
-            elif isinstance(after, torch.cuda.Event):
+            elif hasattr(after, "query") and not hasattr(after, "wait_event"):  # an event
                 stream.wait_event(after)
             else:
                 stream.wait_stream(after)
-        keep: list = [host]
-        if chosen.path == "dma":
-            self._dma(direction, descriptor, block_ids, host, num_tokens, keep)
-            done = self.dma_stream
-        elif chosen.path == "zero-copy":
-            with torch.cuda.stream(self.kernel_stream):
-                if direction == "d2h":
-                    self.backend.gather(descriptor, block_ids, host, num_tokens, max_programs=self.zero_copy_programs)
-                else:
-                    self.backend.scatter(host, descriptor, block_ids, num_tokens, max_programs=self.zero_copy_programs)
-            done = self.kernel_stream
-        else:
-            done = self._staged(direction, descriptor, block_ids, host, num_tokens)
-        event = torch.cuda.Event()
-        event.record(done)
-        return TransferResult(chosen.path, chosen.reason, event, keep)
 
-    def _dma(self, direction, descriptor, block_ids, host, num_tokens, keep) -> None:
+    # ---- paths -------------------------------------------------------------------------------------------
+    def _dma(self, direction, descriptor, chunks, num_tokens, keep) -> None:
         import torch
 
-        eng, can, size = regions(descriptor, block_ids, num_tokens, host.data_ptr())
+        parts = [regions(descriptor, block_ids, num_tokens, host.data_ptr()) for block_ids, host in chunks]
+        eng, can, size = (torch.cat([p[i] for p in parts]) for i in range(3))
         dsts, srcs = (can, eng) if direction == "d2h" else (eng, can)
         keep.extend([dsts, srcs, size])
-        with torch.cuda.stream(self.dma_stream):
+        with self.platform.stream_scope(self.dma_stream):
             self.native.memcpy_regions(dsts, srcs, size)
 
     def _piece_list(self, descriptor, num_tokens):
@@ -179,70 +226,80 @@ class Transfer:
             self._staging[index] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return self._staging[index]
 
-    def _staged_single(self, direction, descriptor, block_ids, host, num_tokens, size):
-        """One piece: kernel and copy on one stream, so a small transfer (a 256-token chunk: 0.6 ms of link time)
-        pays no cross-stream event waits between its kernel and its copy."""
+    def _work(self, descriptor, chunks, num_tokens, keep) -> list[_Work]:
+        """Every piece of every chunk, in order, each with its chunk's device block table (one upload for all)."""
         import torch
 
-        buf = self._stage(0, size)[:size]
-        with torch.cuda.stream(self.kernel_stream):
-            if direction == "d2h":
-                self.backend.gather(descriptor, block_ids, buf, num_tokens)
-                host[:size].copy_(buf, non_blocking=True)
-            else:
-                buf.copy_(host[:size], non_blocking=True)
-                self.backend.scatter(buf, descriptor, block_ids, num_tokens)
-        return self.kernel_stream
+        from kvport.hal.transfer.segments import flat_block_ids
 
-    def _staged(self, direction, descriptor, block_ids, host, num_tokens):
-        """``staging_buffers`` device buffers in a ring: kernels fill pieces ahead while the copy engine drains."""
-        import torch
-
-        from kvport.hal.transfer.tables import device_block_ids
-
+        flat = [None] * len(chunks)
+        if getattr(self.backend, "accepts_flat_ids", False):
+            tables = [flat_block_ids(descriptor, block_ids, num_tokens) for block_ids, _ in chunks]
+            # From pinned memory without a host sync, so the launches below stay queued behind it on the stream.
+            with self.platform.stream_scope(self.kernel_stream):
+                joined = torch.cat(tables).pin_memory().to(self.device, non_blocking=True)
+            keep.append(joined)
+            flat = list(torch.split(joined, [t.numel() for t in tables]))
         pieces = self._piece_list(descriptor, num_tokens)
-        size = max(n for _, _, n in pieces)
+        return [
+            _Work(sub, block_ids, ids, host[offset : offset + nbytes])
+            for (block_ids, host), ids in zip(chunks, flat)
+            for sub, offset, nbytes in pieces
+        ]
+
+    def _kernel(self, direction, work: _Work, buf, num_tokens) -> None:
+        extra = {"flat_ids": work.flat_ids} if work.flat_ids is not None else {}
+        if direction == "d2h":
+            self.backend.gather(work.sub, work.block_ids, buf, num_tokens, **extra)
+        else:
+            self.backend.scatter(buf, work.sub, work.block_ids, num_tokens, **extra)
+
+    def _staged(self, direction, descriptor, chunks, num_tokens, keep):
+        """``staging_buffers`` device buffers in a ring: kernels fill pieces ahead while the copy engine drains.
+        Returns the stream whose last operation ends the transfer."""
         # The staging buffers outlive a call: a transfer issued before this one may still be copying out of them
         # (d2h, on the DMA stream) or scattering from them (h2d, on the kernel stream) when this one starts.
         self.kernel_stream.wait_stream(self.dma_stream)
-        if len(pieces) == 1:
-            return self._staged_single(direction, descriptor, block_ids, host, num_tokens, size)
+        work = self._work(descriptor, chunks, num_tokens, keep)
+        size = max(w.host.numel() for w in work)
+        if len(work) == 1:
+            # One piece: kernel and copy on one stream, so a small transfer (a 256-token chunk: 0.6 ms of link
+            # time) pays no cross-stream event waits between its kernel and its copy.
+            buf = self._stage(0, size)[: work[0].host.numel()]
+            with self.platform.stream_scope(self.kernel_stream):
+                if direction == "h2d":
+                    buf.copy_(work[0].host, non_blocking=True)
+                self._kernel(direction, work[0], buf, num_tokens)
+                if direction == "d2h":
+                    work[0].host.copy_(buf, non_blocking=True)
+            return self.kernel_stream
         self.dma_stream.wait_stream(self.kernel_stream)
-        ring = min(len(pieces), self.model.staging_buffers)
+        ring = min(len(work), self.model.staging_buffers)
         bufs = [self._stage(i, size) for i in range(ring)]
         freed: list = [None] * ring  # event: ring slot i is free again
-        extra = {}
-        if getattr(self.backend, "accepts_flat_ids", False):
-            with torch.cuda.stream(self.kernel_stream):
-                extra["flat_ids"] = device_block_ids(descriptor, block_ids, num_tokens, self.device)
-        for k, (sub, offset, nbytes) in enumerate(pieces):
+        # d2h: kernel fills a slot, the copy engine drains it; h2d: the copy engine fills, the kernel drains.
+        fill, drain = (
+            (self.kernel_stream, self.dma_stream) if direction == "d2h" else (self.dma_stream, self.kernel_stream)
+        )
+        for k, item in enumerate(work):
             slot = k % ring
-            buf = bufs[slot][:nbytes]
-            if direction == "d2h":
-                if freed[slot] is not None:
-                    self.kernel_stream.wait_event(freed[slot])
-                with torch.cuda.stream(self.kernel_stream):
-                    self.backend.gather(sub, block_ids, buf, num_tokens, **extra)
-                filled = torch.cuda.Event()
-                filled.record(self.kernel_stream)
-                self.dma_stream.wait_event(filled)
-                with torch.cuda.stream(self.dma_stream):
-                    host[offset : offset + nbytes].copy_(buf, non_blocking=True)
-                freed[slot] = torch.cuda.Event()
-                freed[slot].record(self.dma_stream)
-            else:
-                if freed[slot] is not None:
-                    self.dma_stream.wait_event(freed[slot])
-                with torch.cuda.stream(self.dma_stream):
-                    buf.copy_(host[offset : offset + nbytes], non_blocking=True)
-                filled = torch.cuda.Event()
-                filled.record(self.dma_stream)
-                self.kernel_stream.wait_event(filled)
-                with torch.cuda.stream(self.kernel_stream):
-                    self.backend.scatter(buf, sub, block_ids, num_tokens, **extra)
-                freed[slot] = torch.cuda.Event()
-                freed[slot].record(self.kernel_stream)
-        if direction == "d2h":
-            return self.dma_stream
-        # The DMA stream's last copy precedes the last scatter through the events above.
-        return self.kernel_stream
+            buf = bufs[slot][: item.host.numel()]
+            if freed[slot] is not None:
+                fill.wait_event(freed[slot])
+            with self.platform.stream_scope(fill):
+                if direction == "d2h":
+                    self._kernel(direction, item, buf, num_tokens)
+                else:
+                    buf.copy_(item.host, non_blocking=True)
+            filled = self.platform.new_event()
+            filled.record(fill)
+            drain.wait_event(filled)
+            with self.platform.stream_scope(drain):
+                if direction == "d2h":
+                    item.host.copy_(buf, non_blocking=True)
+                else:
+                    self._kernel(direction, item, buf, num_tokens)
+            freed[slot] = self.platform.new_event()
+            freed[slot].record(drain)
+        # The fill stream's last operation precedes the last drain through the events above.
+        return drain

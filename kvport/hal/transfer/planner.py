@@ -82,13 +82,15 @@ def plan(
     allowed: dict[str, str],
     path: str = "auto",
     model: CostModel | None = None,
+    chunks: int = 1,
 ) -> Plan:
-    """Choose a path. ``allowed`` maps each path to "" when it can run or to the reason it cannot."""
+    """Choose a path for ``chunks`` chunks of ``num_tokens`` tokens moved as one transfer. ``allowed`` maps each
+    path to "" when it can run or to the reason it cannot."""
     model = model or CostModel()
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    nbytes = descriptor.canonical_bytes(num_tokens)
-    regions = region_count(descriptor, num_tokens)
+    nbytes = chunks * descriptor.canonical_bytes(num_tokens)
+    regions = chunks * region_count(descriptor, num_tokens)
     est = {p: estimate(model, p, nbytes, regions, direction) for p in PATHS}
     if path != "auto":
         if path not in PATHS:

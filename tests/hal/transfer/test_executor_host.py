@@ -15,8 +15,10 @@ from kvport.hal.transfer.samples import Dims, sample  # noqa: E402
 
 @pytest.fixture
 def transfer(monkeypatch):
+    from kvport.hal.platforms import get_platform
+
     monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: None)  # no stream is used below
-    return Transfer(TorchBackend(), "cpu", CostModel(piece_bytes=100))
+    return Transfer(TorchBackend(), "cpu", CostModel(piece_bytes=100), platform=get_platform("cuda"))
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 23])

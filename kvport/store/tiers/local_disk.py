@@ -1,34 +1,27 @@
-"""The local-disk L2 tier: one file per chunk, written to a temporary name then renamed, validated on every read.
-Owns the on-disk format, capacity eviction and cross-process safety; must not cache chunk contents in memory."""
+"""The local-disk tier: one file per chunk, written to a temporary name then renamed, validated on every read.
+Owns the on-disk layout, capacity eviction and cross-process safety; must not cache chunk contents in memory."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
-import struct
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from kvport.cache.l2.base import L2Tier, ReadResult
 from kvport.errors import UserError
+from kvport.store.envelope import HEADER_BYTES, Header, checksum, open_header, seal_header
+from kvport.store.tiers.base import ReadResult, ThreadedTier, options_from
 
 if TYPE_CHECKING:
     import torch
 
-    from kvport.cache.metrics import CacheMetrics
+    from kvport.store.metrics import CacheMetrics
 
-MAGIC = b"KVPCHNK\0"
-FORMAT_VERSION = 1
-CHECKSUM_XXH3_128 = 1
-# magic, version, header_len, checksum algo, reserved, payload_len, key(32), fingerprint digest(32), checksum(16)
-_HEADER = struct.Struct("<8sIIIIQ32s32s16s")
-# Payload starts at 128 bytes: room for new header fields without moving the payload's alignment.
-HEADER_BYTES = 128
 SUFFIX = ".kvc"
 TMP_PREFIX = ".tmp."
 # A temp file this old belongs to a writer that died (kill -9, power loss): a live write of one chunk takes
@@ -38,29 +31,42 @@ STALE_TMP_S = 3600.0
 LOW_WATERMARK = 0.9
 # Rescan the directory after this fraction of capacity was written by this process, to see other writers.
 RESCAN_FRACTION = 0.1
-
-
-def _checksum(data) -> bytes:
-    import xxhash  # 7.4 GB/s on the dev VM vs 2.5 for zlib.crc32 and 0.55 for blake2b (64 MiB buffers)
-
-    return xxhash.xxh3_128_digest(data)
-
-
-def fingerprint_digest(fingerprint: str) -> bytes:
-    return hashlib.blake2b(fingerprint.encode(), digest_size=32).digest()
+OPTIONS = ("path", "bytes", "fsync", "read_threads", "write_threads")
 
 
 def _as_bytes_view(tensor: torch.Tensor) -> memoryview:
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
-        raise ValueError("L2 buffers must be contiguous CPU tensors")
+        raise ValueError("tier buffers must be contiguous CPU tensors")
     return memoryview(tensor.numpy()).cast("B")
 
 
-class LocalDiskL2(L2Tier):
+def parse_options(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Checked options of a ``{type: local_disk, path: ..., bytes: ..., fsync: ...}`` spec (no disk is touched)."""
+    from kvport.cache.config import coerce_bool, coerce_positive_int, parse_bytes
+
+    opts = options_from(spec, OPTIONS, where)
+    if not opts.get("path"):
+        raise UserError(f"{where}: 'path' is required (the cache directory)")
+    out: dict[str, Any] = {"path": os.path.expanduser(str(opts["path"]))}
+    out["bytes"] = parse_bytes(opts.get("bytes", "64GiB"), f"{where}: bytes")
+    if out["bytes"] <= 0:
+        raise UserError(f"{where}: bytes={out['bytes']}, expected a positive byte count")
+    out["fsync"] = coerce_bool(opts.get("fsync", False), f"{where}: fsync")
+    out["read_threads"] = coerce_positive_int(opts.get("read_threads", 2), f"{where}: read_threads")
+    out["write_threads"] = coerce_positive_int(opts.get("write_threads", 2), f"{where}: write_threads")
+    return out
+
+
+class LocalDiskTier(ThreadedTier):
     """Chunks under ``root/<key[:2]>/<key>.kvc``. Two processes may share ``root``: renames are atomic, readers
     validate everything, evictions and corrupt-chunk deletions tolerate the other process doing the same."""
 
-    name = "local-disk"
+    kind = "local_disk"
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], where: str, metrics: CacheMetrics | None = None) -> LocalDiskTier:
+        o = parse_options(spec, where)
+        return cls(o["path"], o["bytes"], o["fsync"], metrics, o["read_threads"], o["write_threads"])
 
     def __init__(
         self,
@@ -68,30 +74,40 @@ class LocalDiskL2(L2Tier):
         capacity_bytes: int,
         fsync: bool = False,
         metrics: CacheMetrics | None = None,
+        read_threads: int = 2,
+        write_threads: int = 2,
     ) -> None:
         self.root = Path(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"l2_path {self.root}: cannot create directory ({exc.strerror})") from None
+            raise UserError(f"local_disk tier {self.root}: cannot create directory ({exc.strerror})") from None
         if not os.access(self.root, os.W_OK | os.X_OK):
-            raise UserError(f"l2_path {self.root}: directory is not writable")
+            raise UserError(f"local_disk tier {self.root}: directory is not writable")
         self.capacity = capacity_bytes
         self.fsync = fsync
         self.metrics = metrics
         self._lock = threading.Lock()
         self._used: int | None = None  # bytes on disk as of the last scan plus our writes since; None = not scanned
         self._written_since_scan = 0
+        super().__init__(read_threads, write_threads)
+
+    def describe(self) -> str:
+        return f"local_disk {self.root} ({self.capacity / 2**30:.1f} GiB)"
+
+    def stats(self) -> dict[str, Any]:
+        entries = self._scan()
+        return {"bytes": sum(size for _, size, _ in entries), "capacity_bytes": self.capacity, "chunks": len(entries)}
 
     # ---- paths -------------------------------------------------------------------------------------------
     def path(self, key: str) -> Path:
         return self.root / key[:2] / (key + SUFFIX)
 
     # ---- reads -------------------------------------------------------------------------------------------
-    def contains(self, key: str) -> bool:
+    def contains_one(self, key: str) -> bool:
         return os.path.exists(self.path(key))
 
-    def get_into(self, key: str, fingerprint: str, dst: torch.Tensor) -> ReadResult:
+    def get_one(self, key: str, fingerprint: str, dst: torch.Tensor) -> ReadResult:
         path = self.path(key)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -108,16 +124,13 @@ class LocalDiskL2(L2Tier):
 
     def _read_validated(self, fd: int, path: Path, key: str, fingerprint: str, dst: torch.Tensor) -> ReadResult:
         size = os.fstat(fd).st_size
-        header = os.pread(fd, HEADER_BYTES, 0)
-        if len(header) < HEADER_BYTES:
-            return self._fail(ReadResult.TRUNCATED, path, fd)
-        magic, version, header_len, algo, _, payload_len, raw_key, fp, checksum = _HEADER.unpack_from(header)
-        if magic != MAGIC or version != FORMAT_VERSION or header_len != HEADER_BYTES or algo != CHECKSUM_XXH3_128:
-            return self._fail(ReadResult.CORRUPT, path, fd)
-        if raw_key != bytes.fromhex(key):
-            return self._fail(ReadResult.CORRUPT, path, fd)
-        if fp != fingerprint_digest(fingerprint):
-            return self._fail(ReadResult.WRONG_FINGERPRINT, path, fd)
+        header = open_header(os.pread(fd, HEADER_BYTES, 0), key, fingerprint)
+        if header is ReadResult.WRONG_FINGERPRINT:
+            # Another layout's valid chunk (a reader with a different layout must never delete a writer's chunk).
+            return self._count(ReadResult.WRONG_FINGERPRINT)
+        if not isinstance(header, Header):
+            return self._fail(header, path, fd)
+        payload_len = header.payload_len
         if size < HEADER_BYTES + payload_len:
             return self._fail(ReadResult.TRUNCATED, path, fd)
         if size != HEADER_BYTES + payload_len or payload_len != dst.numel():
@@ -129,7 +142,7 @@ class LocalDiskL2(L2Tier):
             if n == 0:  # shrank under us: only possible if someone truncated the file in place
                 return self._fail(ReadResult.TRUNCATED, path, fd)
             done += n
-        if _checksum(view) != checksum:
+        if checksum(view) != header.checksum:
             return self._fail(ReadResult.CORRUPT, path, fd)
         try:
             os.utime(fd)  # mtime = last use, so eviction drops the least recently used chunks
@@ -137,10 +150,14 @@ class LocalDiskL2(L2Tier):
             pass  # read-only media: recency is lost, correctness is not
         return ReadResult.HIT
 
+    def _count(self, result: ReadResult) -> ReadResult:
+        if self.metrics is not None:
+            self.metrics.inc("failures", tier=self.kind, reason=result.value)
+        return result
+
     def _fail(self, result: ReadResult, path: Path, fd: int | None) -> ReadResult:
         """Delete a bad chunk so nobody reads it again; only if the path still names the file we judged."""
-        if self.metrics is not None:
-            self.metrics.inc("failures", tier="l2", reason=result.value)
+        self._count(result)
         if fd is None:
             return result
         try:
@@ -151,22 +168,12 @@ class LocalDiskL2(L2Tier):
         return result
 
     # ---- writes ------------------------------------------------------------------------------------------
-    def put(self, key: str, fingerprint: str, src: torch.Tensor) -> bool:
+    def put_one(self, key: str, fingerprint: str, src: torch.Tensor) -> bool | None:
         path = self.path(key)
         if path.exists():
-            return True  # same key = same tokens and namespace: content is the same
+            return None  # same key = same tokens and namespace: content is the same; nothing written
         payload = _as_bytes_view(src)
-        header = _HEADER.pack(
-            MAGIC,
-            FORMAT_VERSION,
-            HEADER_BYTES,
-            CHECKSUM_XXH3_128,
-            0,
-            len(payload),
-            bytes.fromhex(key),
-            fingerprint_digest(fingerprint),
-            _checksum(payload),
-        ).ljust(HEADER_BYTES, b"\0")
+        header = seal_header(key, fingerprint, payload)
         tmp = path.parent / f"{TMP_PREFIX}{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
             path.parent.mkdir(exist_ok=True)
@@ -187,12 +194,12 @@ class LocalDiskL2(L2Tier):
                 pass
             if self.metrics is not None:
                 reason = "disk_full" if exc.errno == errno.ENOSPC else "io_error"
-                self.metrics.inc("failures", tier="l2", reason=f"write_{reason}")
+                self.metrics.inc("failures", tier=self.kind, reason=f"write_{reason}")
             return False
         self._account(HEADER_BYTES + len(payload))
         return True
 
-    def delete(self, key: str) -> None:
+    def delete_one(self, key: str) -> None:
         try:
             os.unlink(self.path(key))
         except FileNotFoundError:
@@ -245,7 +252,7 @@ class LocalDiskL2(L2Tier):
                 self._used = total
                 self._written_since_scan = 0
         if evicted and self.metrics is not None:
-            self.metrics.inc("evictions", evicted, tier="l2")
+            self.metrics.inc("evictions", evicted, tier=self.kind)
         return evicted
 
     def _scan(self) -> list[tuple[float, int, Path]]:

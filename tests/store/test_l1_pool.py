@@ -1,4 +1,4 @@
-"""Tests for kvport.cache.l1: LRU order, pins under concurrent readers, exhaustion without allocation."""
+"""Tests for kvport.store.l1: LRU order, pins under concurrent readers, exhaustion without allocation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from kvport.cache.l1 import SLOT_ALIGN, L1Pool
+from kvport.store.l1 import SLOT_ALIGN, L1Pool
 
 CHUNK = 1000  # not a multiple of the slot alignment on purpose
 

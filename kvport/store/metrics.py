@@ -167,8 +167,9 @@ def _ensure_registered() -> None:
 _served_ports: set[int] = set()
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
-    """Serve every engine's metrics over HTTP (``/metrics``); once per port per process."""
+def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
+    """Serve every engine's metrics over HTTP (``/metrics``) on ``addr`` (loopback unless the operator widens it);
+    once per port per process. Called by host processes (engine adapters, servers), never by the cache itself."""
     from prometheus_client import start_http_server
 
     with _register_lock:

@@ -1,4 +1,4 @@
-"""Tests for kvport.cache.metrics: flattened stats names, GB/s from bytes and seconds, histogram exposition."""
+"""Tests for kvport.store.metrics: flattened stats names, GB/s from bytes and seconds, histogram exposition."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import threading
 import pytest
 from prometheus_client import generate_latest
 
-from kvport.cache.metrics import CacheMetrics, serve_metrics
 from kvport.errors import UserError
+from kvport.store.metrics import CacheMetrics, serve_metrics
 
 
 def test_snapshot_flattens_labels_and_derives_gbps():

@@ -1,11 +1,12 @@
 """The L1 pool: one host buffer allocated once and sliced into chunk-sized slots, with LRU eviction and pins.
-Owns slot bookkeeping; must not allocate after construction, evict a pinned slot, or know about disks or backends."""
+Owns slot bookkeeping; must not allocate after construction, evict a pinned slot, or know about tiers or backends."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
 import threading
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -51,7 +52,11 @@ class L1Pool:
     store): exhaustion never allocates more memory.
     """
 
-    def __init__(self, capacity_bytes: int, chunk_bytes: int, pin_memory: bool = False, metrics=None) -> None:
+    def __init__(
+        self, capacity_bytes: int, chunk_bytes: int, pin_memory: bool = False, metrics=None, allocate=None
+    ) -> None:
+        """``allocate(nbytes)`` gives the host memory (a platform's pinned allocator); default torch.empty, pinned
+        when ``pin_memory``."""
         import torch
 
         if chunk_bytes <= 0:
@@ -59,9 +64,14 @@ class L1Pool:
         self.chunk_bytes = chunk_bytes
         self.slot_bytes = self.slot_size(chunk_bytes)
         self.num_slots = capacity_bytes // self.slot_bytes
-        self.pinned = bool(pin_memory)
+        if allocate is None:
+
+            def allocate(nbytes: int) -> torch.Tensor:
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=bool(pin_memory))
+
         # The host allocator only promises 64-byte alignment: over-allocate one page and start on a boundary.
-        raw = torch.empty(self.num_slots * self.slot_bytes + SLOT_ALIGN, dtype=torch.uint8, pin_memory=self.pinned)
+        raw = allocate(self.num_slots * self.slot_bytes + SLOT_ALIGN)
+        self.pinned = raw.is_pinned()
         skip = -raw.data_ptr() % SLOT_ALIGN
         self.memory = raw[skip : skip + self.num_slots * self.slot_bytes]
         self._lock = threading.Lock()
@@ -98,12 +108,13 @@ class L1Pool:
             self._entries.move_to_end(key)
             return Lease(self, key, entry.slot, self._view(entry.slot))
 
-    def reserve(self, key: str) -> Lease | None:
-        """A pinned, invisible slot for ``key``; None when the key is already present or every slot is pinned."""
+    def reserve(self, key: str, protect: Collection[str] = ()) -> Lease | None:
+        """A pinned, invisible slot for ``key``; None when the key is already present or no slot is free.
+        Chunks in ``protect`` (the request's own earlier chunks) are never evicted to make room."""
         with self._lock:
             if key in self._entries:
                 return None
-            slot = self._take_slot()
+            slot = self._take_slot(protect)
             if slot is None:
                 self.exhausted += 1
                 if self.metrics is not None:
@@ -152,11 +163,11 @@ class L1Pool:
             if entry is not None and entry.pins > 0:
                 entry.pins -= 1
 
-    def _take_slot(self) -> int | None:
+    def _take_slot(self, protect: Collection[str] = ()) -> int | None:
         if self._free:
             return self._free.pop()
         for key, entry in self._entries.items():  # LRU order: the first unpinned visible entry goes
-            if entry.pins == 0 and entry.visible:
+            if entry.pins == 0 and entry.visible and key not in protect:
                 del self._entries[key]
                 self.evictions += 1
                 if self.metrics is not None:

@@ -1,4 +1,4 @@
-"""Tests for kvport.cache.keys: hash-chain properties, isolation by namespace/salt, stability across processes."""
+"""Tests for kvport.store.keys: hash-chain properties, isolation by namespace/salt, stability across processes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvport.cache.keys import chunk_keys, iter_chunk_keys
+from kvport.store.keys import chunk_keys, iter_chunk_keys
 
 C = 16
 
@@ -62,7 +62,7 @@ def test_container_types_agree():
 
 
 def test_keys_are_stable_across_processes_and_hash_seeds():
-    code = "from kvport.cache.keys import chunk_keys; print(chunk_keys(list(range(64)), 16, 'ns', 's')[-1])"
+    code = "from kvport.store.keys import chunk_keys; print(chunk_keys(list(range(64)), 16, 'ns', 's')[-1])"
     outs = set()
     for seed in ("1", "2"):
         env = {"PYTHONHASHSEED": seed, "PYTHONPATH": "."}

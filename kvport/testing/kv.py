@@ -1,5 +1,5 @@
 """Hand-built copy descriptors and KV tensors for the cache tests (and their subprocess helpers).
-Owns only test scaffolding per kvport/layouts/descriptor.py's contract; must not be imported by kvport itself."""
+Owns only test scaffolding per kvport/layouts/descriptor.py's contract; kvport's runtime code must not import it."""
 
 from __future__ import annotations
 

@@ -1,0 +1,93 @@
+"""The mover: moves canonical chunks between one engine's KV memory and host buffers, and says when each move is done.
+Owns the descriptor, the copy backend, the platform and the transfer pipeline of one bound engine; must not decide
+what is cached or where (the chunk store does), and must not let anyone read a buffer before its completion."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvport.hal.completion import Completion, all_of
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvport.hal.backend import Backend
+    from kvport.hal.platforms.base import Platform
+    from kvport.hal.transfer.planner import CostModel
+    from kvport.layouts.descriptor import CopyDescriptor
+
+
+class ChunkMover:
+    """``to_host`` gathers chunks out of engine blocks into host buffers, ``from_host`` scatters host buffers into
+    engine blocks; both return a Completion. On platforms with streams every move runs through the transfer
+    pipeline (kvport.hal.transfer: the planner picks DMA, staged or zero-copy; the same code `kvport bench kernels`
+    measures), ordered after the work already issued on the engine's current stream. Elsewhere the backend copies
+    synchronously and the completion is done at once. Thread-safe: one issuing thread at a time."""
+
+    def __init__(
+        self,
+        descriptor: CopyDescriptor,
+        backend: Backend,
+        platform: Platform,
+        path: str = "auto",
+        model: CostModel | None = None,
+    ) -> None:
+        self.descriptor, self.backend, self.platform, self.path = descriptor, backend, platform, path
+        self.device = descriptor.streams[0].buffer.device
+        self._lock = threading.Lock()
+        self.transfer = None
+        if platform.async_copies and self.device.type != "cpu":
+            from kvport.hal.transfer.executor import Transfer
+
+            self.transfer = Transfer(backend, self.device, model=model, native=_copy_engine(backend, platform))
+
+    def to_host(self, tables: Sequence, buffers: Sequence[torch.Tensor], num_tokens: int) -> Completion:
+        """Gather ``num_tokens`` tokens per chunk: chunk i from block ids ``tables[i]`` into ``buffers[i]``."""
+        return self._move("d2h", tables, buffers, num_tokens)
+
+    def from_host(self, buffers: Sequence[torch.Tensor], tables: Sequence, num_tokens: int) -> Completion:
+        """Scatter chunk i from ``buffers[i]`` into block ids ``tables[i]``."""
+        return self._move("h2d", tables, buffers, num_tokens)
+
+    def path_for(self, direction: str, num_tokens: int, chunks: int = 1) -> str:
+        """The transfer path a move of ``chunks`` chunks would take ("sync" where copies are synchronous)."""
+        if self.transfer is None:
+            return "sync"
+        with self._lock:
+            return self.transfer.plan(self.descriptor, num_tokens, direction, self.path, chunks).path
+
+    def _move(self, direction: str, tables: Sequence, buffers: Sequence, num_tokens: int) -> Completion:
+        if len(tables) != len(buffers):
+            raise ValueError(f"mover: {len(tables)} block tables for {len(buffers)} buffers")
+        if not buffers:
+            return all_of([])
+        with self._lock:
+            if self.transfer is not None:
+                chunks = list(zip(tables, buffers))
+                return self.transfer.move(direction, self.descriptor, chunks, num_tokens, self.path).completion
+            done = []
+            for table, buffer in zip(tables, buffers):
+                if direction == "d2h":
+                    done.append(self.backend.gather(self.descriptor, table, buffer, num_tokens))
+                else:
+                    done.append(self.backend.scatter(buffer, self.descriptor, table, num_tokens))
+            return all_of(done)
+
+
+def _copy_engine(backend: Backend, platform: Platform):
+    """The native backend whose memcpy_batch drives the copy engines (the DMA path), or None where there is none."""
+    if hasattr(backend, "memcpy_regions"):
+        return backend
+    if platform.native_target is None:
+        return None
+    from kvport.hal.registry import load_backend
+
+    try:
+        native = load_backend(platform.native_target)
+    except Exception:  # no native module in this install: the planner then never picks the DMA path
+        return None
+    from kvport.hal.platform import detect_platform
+
+    return native if native.available(detect_platform()) else None

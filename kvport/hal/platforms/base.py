@@ -1,0 +1,56 @@
+"""The Platform contract: what a vendor offers the data path (pinned host memory, streams, events, sync).
+Owns only the interface and the host-memory default; must not import a vendor runtime at module import."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Platform:
+    """Defaults describe a synchronous device without pinned memory (the CPU); vendors override what they have.
+
+    Ordering contract: work issued on a stream runs in issue order; an event recorded on a stream completes when
+    everything issued before it on that stream has; ``wait_event`` orders a stream after an event without
+    blocking the host. Platforms without streams (``async_copies`` False) finish every copy before returning."""
+
+    name = "cpu"
+    # Copies and kernels are queued on streams and finish later: every transfer needs a completion.
+    async_copies = False
+    # Page-locked host memory exists: host buffers that copy engines (and zero-copy kernels) may address.
+    pinned_host = False
+    # Device kernels may read and write pinned host memory through its mapped address (zero-copy transfers).
+    kernels_address_host = False
+    # The native copy-engine path (kvport._native_<target>.memcpy_batch) serves this platform.
+    native_target: str | None = None
+
+    def host_empty(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of host memory, pinned where the platform has pinned memory."""
+        import torch
+
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned_host)
+
+    def is_host_ready(self, tensor: torch.Tensor) -> bool:
+        """Whether a host tensor can be the host side of an asynchronous copy on this platform."""
+        return tensor.device.type == "cpu" and (not self.pinned_host or tensor.is_pinned())
+
+    # ---- streams and events (platforms with async_copies override all of these) -------------------------------
+    def current_stream(self, device) -> Any:
+        return None
+
+    def new_stream(self, device, high_priority: bool = False) -> Any:
+        raise NotImplementedError(f"platform {self.name} has no streams")
+
+    def stream_scope(self, stream) -> contextlib.AbstractContextManager:
+        """Make ``stream`` current for the work issued inside the block."""
+        return contextlib.nullcontext()
+
+    def new_event(self) -> Any:
+        raise NotImplementedError(f"platform {self.name} has no events")
+
+    def synchronize(self, device) -> None:
+        """Block the host until all work queued on ``device`` finished (for synchronous fallbacks only)."""
+        return None

@@ -1,0 +1,388 @@
+"""The chunk store: the L1 host pool plus an ordered list of tiers, and the policy that connects them.
+Owns lookup, admission (write-through to every tier), fetch with read-ahead, promotion of a slower tier's hits and
+the store's metrics; must not know devices, descriptors, backends or engines (the cache's mover moves bytes)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from kvport.errors import UserError
+from kvport.store.keys import iter_chunk_keys
+from kvport.store.l1 import L1Pool, Lease
+from kvport.store.metrics import CacheMetrics
+from kvport.store.tiers import ReadResult, build_tier
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvport.cache.config import CacheConfig
+    from kvport.store.tiers.base import Tier
+
+_log = logging.getLogger("kvport.store")
+# fetch() yields this for a chunk a tier holds when no L1 slot is free to read it into (every slot pinned).
+NO_SLOT = object()
+# Longest wait for a chunk another thread is reading into L1 (one chunk read takes milliseconds).
+FILL_WAIT_S = 1.0
+
+
+class ChunkStore:
+    """One namespace's chunks. Lookups work before ``open_l1`` (a scheduler process has tiers only); loads and
+    stores need L1, opened once the chunk size and layout fingerprint are known."""
+
+    def __init__(self, config: CacheConfig, namespace: str, metrics: CacheMetrics | None = None) -> None:
+        if not namespace:
+            raise ValueError("namespace must identify the model shard (model id, dtype, layout, tp rank/size)")
+        self.config = config
+        self.namespace = namespace
+        self.chunk_tokens = config.chunk_tokens
+        self.metrics = metrics or CacheMetrics(namespace)
+        self.tiers: list[Tier] = []
+        try:
+            for i, spec in enumerate(config.tier_specs()):
+                self.tiers.append(build_tier(spec, f"cache config: tiers[{i}] ({spec.get('type')})", self.metrics))
+        except BaseException:
+            self.close(drain=False)
+            raise
+        self.l1: L1Pool | None = None
+        self.fingerprint: str | None = None
+        self._writes_lock = threading.Condition()
+        self._pending_writes = 0
+        self._write_futures: set[cf.Future] = set()
+        self._closed = False
+
+    def open_l1(self, chunk_bytes: int, fingerprint: str, allocate: Callable[[int], torch.Tensor]) -> None:
+        """Allocate L1 for chunks of ``chunk_bytes`` (with ``allocate``, the platform's host allocator)."""
+        if self.l1 is not None:
+            raise RuntimeError("ChunkStore.open_l1 called twice")
+        slot_bytes = L1Pool.slot_size(chunk_bytes)
+        if self.config.l1_bytes < slot_bytes:
+            raise UserError(
+                f"cache config: l1_bytes={self.config.l1_bytes} is smaller than one chunk ({slot_bytes} bytes with "
+                f"alignment, chunk_tokens={self.chunk_tokens})"
+            )
+        self.l1 = L1Pool(self.config.l1_bytes, chunk_bytes, metrics=self.metrics, allocate=allocate)
+        self.fingerprint = fingerprint
+
+    # ---- keys and lookup -------------------------------------------------------------------------------------
+    def iter_keys(self, tokens) -> Iterator[str]:
+        """One key per full chunk of ``tokens``, derived as asked for (a lookup that stops early hashes no further)."""
+        return iter_chunk_keys(tokens, self.chunk_tokens, self.namespace, self.config.salt)
+
+    def keys(self, tokens) -> list[str]:
+        return list(self.iter_keys(tokens))
+
+    def lookup(self, tokens) -> int:
+        """Leading chunks of ``tokens`` present in L1 or any tier (a promise a load keeps unless a chunk is evicted
+        or found corrupt meanwhile). Tiers are asked in batches that grow 1, 8, 64...: a miss costs one key, a long
+        hit a few round trips per tier, never one per chunk."""
+        self._check_open()
+        start = time.perf_counter()
+        keys = self.iter_keys(tokens)
+        found = {"l1": 0}
+        pending: deque[str] = deque()
+        batch, missed = 1, False
+        while True:
+            if not pending:
+                pending.extend(_take(keys, batch))
+                if not pending:
+                    break
+            if self.l1 is not None and self.l1.contains(pending[0]):
+                pending.popleft()
+                found["l1"] += 1
+                continue
+            best, best_tier = 0, None
+            for tier in self.tiers:
+                got = _safe_contains(tier, list(pending))
+                if got > best:
+                    best, best_tier = got, tier.kind
+                if got == len(pending):
+                    break
+            if not best:
+                missed = True
+                break
+            found[best_tier] = found.get(best_tier, 0) + best
+            for _ in range(best):
+                pending.popleft()
+            batch = min(batch * 8, 512)
+        total = sum(found.values())
+        if missed:
+            self.metrics.inc("misses", op="lookup", tier="all")
+        for tier, count in found.items():  # one update per tier, not per chunk: lookups sit on the critical path
+            if count:
+                self.metrics.inc("hits", count, op="lookup", tier=tier)
+        self.metrics.observe("latency", time.perf_counter() - start, op="lookup")
+        return total
+
+    # ---- store side ------------------------------------------------------------------------------------------
+    def absent(self, keys: Sequence[str], start: int = 0) -> list[int]:
+        """Indices ``>= start`` of the chunks to store: not in L1, and past the run the tiers already hold."""
+        if start >= len(keys):
+            return []
+        held = max((_safe_contains(t, list(keys[start:])) for t in self.tiers), default=0)
+        out = []
+        for index in range(start, len(keys)):
+            if index < start + held or self.l1.contains(keys[index]):
+                self.metrics.inc("skipped", reason="present")
+                continue
+            out.append(index)
+        return out
+
+    def reserve(self, key: str, protect=()) -> Lease | None:
+        self._check_l1()
+        return self.l1.reserve(key, protect)
+
+    def abort(self, leases: Sequence[Lease]) -> None:
+        for lease in leases:
+            self.l1.abort(lease)
+
+    def admit(self, leases: Sequence[Lease]) -> None:
+        """Make filled chunks visible in L1 and write them through to every tier; each lease is released once its
+        writes finished (the pin keeps the bytes in L1 until then)."""
+        for lease in leases:
+            self.l1.commit(lease)
+        for lease in leases:
+            self._write_through(lease, self.tiers)
+
+    def _write_through(self, lease: Lease, tiers: Sequence[Tier]) -> None:
+        if not tiers:
+            lease.release()
+            return
+        with self._writes_lock:
+            if self._pending_writes >= self.config.max_pending_stores:
+                self.metrics.inc("skipped", reason="tier_queue_full")
+                lease.release()
+                return
+            self._pending_writes += 1
+        futures = []
+        try:
+            for tier in tiers:
+                futures.extend(tier.put([lease.key], self.fingerprint, [lease.buffer]))
+        except Exception:
+            self.metrics.inc("failures", tier="all", reason="write_exception")
+            _log.exception("kvport store: writing chunk %s failed to start", lease.key)
+        left = [len(futures)]
+        lock = threading.Lock()
+
+        def one_done(future: cf.Future) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                # A background write has no caller to raise to: count it and log it loudly, never swallow it.
+                self.metrics.inc("failures", tier="all", reason="write_exception")
+                _log.error("kvport store: writing chunk %s failed: %r", lease.key, future.exception())
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._write_finished(lease, futures)
+
+        with self._writes_lock:
+            self._write_futures.update(futures)
+        if not futures:
+            self._write_finished(lease, futures)
+        for future in futures:
+            future.add_done_callback(one_done)
+        if not self.config.async_store:
+            cf.wait(futures)
+
+    def _write_finished(self, lease: Lease, futures: list[cf.Future]) -> None:
+        lease.release()
+        with self._writes_lock:
+            self._pending_writes -= 1
+            self._write_futures.difference_update(futures)
+            self._writes_lock.notify_all()
+
+    # ---- load side -------------------------------------------------------------------------------------------
+    def fetch(self, keys: Sequence[str]) -> Iterator[Any]:
+        """For each key in order: a pinned L1 lease holding the chunk (read from a tier if needed), None on a miss
+        (the consumer stops), or NO_SLOT (a tier holds it but no L1 slot is free: see ``read_into``). Tier reads run
+        ``prefetch_depth`` chunks ahead in one batched call per tier; whatever the consumer does not take is
+        committed to L1 (or dropped) once its read finished, never left pinned."""
+        self._check_l1()
+        window: deque[tuple[str, Any, Any]] = deque()  # (key, lease or result, tier future or None)
+        next_key = 0
+        depth = self.config.prefetch_depth if (self.config.prefetch and self.tiers) else 1
+        try:
+            while True:
+                next_key = self._fill_window(keys, next_key, window, depth)
+                if not window:
+                    return
+                key, got, future = window.popleft()
+                if future is not None:
+                    got = self._finish_read(key, got, future)
+                yield got
+                if got is None:
+                    return
+        finally:
+            for key, got, future in window:
+                if future is not None:
+                    future.add_done_callback(lambda f, k=key, lease=got: self._settle_unused(k, lease, f))
+                elif isinstance(got, Lease):
+                    got.release()
+
+    def _fill_window(self, keys, next_key, window, depth) -> int:
+        """Queue up to ``depth`` keys: L1 hits as leases at once; L1 misses as reserved slots read in one batched
+        call to the first tier."""
+        reads: list[tuple[str, Lease]] = []
+        while next_key < len(keys) and len(window) + len(reads) < depth:
+            key = keys[next_key]
+            lease = self.l1.acquire(key)
+            if lease is not None:
+                self.metrics.inc("hits", op="load", tier="l1")
+                if reads:  # keep order: this hit waits behind the reads queued before it
+                    self._issue_reads(reads, window)
+                    reads = []
+                window.append((key, lease, None))
+            elif not self.tiers:
+                self.metrics.inc("misses", op="load", tier="l1")
+                if reads:
+                    self._issue_reads(reads, window)
+                    reads = []
+                window.append((key, None, None))
+                return len(keys)  # nothing after a miss can be loaded
+            else:
+                lease = self.l1.reserve(key)
+                if lease is None:
+                    # Another thread is filling this key right now (wait for it, briefly) or every slot is pinned.
+                    lease = self.l1.acquire(key, wait_fill=FILL_WAIT_S)
+                    if reads:
+                        self._issue_reads(reads, window)
+                        reads = []
+                    if lease is not None:
+                        self.metrics.inc("hits", op="load", tier="l1")
+                    window.append((key, lease if lease is not None else NO_SLOT, None))
+                else:
+                    reads.append((key, lease))
+            next_key += 1
+        if reads:
+            self._issue_reads(reads, window)
+        return next_key
+
+    def _issue_reads(self, reads: list[tuple[str, Lease]], window) -> None:
+        tier = self.tiers[0]
+        keys = [k for k, _ in reads]
+        try:
+            futures = tier.get(keys, self.fingerprint, [lease.buffer for _, lease in reads])
+        except Exception as exc:
+            futures = [_failed(exc) for _ in reads]
+        for (key, lease), future in zip(reads, futures):
+            window.append((key, lease, future))
+
+    def _finish_read(self, key: str, lease: Lease, future: cf.Future) -> Any:
+        """The reserved lease once the first tier's read finished: committed on a hit, else tried on the next tiers
+        (a hit there is promoted to the faster tiers); None when no tier has a valid copy."""
+        result = _result(future)
+        tier_index = 0
+        while result is not ReadResult.HIT and tier_index + 1 < len(self.tiers):
+            self.metrics.inc("misses", op="load", tier=self.tiers[tier_index].kind)
+            tier_index += 1
+            result = _result(self.tiers[tier_index].get([key], self.fingerprint, [lease.buffer])[0])
+        if result is not ReadResult.HIT:
+            self.metrics.inc("misses", op="load", tier=self.tiers[tier_index].kind)
+            self.l1.abort(lease)
+            return None
+        self.metrics.inc("hits", op="load", tier=self.tiers[tier_index].kind)
+        self.l1.commit(lease)
+        if tier_index:
+            promoted = self.l1.acquire(key)
+            if promoted is not None:
+                self._write_through(promoted, self.tiers[:tier_index])
+        return lease
+
+    def _settle_unused(self, key: str, lease: Lease, future: cf.Future) -> None:
+        """A read-ahead nobody consumed: keep a valid chunk in L1 (unpinned), drop anything else."""
+        if _result(future) is ReadResult.HIT:
+            self.l1.commit(lease)
+            lease.release()
+        else:
+            self.l1.abort(lease)
+
+    def read_into(self, key: str, dst: torch.Tensor) -> bool:
+        """Read a chunk from the first tier that has a valid copy straight into ``dst`` (L1 bypassed)."""
+        for tier in self.tiers:
+            if _result(tier.get([key], self.fingerprint, [dst])[0]) is ReadResult.HIT:
+                self.metrics.inc("hits", op="load", tier=tier.kind)
+                return True
+        return False
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def pending_writes(self) -> int:
+        with self._writes_lock:
+            return self._pending_writes
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued tier write finished; TimeoutError if some are pending after ``timeout`` s."""
+        with self._writes_lock:
+            if not self._writes_lock.wait_for(lambda: self._pending_writes == 0, timeout):
+                raise TimeoutError(f"{self._pending_writes} tier writes still pending after {timeout} s")
+
+    def drop_pending(self) -> int:
+        """Cancel tier writes not started yet; returns how many chunks were dropped (running writes finish)."""
+        with self._writes_lock:
+            futures = list(self._write_futures)
+        return sum(1 for f in futures if f.cancel())
+
+    def stats(self) -> dict[str, Any]:
+        out = self.metrics.snapshot()
+        if self.l1 is not None:
+            out["l1_chunks"] = len(self.l1)
+            out["l1_capacity_chunks"] = self.l1.num_slots
+            out["l1_pinned_chunks"] = self.l1.pinned_count()
+        out["pending_tier_writes"] = self.pending_writes()
+        out["tiers"] = [t.describe() for t in self.tiers]
+        return out
+
+    def close(self, drain: bool = True) -> None:
+        if self._closed:
+            return
+        if drain:
+            self.flush()
+        else:
+            self.metrics.inc("skipped", self.drop_pending(), reason="dropped_at_close")
+        for tier in self.tiers:
+            tier.close()
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the chunk store is closed")
+
+    def _check_l1(self) -> None:
+        self._check_open()
+        if self.l1 is None:
+            raise RuntimeError("the chunk store has no L1 yet (bind the cache engine first)")
+
+
+def _take(keys: Iterator[str], count: int) -> list[str]:
+    out = []
+    for key in keys:
+        out.append(key)
+        if len(out) == count:
+            break
+    return out
+
+
+def _safe_contains(tier: Tier, keys: list[str]) -> int:
+    try:
+        return tier.contains_prefix(keys)
+    except Exception:  # a tier that cannot answer holds nothing for this request; its own metrics say why
+        _log.warning("kvport store: %s could not answer a lookup", tier.describe(), exc_info=True)
+        return 0
+
+
+def _result(future: cf.Future) -> ReadResult:
+    try:
+        return future.result()
+    except Exception:
+        _log.warning("kvport store: a tier read failed", exc_info=True)
+        return ReadResult.IO_ERROR
+
+
+def _failed(exc: BaseException) -> cf.Future:
+    future: cf.Future = cf.Future()
+    future.set_exception(exc)
+    return future
