@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--piece-mib", type=int, help="staged path: pipeline piece size in MiB (default: planner's)")
     parser.add_argument("--zero-copy-programs", type=int, help="zero-copy path: CTAs/programs (default: executor's)")
+    parser.add_argument(
+        "--dma-batch", type=int, help="dma path: regions per cudaMemcpyBatchAsync call (0: one call per transfer)"
+    )
+    parser.add_argument(
+        "--dma-flags", choices=("none", "overlap"), help="dma path: copy flags (overlap = PreferOverlapWithCompute)"
+    )
     parser.add_argument("--json", type=Path, help="write device, memcpy figures and one record per case")
     parser.add_argument("--plot", type=Path, help="write a PNG of ratio to memcpy per layout and backend")
 
@@ -60,6 +66,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--repeat", args.repeat), ("--piece-mib", args.piece_mib)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: expected a positive number")
+    if args.dma_batch is not None and args.dma_batch < 0:
+        raise UserError(f"--dma-batch {args.dma_batch}: expected 0 (one call) or a positive region count")
     if args.zero_copy_programs is not None and args.zero_copy_programs < 1:
         raise UserError(f"--zero-copy-programs {args.zero_copy_programs}: expected a positive CTA/program count")
 
@@ -81,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
     model = CostModel()
     if args.piece_mib is not None:
         model = dataclasses.replace(model, piece_bytes=args.piece_mib << 20)
+    if args.dma_batch is not None:
+        model = dataclasses.replace(model, dma_batch_regions=args.dma_batch)
+    if args.dma_flags is not None:
+        model = dataclasses.replace(model, dma_overlap=args.dma_flags == "overlap")
 
     bench = Bench(
         layouts=args.layout,

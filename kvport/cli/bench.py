@@ -1,4 +1,4 @@
-"""`kvport bench {kernels,storage,e2e}`: dispatches to kvport.bench.<name>, each owning its arguments and run().
+"""`kvport bench {kernels,cache,storage,e2e}`: dispatches to kvport.bench.<name>, each owning its arguments and run().
 Owns only the dispatch; benchmark modules are imported lazily so a missing optional dependency stays local."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from kvport.errors import UserError
 
 BENCHES = {
     "kernels": "paged engine memory <-> pinned host/device staging, every layout and backend, vs cudaMemcpy",
+    "cache": "the cache engine's store and load of GPU KV through L1 vs pinned memcpy and vs the bare transfer",
     "storage": "store/lookup/load throughput and latency of a storage tier vs raw sequential I/O",
     "e2e": "time to first token with and without kvport on a real vLLM engine",
 }

@@ -76,13 +76,18 @@ class NativeBackend(SegmentedBackend):
                 stream,
             )
 
-    def memcpy_regions(self, dsts, srcs, sizes, batched: bool = True) -> None:
-        """DMA: copy regions (int64 CPU tensors of addresses and sizes) on the current stream, no SMs."""
+    def memcpy_regions(
+        self, dsts, srcs, sizes, batched: bool = True, max_batch: int = 0, overlap: bool = False
+    ) -> None:
+        """DMA: copy regions (int64 CPU tensors of addresses and sizes) on the current stream, no SMs; batched
+        calls of at most ``max_batch`` regions (0: one call), ``overlap`` = PreferOverlapWithCompute."""
         import torch
 
         count = int(sizes.numel())
         stream = torch.cuda.current_stream().cuda_stream
-        self.module().memcpy_batch(dsts.data_ptr(), srcs.data_ptr(), sizes.data_ptr(), count, stream, batched)
+        self.module().memcpy_batch(
+            dsts.data_ptr(), srcs.data_ptr(), sizes.data_ptr(), count, stream, batched, max_batch, overlap
+        )
 
 
 class CudaBackend(NativeBackend):

@@ -187,14 +187,16 @@ class Transfer:
 
     # ---- paths -------------------------------------------------------------------------------------------
     def _dma(self, direction, descriptor, chunks, num_tokens, keep) -> None:
-        import torch
-
-        parts = [regions(descriptor, block_ids, num_tokens, host.data_ptr()) for block_ids, host in chunks]
-        eng, can, size = (torch.cat([p[i] for p in parts]) for i in range(3))
-        dsts, srcs = (can, eng) if direction == "d2h" else (eng, can)
-        keep.extend([dsts, srcs, size])
+        """One batched copy-engine call per chunk (split further past ``dma_batch_regions``): the engines start on
+        the first chunk while the host describes the next."""
         with self.platform.stream_scope(self.dma_stream):
-            self.native.memcpy_regions(dsts, srcs, size)
+            for block_ids, host in chunks:
+                eng, can, size = regions(descriptor, block_ids, num_tokens, host.data_ptr())
+                dsts, srcs = (can, eng) if direction == "d2h" else (eng, can)
+                keep.extend([dsts, srcs, size])
+                self.native.memcpy_regions(
+                    dsts, srcs, size, max_batch=self.model.dma_batch_regions, overlap=self.model.dma_overlap
+                )
 
     def _piece_list(self, descriptor, num_tokens):
         key = (num_tokens, self.model.piece_bytes)

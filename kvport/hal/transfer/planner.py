@@ -39,6 +39,10 @@ class CostModel:
     piece_bytes: int = 256 << 20
     # Ring depth of staging buffers: lets kernels run pieces ahead when an engine kernel holds the SMs a while.
     staging_buffers: int = 3
+    # DMA path: regions per cudaMemcpyBatchAsync call (0: one call per chunk), and whether calls carry
+    # cudaMemcpyFlagPreferOverlapWithCompute. Settings under test with `kvport bench kernels --dma-batch/--dma-flags`.
+    dma_batch_regions: int = 0
+    dma_overlap: bool = False
 
     @classmethod
     def from_bench(cls, path: Path) -> CostModel:

@@ -49,14 +49,15 @@ PYBIND11_MODULE(KVPORT_MODULE_NAME, m) {
   m.def(
       "memcpy_batch",
       [](std::uintptr_t dsts, std::uintptr_t srcs, std::uintptr_t sizes, std::size_t count, std::uintptr_t stream,
-         bool batched) {
+         bool batched, std::size_t max_batch, bool overlap) {
         check(kvport::memcpy_batch(reinterpret_cast<const std::uintptr_t*>(dsts),
                                    reinterpret_cast<const std::uintptr_t*>(srcs),
-                                   reinterpret_cast<const std::size_t*>(sizes), count, stream, batched),
+                                   reinterpret_cast<const std::size_t*>(sizes), count, stream, batched, max_batch,
+                                   overlap),
               "memcpy_batch");
       },
       py::arg("dsts"), py::arg("srcs"), py::arg("sizes"), py::arg("count"), py::arg("stream") = 0,
-      py::arg("batched") = true,
+      py::arg("batched") = true, py::arg("max_batch") = 0, py::arg("overlap") = false,
       "Copy-engine copies of count regions; dsts/srcs/sizes are host addresses of 64-bit arrays.");
   m.attr("HAS_BATCHED_MEMCPY") = kvport::has_batched_memcpy();
   m.def("runtime_info", []() {

@@ -7,30 +7,45 @@
 
 namespace kvport {
 
+#if KVPORT_BATCHED_MEMCPY
+static cudaError_t one_batch(const std::uintptr_t* dsts, const std::uintptr_t* srcs, const std::size_t* sizes,
+                             std::size_t count, bool overlap, cudaStream_t s) {
+  cudaMemcpyAttributes attr = {};
+  // Stream order: the sources were written by earlier work on this stream (the engine's forward pass).
+  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  attr.flags = overlap ? cudaMemcpyFlagPreferOverlapWithCompute : 0;
+  std::size_t attr_index = 0;
+#if CUDART_VERSION >= 13000
+  return cudaMemcpyBatchAsync(reinterpret_cast<void* const*>(dsts), reinterpret_cast<const void* const*>(srcs), sizes,
+                              count, &attr, &attr_index, 1, s);
+#else
+  std::size_t fail_index = 0;
+  return cudaMemcpyBatchAsync(reinterpret_cast<void**>(const_cast<std::uintptr_t*>(dsts)),
+                              reinterpret_cast<void**>(const_cast<std::uintptr_t*>(srcs)),
+                              const_cast<std::size_t*>(sizes), count, &attr, &attr_index, 1, &fail_index, s);
+#endif
+}
+#endif
+
 const char* memcpy_batch(const std::uintptr_t* dsts, const std::uintptr_t* srcs, const std::size_t* sizes,
-                         std::size_t count, std::uintptr_t stream, bool batched) {
+                         std::size_t count, std::uintptr_t stream, bool batched, std::size_t max_batch, bool overlap) {
   if (count == 0) return nullptr;
   auto s = reinterpret_cast<cudaStream_t>(stream);
 #if KVPORT_BATCHED_MEMCPY
   if (batched) {
-    cudaMemcpyAttributes attr = {};
-    // Stream order: the sources were written by earlier work on this stream (the engine's forward pass).
-    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
-    std::size_t attr_index = 0;
-#if CUDART_VERSION >= 13000
-    cudaError_t err = cudaMemcpyBatchAsync(reinterpret_cast<void* const*>(dsts), reinterpret_cast<const void* const*>(srcs),
-                                           sizes, count, &attr, &attr_index, 1, s);
-#else
-    std::size_t fail_index = 0;
-    cudaError_t err = cudaMemcpyBatchAsync(reinterpret_cast<void**>(const_cast<std::uintptr_t*>(dsts)),
-                                           reinterpret_cast<void**>(const_cast<std::uintptr_t*>(srcs)),
-                                           const_cast<std::size_t*>(sizes), count, &attr, &attr_index, 1,
-                                           &fail_index, s);
-#endif
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+    // Calls of at most max_batch regions (0: one call for all): the copy engines start on the first call while
+    // the host describes the next.
+    const std::size_t step = max_batch ? max_batch : count;
+    for (std::size_t first = 0; first < count; first += step) {
+      const std::size_t n = count - first < step ? count - first : step;
+      cudaError_t err = one_batch(dsts + first, srcs + first, sizes + first, n, overlap, s);
+      if (err != cudaSuccess) return cudaGetErrorString(err);
+    }
+    return nullptr;
   }
 #endif
+  (void)max_batch;
+  (void)overlap;
   // Builds without the batched call (HIP, CUDA < 12.8; see KVPORT_BATCHED_MEMCPY) and calls with batched=false
   // take one async copy per region.
   (void)batched;

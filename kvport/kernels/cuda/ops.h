@@ -34,9 +34,10 @@ const char* gather(const SegmentArgs& args);
 const char* scatter(const SegmentArgs& args);
 
 // Copy engine transfer of `count` regions (host arrays of addresses and sizes), in stream order.
-// batched: one cudaMemcpyBatchAsync where the runtime has it (CUDA >= 12.8), else per-region async copies.
+// batched: cudaMemcpyBatchAsync calls of at most max_batch regions (0: one call) where the runtime has it
+// (CUDA >= 12.8), else per-region async copies; overlap sets cudaMemcpyFlagPreferOverlapWithCompute.
 const char* memcpy_batch(const std::uintptr_t* dsts, const std::uintptr_t* srcs, const std::size_t* sizes,
-                         std::size_t count, std::uintptr_t stream, bool batched);
+                         std::size_t count, std::uintptr_t stream, bool batched, std::size_t max_batch, bool overlap);
 
 // Whether memcpy_batch(batched=true) uses a single batched runtime call in this build.
 bool has_batched_memcpy();
