@@ -206,7 +206,7 @@ def test_pageable_host_chunk_is_refused(backend_name):
 @pytest.mark.parametrize("layout", ["vllm-flash-nhd", "vllm-mla", "deepseek-v4"])
 def test_one_move_of_several_chunks_each_in_its_own_buffer(backend_name, mode, layout):
     """Transfer.move: chunks of one request (own block tables, own pinned buffers) in one pipeline, both ways,
-    byte-exact against the reference (untouched bytes are checked per backend by test_backend_matches_reference)."""
+    byte-exact against the reference (untouched bytes: test_layout_backend_path)."""
     from kvport.kernels.torch.gather import gather as ref_gather
 
     backend = _backend(backend_name)
