@@ -97,9 +97,11 @@ def test_load_keeps_its_l1_slots_until_the_scatter_read_them(tmp_path, layout, b
     tokens = list(range(chunks * CHUNK))
     tables = _tables(src.descriptor, 0, chunks * CHUNK)
     base = {"chunk_tokens": CHUNK, "l2_path": str(tmp_path), "prefetch_depth": 4}
+    warm = [9, *range(CHUNK - 1)]  # a one-chunk prefix the reader loads first
     with CacheEngine(load_config(overrides=base | {"l1_bytes": "1GiB"}, environ={}), f"load-{layout}") as writer:
         writer.bind(src.descriptor, backend)
         assert writer.store(tokens, tables) == chunks * CHUNK
+        assert writer.store(warm, tables) == CHUNK
         writer.flush()
     expected = _reference(src.descriptor, tables, chunks * CHUNK)
     dst = _kv(layout, chunks, seed=None)
@@ -108,6 +110,8 @@ def test_load_keeps_its_l1_slots_until_the_scatter_read_them(tmp_path, layout, b
     small = load_config(overrides=base | {"l1_bytes": 2 * slot}, environ={})
     with CacheEngine(small, f"load-{layout}") as reader:
         reader.bind(dst.descriptor, backend)
+        # Steady state: segment tables compiled (their first upload would otherwise sync the host to the stream).
+        assert reader.load(warm, tables, CHUNK) == CHUNK
         torch.cuda._sleep(SLEEP_CYCLES)  # the engine's stream is busy: every scatter queues behind this
         assert reader.load(tokens, tables, chunks * CHUNK) == chunks * CHUNK
     torch.cuda.synchronize()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from kvport.hal.completion import Completion, EventCompletion
 from kvport.hal.transfer.planner import CostModel, Plan, plan
-from kvport.hal.transfer.regions import regions
+from kvport.hal.transfer.regions import region_template
 from kvport.hal.transfer.segments import check_buffer
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class Transfer:
         # Per-transfer host work memoized (host time matters): plans and staged pieces, see _memo.
         self._pieces: dict = {}
         self._plans: dict = {}
+        self._templates: dict = {}
 
     def allowed(self, descriptor: CopyDescriptor) -> dict[str, str]:
         """Per path, "" if it can run here or the reason it cannot."""
@@ -189,9 +190,15 @@ class Transfer:
     def _dma(self, direction, descriptor, chunks, num_tokens, keep) -> None:
         """One batched copy-engine call per chunk (split further past ``dma_batch_regions``): the engines start on
         the first chunk while the host describes the next."""
+        from kvport.hal.transfer.segments import flat_block_ids
+
+        template = self._memo(
+            self._templates, (num_tokens,), descriptor, lambda: region_template(descriptor, num_tokens)
+        )
         with self.platform.stream_scope(self.dma_stream):
             for block_ids, host in chunks:
-                eng, can, size = regions(descriptor, block_ids, num_tokens, host.data_ptr())
+                flat = flat_block_ids(descriptor, block_ids, num_tokens)
+                eng, can, size = template.fill(flat, host.data_ptr())
                 dsts, srcs = (can, eng) if direction == "d2h" else (eng, can)
                 keep.extend([dsts, srcs, size])
                 self.native.memcpy_regions(

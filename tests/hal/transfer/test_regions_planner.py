@@ -148,3 +148,20 @@ def test_host_chunk_for_gpu_engine_must_be_pinned():
     check_buffer("gather dst", chunk, 64, engine_device=torch.device("cpu"))  # interpreter: CPU engine memory
     with pytest.raises(ValueError, match="gather dst: a host chunk must be pinned"):
         check_buffer("gather dst", chunk, 64, engine_device=torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("name", ["nhd", "hnd", "mla_odd"])
+@pytest.mark.parametrize("tokens", [1, 7, 23])
+def test_region_template_fills_the_same_regions_as_a_direct_pass(name, tokens):
+    import random
+
+    from kvport.hal.transfer.regions import _regions_direct, region_template
+    from kvport.hal.transfer.segments import flat_block_ids
+
+    d = sample(name, Dims())
+    rng = random.Random(tokens)
+    ids = [rng.sample(range(Dims().blocks), g.block_count(tokens)) for g in d.groups]
+    template = region_template(d, tokens)
+    got = template.fill(flat_block_ids(d, ids, tokens), 4096)
+    want = _regions_direct(d, ids, tokens, 4096)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
