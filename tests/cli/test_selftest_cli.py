@@ -29,7 +29,7 @@ def test_one_layout_by_file_and_default_backend(capsys):
     out = capsys.readouterr().out.splitlines()
     # The registry picks the backend (torch, or Triton where it can run): the report names whichever it chose.
     assert re.fullmatch(r"ok   sglang-mha +\[\w+/cpu\] \d+ tokens, \d+ bytes", out[0])
-    assert re.fullmatch(r"ok   cross sglang-mha -> 16 compatible \[\w+/cpu\]", out[1])
+    assert re.fullmatch(r"ok   cross sglang-mha -> 23 compatible \[\w+/cpu\]", out[1])
     assert out[2] == "selftest: 2 passed, 0 failed, 0 skipped (seed 1)"
 
 
