@@ -20,7 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
-from kvport.engines.vllm_layouts import AttentionInfo, load_for, namespace_for, tensors_in_order
+from kvport.engines.vllm_layouts import AttentionInfo, info_from_spec, namespace_for, spec_for, tensors_in_order
 from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, TransferSpec, metrics_port_for
 from kvport.engines.vllm_worker import WorkerSide
 from kvport.errors import UserError
@@ -98,13 +98,9 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         from kvport.layouts import compile_descriptor
 
         infos = _attention_infos(self._vllm_config, self._kv_cache_config)
-        override = self._options.get("layout")
-        if len(infos) > 1 and not override:
-            raise UserError(
-                f"vLLM has {len(infos)} KV cache groups; kvport maps multi-group models only through an explicit "
-                "multi-group spec: set kv_connector_extra_config.layout"
-            )
-        spec = load_for(infos[0], override)
+        # One catalog spec per KV cache group (hybrid full + sliding window models have several), combined; an
+        # explicit `layout` option replaces the whole mapping and must then describe every group.
+        spec = spec_for(infos, self._options.get("layout"))
         per_group = [tensors_in_order(kv_caches, info.layer_names) for info in infos]
         descriptor = compile_descriptor(spec, per_group[0] if len(per_group) == 1 else per_group)
         self._engine.bind(descriptor)
@@ -114,9 +110,10 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         if self._worker.debug_random_load:
             log.warning("kvport: debug_random_load is ON: loaded KV is replaced by random bytes (test only)")
         log.info(
-            "kvport: bound %d layers, backend %s, layout %s -> %s, copy backend %s, chunk %d tokens",
-            len(infos[0].layer_names),
-            infos[0].backend,
+            "kvport: bound %d layers in %d group(s), backend %s, layout %s -> %s, copy backend %s, chunk %d tokens",
+            sum(len(info.layer_names) for info in infos),
+            len(infos),
+            "/".join(sorted({info.backend for info in infos})),
             infos[0].layout,
             spec.name,
             self._engine.backend.name,
@@ -258,10 +255,16 @@ def _attention_infos(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) ->
     infos = []
     for group in kv_cache_config.kv_cache_groups:
         layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, group.layer_names)
-        backends = {layer.get_attn_backend().get_name() for layer in layers.values()}
+        backends = {backend_name(layer.get_attn_backend()) for layer in layers.values()}
         if len(backends) != 1:
-            raise UserError(f"vLLM KV cache group {group.layer_names[:2]}...: mixed attention backends {backends}")
+            raise UserError(
+                f"vLLM KV cache group {list(group.layer_names)[:2]}...: kvport needs one attention backend per group, "
+                f"got {sorted(backends) or 'none'}"
+            )
         spec = group.kv_cache_spec
+        if standardized:
+            infos.append(info_from_spec(backends.pop(), spec, layout, group.layer_names))
+            continue
         infos.append(
             AttentionInfo(
                 backend=backends.pop(),
@@ -275,6 +278,29 @@ def _attention_infos(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) ->
             )
         )
     return infos
+
+
+def backend_name(cls: type) -> str:
+    """The registry name of an attention backend class, found by class path along its MRO (vLLM's registry maps
+    names to class paths). Not ``get_name()``: ROCM_AITER_FA's class reports "FLASH_ATTN" and packs pages its own way
+    in shuffle mode, so the name it reports cannot tell the two apart."""
+    try:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    except ImportError:  # older vLLM: only the reported name exists
+        return cls.get_name()
+    paths = {}
+    for member in AttentionBackendEnum:
+        try:
+            path = member.get_path()
+        except ValueError:  # CUSTOM before registration
+            continue
+        if path:
+            paths.setdefault(path, member.name)
+    for klass in cls.__mro__:
+        name = paths.get(f"{klass.__module__}.{klass.__qualname__}")
+        if name:
+            return name
+    return cls.get_name()
 
 
 def _wait_for_compute(device: torch.device) -> None:

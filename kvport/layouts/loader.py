@@ -274,7 +274,8 @@ def _check_axes(ctx: Ctx, g: GroupSpec, p: str, explicit_shape: bool) -> None:
         row = g.opaque_row_letters()
         if letters[len(letters) - len(row) :] != row:
             raise ctx.fail(
-                f"{p}.axes", f"{text!r}: an opaque block must be contiguous: axes {''.join(row)} must follow B innermost"
+                f"{p}.axes",
+                f"{text!r}: an opaque block must be contiguous: axes {''.join(row)} must follow B innermost",
             )
     if explicit_shape:
         if sorted(g.shape_order) != sorted(g.axes):
