@@ -241,7 +241,7 @@ def _check_vector(ctx: Ctx, g: GroupSpec, p: str) -> None:
             if not [d for d in order if "D" in d and "C" in d]:
                 raise ctx.fail(
                     f"{p}.vector",
-                    f"components differ in piece width, so D and C must share one dim in axes and shape_order ({text!r})",
+                    f"components differ in piece width, so D and C must share one dim in axes and shape ({text!r})",
                 )
 
 
