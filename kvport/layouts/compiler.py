@@ -81,22 +81,54 @@ def present_dims(g: GroupSpec, handed: Handed) -> tuple[tuple[str, ...], ...]:
     return tuple(d for d in g.shape_order if not (set(d) & set(drop)))
 
 
-def letter_strides(spec: LayoutSpec, gi: int, handed: Handed) -> tuple[dict[str, int], int]:
-    """Validate one handed tensor against the spec; return its per-letter strides in bytes and its block count."""
+def conform(t: torch.Tensor, dims: Sequence[tuple[str, ...]], expected: Sequence[int]) -> torch.Tensor | None:
+    """``t`` with one tensor dim per spec dim, or None. A merged spec dim (several letters, no B) may be handed as
+    several consecutive tensor dims that are dense together: the same bytes, split differently (vLLM hands a ROCm
+    K/V region [block_size, heads*head_dim] that the spec reads as one (HDNC) dim). Nothing else is reshaped."""
+    if t.dim() == len(dims):
+        return t
+    shape, strides, at = [], [], 0
+    for i, (dim, size) in enumerate(zip(dims, expected)):
+        if at >= t.dim():
+            return None
+        left = len(dims) - i - 1
+        if len(dim) == 1 or "B" in dim or t.shape[at] == size or t.dim() - at - 1 == left:
+            shape.append(t.shape[at])
+            strides.append(t.stride(at))
+            at += 1
+            continue
+        end, total = at, 1
+        while end < t.dim() - left and total < size:
+            total *= t.shape[end]
+            end += 1
+        run = range(at, end - 1)
+        if total != size or any(t.stride(j) != t.stride(j + 1) * t.shape[j + 1] for j in run):
+            return None
+        shape.append(size)
+        strides.append(t.stride(end - 1))
+        at = end
+    if at != t.dim():
+        return None
+    return t.as_strided(shape, strides, t.storage_offset())
+
+
+def letter_strides(spec: LayoutSpec, gi: int, handed: Handed, component: int = 0) -> tuple[dict[str, int], int]:
+    """Validate one handed tensor against the spec; return its per-letter strides in bytes and its block count
+    (``component`` matters only for groups whose components store rows in pieces of different widths)."""
     import torch
 
     g = spec.groups[gi]
-    t = handed.tensor
     where = f"{spec.name}: groups[{gi}] ({g.name}) {handed.what}"
     want_dtype = getattr(torch, g.dtype)
-    if t.dtype != want_dtype:
-        raise LayoutError(f"{where}: dtype {str(t.dtype).removeprefix('torch.')}, the spec says {g.dtype}")
+    if handed.tensor.dtype != want_dtype:
+        raise LayoutError(f"{where}: dtype {str(handed.tensor.dtype).removeprefix('torch.')}, the spec says {g.dtype}")
     dims = present_dims(g, handed)
-    sizes = g.letter_sizes(1)
+    sizes = g.letter_sizes(1, component)
     expected = g.dim_sizes(dims)
     words = ", ".join(shape_words(dims, expected))
-    shape_text = f"shape {tuple(t.shape)} does not match {format_axes(dims)} = ({words})"
-    if t.dim() != len(dims):
+    shape_text = f"shape {tuple(handed.tensor.shape)} does not match {format_axes(dims)} = ({words})"
+    t = conform(handed.tensor, dims, expected)
+    if t is None:
         raise LayoutError(f"{where}: {shape_text}")
     num_blocks = 0
     for d, (dim, size) in enumerate(zip(dims, expected)):
@@ -195,7 +227,29 @@ def _stream(spec, gi, g: GroupSpec, bound, li, ci, layer, comp, sizes) -> Stream
             plane.heads,
             plane.row_bytes,
         )
+    if g.vectors:
+        return _pieces_stream(spec, gi, g, handed, li, ci, layer, comp, offset)
     row_stride = strides["H"] if "H" in strides else comp.row_bytes
     return StreamDesc(
         gi, layer, comp.name, handed.tensor, offset, strides["B"], strides["N"], row_stride, comp.rows, comp.row_bytes
+    )
+
+
+def _pieces_stream(spec, gi, g: GroupSpec, handed: Handed, li, ci, layer, comp, offset) -> StreamDesc:
+    """A component whose rows are stored as D pieces of ``vector`` elements: each piece is one descriptor row, so a
+    slot has heads * D rows; they are addressed with one stride, which needs H to step over exactly D pieces."""
+    strides, num_blocks = letter_strides(spec, gi, handed, ci)
+    sizes = g.letter_sizes(num_blocks, ci)
+    piece = sizes["C"] * g.itemsize
+    pieces = sizes["D"]
+    step = strides["D"] if pieces > 1 else piece
+    if g.heads > 1 and strides["H"] != pieces * step:
+        raise LayoutError(
+            f"{spec.name}: groups[{gi}] ({g.name}) {handed.what}: component {comp.name}: H stride {strides['H']} bytes"
+            f" is not {pieces} pieces of {step} bytes; its row pieces cannot be addressed with one stride"
+        )
+    if sizes["C"] > 1 and strides["C"] != g.itemsize:
+        raise LayoutError(f"{spec.name}: groups[{gi}] ({g.name}) {handed.what}: row pieces must be contiguous")
+    return StreamDesc(
+        gi, layer, comp.name, handed.tensor, offset, strides["B"], strides["N"], step, g.heads * pieces, piece
     )

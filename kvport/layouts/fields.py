@@ -113,7 +113,7 @@ def parse_axes(ctx: Ctx, value: object, path: str) -> Dims:
             letters, i = text[i], i + 1
         for letter in letters:
             if letter not in AXIS_LETTERS:
-                raise ctx.fail(path, f"unknown axis letter {letter!r} in {text!r}; letters are L B K H N C")
+                raise ctx.fail(path, f"unknown axis letter {letter!r} in {text!r}; letters are L B K H D N C")
             if letter in seen:
                 raise ctx.fail(path, f"axis {letter!r} repeated in {text!r}")
             seen.add(letter)

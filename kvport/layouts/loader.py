@@ -40,6 +40,7 @@ _GROUP_FIELDS = {
     "padded_content",
     "strides",
     "planes",
+    "vector",
 }
 _PLANE_FIELDS = {"name", "dtype", "content", "heads", "align"}
 _DEFAULT_COMPONENTS = {"attention": ("k", "v"), "mla": ("latent",), "indexer": ("indexer",), "state": ("state",)}
@@ -146,6 +147,7 @@ def _group(ctx: Ctx, raw: object, i: int, default_dtype: object) -> GroupSpec:
             raise ctx.fail(f"{p}.padded_content", f"{padded} elements is less than content {content}")
     planes = _planes(ctx, raw.get("planes"), f"{p}.planes") if "planes" in raw else ()
     components = _components(ctx, raw, p, kind, structure, axes, planes)
+    vectors = _vectors(ctx, raw, p, components, content, padded, itemsize)
     group = GroupSpec(
         name=name,
         kind=kind,
@@ -162,8 +164,10 @@ def _group(ctx: Ctx, raw: object, i: int, default_dtype: object) -> GroupSpec:
         content_elems=content,
         padded_elems=padded,
         planes=planes,
+        vectors=vectors,
     )
     _check_axes(ctx, group, p, "shape_order" in raw)
+    _check_vector(ctx, group, p)
     strides = _strides(ctx, raw.get("strides"), f"{p}.strides", group) if "strides" in raw else ()
     group = dataclasses.replace(group, strides_bytes=strides)
     if planes:
@@ -193,6 +197,54 @@ def _components(ctx, raw, p, kind, structure, axes, planes) -> tuple[str, ...]:
     return comps
 
 
+def _vectors(ctx, raw, p, components, content, padded, itemsize) -> tuple[tuple[str, int], ...]:
+    """`vector`: one width, or one per component (``{k: {bytes: 16}, v: {elements: 1}}``), of the pieces a row is
+    stored in; each must divide the row's content."""
+    if "vector" not in raw:
+        return ()
+    path = f"{p}.vector"
+    value = ctx.sub(raw["vector"], path)
+    if isinstance(value, dict) and set(value) <= {"elements", "bytes"}:
+        per = {c: value for c in components}
+    elif isinstance(value, dict) and set(value) == set(components):
+        per = value
+    else:
+        raise ctx.fail(path, f"expected a width or one width per component {list(components)}, got {tname(value)}")
+    if padded != content:
+        raise ctx.fail(path, "a row stored in vector pieces cannot also be padded (padded_content)")
+    out = []
+    for name in components:
+        where = path if per is not value else f"{path}.{name}"
+        elems, _ = ctx.size(per[name], where, itemsize)
+        if content % elems:
+            raise ctx.fail(where, f"{elems} elements do not divide the row's {content} elements")
+        out.append((name, elems))
+    return tuple(out)
+
+
+def _check_vector(ctx: Ctx, g: GroupSpec, p: str) -> None:
+    text = format_axes(g.axes)
+    if "D" in g.letters and not g.vectors:
+        raise ctx.fail(f"{p}.axes", f"{text!r} has a D axis (row pieces) but the group gives no vector width")
+    if g.vectors and "D" not in g.letters:
+        raise ctx.fail(f"{p}.vector", f"row pieces need a D axis in axes, got {text!r}")
+    if not g.vectors:
+        return
+    if g.opaque or g.planes:
+        raise ctx.fail(f"{p}.vector", "opaque groups and groups with planes have no vector pieces")
+    letters = g.letters
+    d_dim = next(d for d in g.axes if "D" in d)
+    if not letters.index("B") < letters.index("D") < letters.index("C") or "B" in d_dim:
+        raise ctx.fail(f"{p}.axes", f"{text!r}: D (row pieces) must lie inside the block, outside C")
+    if len({n for _, n in g.vectors}) > 1:
+        for order in (g.axes, g.shape_order):
+            if not [d for d in order if "D" in d and "C" in d]:
+                raise ctx.fail(
+                    f"{p}.vector",
+                    f"components differ in piece width, so D and C must share one dim in axes and shape ({text!r})",
+                )
+
+
 def _check_axes(ctx: Ctx, g: GroupSpec, p: str, explicit_shape: bool) -> None:
     letters = g.letters
     text = format_axes(g.axes)
@@ -216,6 +268,15 @@ def _check_axes(ctx: Ctx, g: GroupSpec, p: str, explicit_shape: bool) -> None:
         raise ctx.fail(f"{p}.axes", f"{text!r}: {'needs' if want_k else 'must not have'} a K axis ({why})")
     if "H" not in letters and g.heads != 1:
         raise ctx.fail(f"{p}.heads", f"{g.heads} heads but axes {text!r} have no H axis")
+    if g.opaque:
+        # An opaque row is one layer's (one component's) whole block: every letter it spans must lie inside B and be
+        # innermost in one run, or the block's bytes are not one contiguous row (compile would refuse every tensor).
+        row = g.opaque_row_letters()
+        if letters[len(letters) - len(row) :] != row:
+            raise ctx.fail(
+                f"{p}.axes",
+                f"{text!r}: an opaque block must be contiguous: axes {''.join(row)} must follow B innermost",
+            )
     if explicit_shape:
         if sorted(g.shape_order) != sorted(g.axes):
             raise ctx.fail(

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 from kvport.errors import UserError
 
-# Axis letters (vLLM's vocabulary plus K): L layer, B block, K the K/V component, H head (row within a slot),
-# N slot within a block, C content of one row.
-AXIS_LETTERS = "LBKHNC"
+# Axis letters (vLLM's vocabulary plus K and D): L layer, B block, K the K/V component, H head (row within a slot),
+# N slot within a block, C content of one row, D chunks of a row when the row is stored as `vector`-wide pieces
+# with other axes between them (ROCm's x-packed K: [heads, head_dim/x, block_size, x]).
+AXIS_LETTERS = "LBKHDNC"
 KINDS = ("attention", "mla", "indexer", "state", "opaque")
 STRUCTURES = ("per_layer", "shared", "kv_lists")
 
@@ -98,6 +99,8 @@ class GroupSpec:
     padded_elems: int
     strides_bytes: tuple[tuple[str, int], ...] = ()
     planes: tuple[PlaneSpec, ...] = ()
+    # Component name -> elements per row piece, for groups with a D axis (a row = content/vector pieces).
+    vectors: tuple[tuple[str, int], ...] = ()
 
     @property
     def opaque(self) -> bool:
@@ -115,15 +118,23 @@ class GroupSpec:
     def letters(self) -> tuple[str, ...]:
         return tuple(letter for dim in self.axes for letter in dim)
 
-    def letter_sizes(self, num_blocks: int) -> dict[str, int]:
-        """Size of every axis letter for ``num_blocks`` blocks (C in elements, padding included)."""
+    def vector_elems(self, component: int = 0) -> int:
+        """Elements of one row piece of a component: the whole row unless the group has a D axis."""
+        return dict(self.vectors)[self.components[component]] if self.vectors else self.padded_elems
+
+    def letter_sizes(self, num_blocks: int, component: int = 0) -> dict[str, int]:
+        """Size of every axis letter for ``num_blocks`` blocks (C in elements, padding included). With a D axis, C is
+        one piece of ``component``'s row and D the pieces per row (a tensor's shape does not depend on the component:
+        the loader keeps D and C of per-component vectors inside one dim)."""
+        vector = self.vector_elems(component)
         return {
             "L": len(self.layers),
             "B": num_blocks,
             "K": len(self.components),
             "H": self.heads,
+            "D": self.padded_elems // vector,
             "N": self.slots_per_block,
-            "C": self.padded_elems,
+            "C": vector,
         }
 
     def handed_dims(self) -> Dims:

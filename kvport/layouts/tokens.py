@@ -6,22 +6,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kvport.layouts.compiler import Handed, handed_tensors, present_dims, split_groups
+from kvport.layouts.compiler import Handed, conform, handed_tensors, present_dims, split_groups
 from kvport.layouts.spec import GroupSpec, LayoutSpec
 
 if TYPE_CHECKING:
     import torch
 
 
-def _letter_view(g: GroupSpec, handed: Handed) -> tuple[torch.Tensor, list[str]]:
+def _letter_view(g: GroupSpec, handed: Handed, component: int = 0) -> tuple[torch.Tensor, list[str]]:
     """The handed tensor as uint8 with one dim per axis letter (C in bytes), and those letters in shape order."""
     import torch
 
     dims = present_dims(g, handed)
-    t = handed.tensor.view(torch.uint8)  # C is innermost and contiguous, so this only widens the last dim
+    t = conform(handed.tensor, dims, g.dim_sizes(dims, 1))
+    t = t.view(torch.uint8)  # C is innermost and contiguous, so this only widens the last dim
     num_blocks = None
-    sizes = g.letter_sizes(1)
-    sizes["C"] = g.padded_elems * g.itemsize
+    sizes = g.letter_sizes(1, component)
+    sizes["C"] *= g.itemsize
     for d, dim in enumerate(dims):
         if "B" in dim:
             other = 1
@@ -35,17 +36,18 @@ def _letter_view(g: GroupSpec, handed: Handed) -> tuple[torch.Tensor, list[str]]
 
 
 def slot_rows(spec: LayoutSpec, tensors: object) -> dict[tuple[int, int, str], torch.Tensor]:
-    """(group, layer, component) -> uint8 view [blocks, slots_per_block, rows, row_bytes] of engine memory."""
+    """(group, layer, component) -> uint8 view [blocks, slots_per_block, rows, pieces, piece_bytes] of engine memory
+    (one piece per row unless the group stores rows in D pieces)."""
     out = {}
     for gi, obj in enumerate(split_groups(spec, tensors)):
         g = spec.groups[gi]
         comps = g.canonical_components()
         for handed in handed_tensors(spec, gi, obj):
-            view, letters = _letter_view(g, handed)
             for li, layer in enumerate(g.layers):
                 if handed.layer_pos not in (None, li):
                     continue
                 for ci, comp in enumerate(comps):
+                    view, letters = _letter_view(g, handed, ci if g.vectors else 0)
                     k_index = ci if "K" in g.letters or g.structure == "kv_lists" else None
                     if handed.comp not in (None, k_index):
                         continue
@@ -67,15 +69,18 @@ def _rows(g: GroupSpec, v: torch.Tensor, lets: list[str], ci: int) -> torch.Tens
         inner = [x for x in g.letters if x in lets and x != "B"]
         block = v.permute([lets.index("B")] + [lets.index(x) for x in inner]).view(nb, -1)
         if g.opaque:
-            return block.view(nb, 1, 1, -1)
+            return block.view(nb, 1, 1, 1, -1)
         plane = g.planes[ci]
         start = g.plane_offsets()[ci]
         size = g.slots_per_block * plane.slot_bytes
-        return block[:, start : start + size].view(nb, g.slots_per_block, plane.heads, plane.row_bytes)
-    if "H" not in lets:
-        v = v.unsqueeze(-1)
-        lets = lets + ["H"]
-    v = v.permute([lets.index(x) for x in "BNHC"])
+        return block[:, start : start + size].view(nb, g.slots_per_block, plane.heads, 1, plane.row_bytes)
+    for letter in "HD":
+        if letter not in lets:
+            v = v.unsqueeze(-1)
+            lets = lets + [letter]
+    v = v.permute([lets.index(x) for x in "BNHDC"])
+    if g.vectors:
+        return v  # [B, N, H, D, piece bytes]: the D pieces of a row, back to back, are the canonical row
     return v[..., : g.content_elems * g.itemsize]
 
 
@@ -122,6 +127,6 @@ def write_tokens(spec: LayoutSpec, tensors: object, block_ids, num_tokens: int, 
             for comp in g.canonical_components():
                 view = rows[(gi, layer, comp.name)]
                 n = len(blocks) * comp.rows * comp.row_bytes
-                part = chunk[at : at + n].view(len(blocks), comp.rows, comp.row_bytes).to(view.device)
+                part = chunk[at : at + n].view(len(blocks), *view.shape[2:]).to(view.device)
                 view[torch.tensor(blocks, device=view.device), torch.tensor(slots, device=view.device)] = part
                 at += n

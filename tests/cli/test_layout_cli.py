@@ -61,7 +61,7 @@ def test_check_reports_each_bad_file_on_one_line(tmp_path, capsys):
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert len(lines) == 3
-    assert lines[0] == f"{bad}: groups[0].axes: unknown axis letter 'Q' in 'KBNHQ'; letters are L B K H N C"
+    assert lines[0] == f"{bad}: groups[0].axes: unknown axis letter 'Q' in 'KBNHQ'; letters are L B K H D N C"
     assert lines[1].startswith(f"{broken}: invalid YAML at line 3: ")
     assert lines[2] == f"{tmp_path / 'missing.yaml'}: no such file"
     assert captured.out.startswith(f"ok  {good}: vllm-flash-nhd")

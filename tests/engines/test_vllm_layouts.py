@@ -36,15 +36,53 @@ def _info(backend: str, layout: str | None, layers: int = 2, standardized: bool 
         ("FLASH_ATTN", "NHD", False, "vllm-flash-nhd"),
         ("FLASH_ATTN", "HND", False, "vllm-flash-hnd"),
         ("FLASHINFER", "HND", False, "vllm-flashinfer-hnd"),
-        ("FLASHMLA", None, True, "vllm-mla"),
+        ("FLASH_ATTN", "BHLNC", True, "vllm-std-bhlnc"),
+        ("ROCM_AITER_FA", "LHBNC", True, "vllm-std-lhbnc"),
+        ("FLASHMLA", None, False, "vllm-mla"),
     ],
 )
 def test_declared_backend_and_layout_pick_the_layout(backend, layout, standardized, expected) -> None:
     assert catalog_layout(_info(backend, layout, standardized=standardized)) == expected
 
 
+@pytest.mark.parametrize("layout", ["LBNHC", "BLHNC", "LHBNC"])
+def test_mla_pages_pick_the_4d_view_spec(layout: str) -> None:
+    info = _info("TRITON_MLA", layout, kind="mla", num_kv_heads=1, head_size=576)
+    assert catalog_layout(info) == "vllm-std-mla"
+
+
+def test_packing_comes_from_the_spec_fields_not_from_sizes() -> None:
+    """ROCm's K/V head slots with 2 KV heads have exactly the sizes of K|V-packed pages; only the spec's declared
+    num_head_slots / state_content_bytes tell them apart."""
+    planes = dict(head_slots=2, content_bytes=2 * 32 * 2)
+    assert catalog_layout(_info("ROCM_ATTN", "LBHNC", **planes)) == "vllm-rocm-split-lbhnc"
+    assert catalog_layout(_info("B12X", "BLHNC", **planes)) == "vllm-kvplanes-blhnc"
+    with pytest.raises(UserError, match="ROCM_ATTN with KV cache layout LBHNC: .*kv_packed pages"):
+        catalog_layout(_info("ROCM_ATTN", "LBHNC"))
+    with pytest.raises(UserError, match="FLASH_ATTN with KV cache layout LBHNC: .*kv_planes pages"):
+        catalog_layout(_info("FLASH_ATTN", "LBHNC", **planes))
+
+
+@pytest.mark.parametrize(
+    "fields,why",
+    [
+        ({"quant": "FP8_PER_TOKEN_HEAD"}, "quantization FP8_PER_TOKEN_HEAD"),
+        ({"padded_page": True}, "padded pages"),
+        ({"tokens_per_state": 4}, "4 tokens per stored state"),
+        (
+            {"head_size_v": 16},
+            "attention pages with num_head_slots=None, state_content_bytes=None, head_size=32, head_size_v=16",
+        ),
+    ],
+)
+def test_pages_kvport_does_not_describe_are_refused_in_one_line(fields, why) -> None:
+    with pytest.raises(UserError, match=why) as err:
+        catalog_layout(_info("FLASH_ATTN", "LBNHC", **fields))
+    assert "\n" not in str(err.value)
+
+
 def test_unknown_backend_is_a_one_line_user_error() -> None:
-    with pytest.raises(UserError, match="NEW_BACKEND with KV cache layout LBNHC .* has no kvport layout") as err:
+    with pytest.raises(UserError, match="NEW_BACKEND with KV cache layout LBNHC: kvport has no verified layout") as err:
         catalog_layout(_info("NEW_BACKEND", "NHD"))
     assert "\n" not in str(err.value)
 
@@ -61,14 +99,19 @@ def test_mapped_layouts_in_the_catalog_load_with_vllm_dims() -> None:
     from kvport.layouts import catalog_names
 
     names = set(catalog_names())
-    for standardized, table in ((True, STANDARDIZED_LAYOUTS), (False, LEGACY_LAYOUTS)):
-        for (backend, layout), name in table.items():
-            assert name in names, f"{backend}/{layout} maps to {name}, which is not in the layout catalog"
-            info = _info(backend, None if layout == "*" else layout, layers=3, standardized=standardized, head_size=64)
-            dims = dict(load_for(info).dims)
-            assert dims["layers"] == 3, (name, dims)
-            if "head_dim" in dims and "kv_heads" in dims:
-                assert (dims["head_dim"], dims["kv_heads"]) == (64, 2), (name, dims)
+    standardized = [(b, o, name, packing) for (b, packing, o), name in STANDARDIZED_LAYOUTS.items()]
+    legacy = [(b, o, name, None) for (b, o), name in LEGACY_LAYOUTS.items()]
+    for backend, layout, name, packing in standardized + legacy:
+        assert name in names, f"{backend}/{layout} maps to {name}, which is not in the layout catalog"
+        fields = {"kind": "mla"} if packing == "mla" else {}
+        if packing == "kv_planes":
+            fields = {"head_slots": 2, "content_bytes": 2 * 64 * 2}
+        layout = None if layout == "*" else layout
+        info = _info(backend, layout, layers=3, standardized=packing is not None, head_size=64, **fields)
+        dims = dict(load_for(info).dims)
+        assert dims["layers"] == 3, (name, dims)
+        if "head_dim" in dims and "kv_heads" in dims:
+            assert (dims["head_dim"], dims["kv_heads"]) == (64, 2), (name, dims)
 
 
 def test_layer_order_is_numeric_not_lexical() -> None:

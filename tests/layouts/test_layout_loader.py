@@ -148,7 +148,7 @@ CASES = [
     (_mutate(tokens_per_slot=3), "bad.yaml: groups[0].tokens_per_slot: 3 does not divide tokens_per_block 64"),
     (
         _mutate(axes="KBXHC"),
-        "bad.yaml: groups[0].axes: unknown axis letter 'X' in 'KBXHC'; letters are L B K H N C",
+        "bad.yaml: groups[0].axes: unknown axis letter 'X' in 'KBXHC'; letters are L B K H D N C",
     ),
     (_mutate(axes="KBNNC"), "bad.yaml: groups[0].axes: axis 'N' repeated in 'KBNNC'"),
     (_mutate(axes="KB(NH"), "bad.yaml: groups[0].axes: unbalanced or empty parentheses in 'KB(NH'"),
@@ -181,7 +181,7 @@ CASES = [
         _mutate(head_dim=16),
         "bad.yaml: groups[0]: unknown field 'head_dim' (fields: axes, components, content, dtype, "
         "hands, heads, kind, layers, name, padded_content, planes, shape_order, strides, structure, tokens_per_block, "
-        "tokens_per_slot)",
+        "tokens_per_slot, vector)",
     ),
     (_mutate(content=16), "bad.yaml: groups[0].content: expected {elements: N} or {bytes: N}, got int 16"),
     (_mutate(content={"bytes": 33}), "bad.yaml: groups[0].content.bytes: 33 is not a multiple of the 2-byte dtype"),
