@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
 
@@ -28,10 +29,15 @@ def available_memory() -> int | None:
     return min(free, total) if total else free
 
 
-def free_disk(path: str | os.PathLike) -> int | None:
-    """Bytes an unprivileged writer can still put on the filesystem of ``path`` (or of its nearest existing parent,
-    for a directory not created yet); None if it cannot be read."""
-    here = Path(path).absolute()
+class DiskSpace(NamedTuple):
+    total: int  # size of the filesystem
+    free: int  # what an unprivileged writer can still put there
+
+
+def disk_space(path: str | os.PathLike) -> DiskSpace | None:
+    """Size and free space of the filesystem of ``path`` (or of its nearest existing parent, for a directory not
+    created yet); None if it cannot be read."""
+    here = Path(os.path.expanduser(path)).absolute()
     for candidate in (here, *here.parents):
         try:
             st = os.statvfs(candidate)
@@ -39,7 +45,7 @@ def free_disk(path: str | os.PathLike) -> int | None:
             continue
         except (OSError, AttributeError):  # no statvfs (Windows), or a permission problem
             return None
-        return st.f_bavail * st.f_frsize
+        return DiskSpace(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
     return None
 
 

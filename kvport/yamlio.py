@@ -135,29 +135,32 @@ def _check_expanded(root) -> None:
     on_path: set[int] = set()
 
     def walk(node, depth: int) -> tuple[int, int]:
+        """(nodes, height) of ``node``'s expanded subtree; ``depth`` is where this occurrence of it sits."""
         key = id(node)
-        if key in memo:
-            return memo[key]
         if key in on_path:
             raise _Limit("an alias refers to a node that contains it (recursive structure)", node.start_mark)
-        if depth > MAX_DEPTH:
+        if depth > MAX_DEPTH:  # checked on the way down too: the walk itself must stay shallow
             raise _Limit(f"nested deeper than {MAX_DEPTH} levels (aliases expanded)", node.start_mark)
-        on_path.add(key)
-        count, below = 1, 0
-        if isinstance(node, yaml.SequenceNode):
-            children = node.value
-        elif isinstance(node, yaml.MappingNode):
-            children = [n for pair in node.value for n in pair]
-        else:
-            children = []
-        for child in children:
-            c, d = walk(child, depth + 1)
-            count, below = count + c, max(below, d)
-            if count > MAX_NODES:
-                raise _Limit(f"more than {MAX_NODES} values once aliases are expanded", node.start_mark)
-        on_path.discard(key)
-        memo[key] = (count, below + 1)
-        return memo[key]
+        if key not in memo:
+            on_path.add(key)
+            count, below = 1, 0
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            else:
+                children = []
+            for child in children:
+                c, h = walk(child, depth + 1)
+                count, below = count + c, max(below, h)
+                if count > MAX_NODES:
+                    raise _Limit(f"more than {MAX_NODES} values once aliases are expanded", node.start_mark)
+            on_path.discard(key)
+            memo[key] = (count, below + 1)
+        count, height = memo[key]
+        if depth - 1 + height > MAX_DEPTH:  # an alias puts a subtree deeper than where its anchor was
+            raise _Limit(f"nested deeper than {MAX_DEPTH} levels (aliases expanded)", node.start_mark)
+        return count, height
 
     try:
         walk(root, 1)

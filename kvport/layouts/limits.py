@@ -62,5 +62,5 @@ def _human(nbytes: int) -> str:
         return f"over 2**{nbytes.bit_length() - 1} bytes"
     for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if nbytes >= size:
-            return f"{nbytes / size:.3g} {unit}"
+            return f"{nbytes / size:.4g} {unit}"
     return f"{nbytes} bytes"

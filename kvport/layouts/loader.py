@@ -57,7 +57,7 @@ def load_layout(name_or_path: str | os.PathLike, **dims: object) -> LayoutSpec:
     text = str(name_or_path)
     path = Path(text)
     if text.endswith((".yaml", ".yml")) or os.sep in text or path.is_file():
-        if not path.is_file():
+        if not path.exists():  # a FIFO, a directory, a device: the reader names what it is
             raise LayoutError(f"{text}: no such layout file")
         return load_file(path, label=text, dims=dims)
     catalog = SPECS_DIR / f"{text}.yaml"

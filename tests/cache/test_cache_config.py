@@ -71,7 +71,7 @@ def test_bad_env_value_names_variable():
 def test_invalid_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("chunk_tokens: [1,\n")
-    with pytest.raises(UserError, match="not valid YAML"):
+    with pytest.raises(UserError, match=r"bad\.yaml: invalid YAML at line 2: "):
         load_config(bad, environ={})
     with pytest.raises(UserError, match="cannot read"):
         load_config(tmp_path / "missing.yaml", environ={})
