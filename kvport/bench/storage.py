@@ -91,21 +91,21 @@ def _check_machine(args: argparse.Namespace, root: Path) -> None:
     space = disk_space(root)
     if space is not None and disk > space.free:
         raise UserError(
-            f"--backend {args.backend}: the benchmark writes {disk / 2**30:.2f} GiB, "
-            f"{space.free / 2**30:.2f} GiB is free there"
+            f"--backend {args.backend}: the benchmark writes {disk / 2**20:.1f} MiB, "
+            f"{space.free / 2**20:.1f} MiB is free there"
         )
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     kind, root = parse_backend(args.backend)
-    _check_machine(args, root)
     work = root / f"kvport-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
         work.mkdir(parents=True)  # an existing root may still refuse a new directory (permissions, read-only)
     except OSError as exc:
         raise UserError(f"--backend {args.backend}: cannot create {work} ({exc.strerror})") from None
     try:
+        _check_machine(args, work)
         result = Bench(work, args).run()
     except OSError as exc:  # the disk filled up or the directory became unwritable during the run
         raise UserError(f"--backend {args.backend}: I/O error under {work}: {exc.strerror or exc}") from None
