@@ -189,6 +189,7 @@ def load_config(
     if path is None and environ.get("KVPORT_CONFIG"):
         path = environ["KVPORT_CONFIG"]
     layers: list[tuple[str, dict[str, Any]]] = []
+    origins: dict[str, str] = {}
     if path is not None:
         layers.append((f"cache config {path}", _from_yaml(Path(path))))
     env = {name: environ[f"KVPORT_{name.upper()}"] for name in _FIELDS if f"KVPORT_{name.upper()}" in environ}
@@ -201,28 +202,37 @@ def load_config(
                 raise UserError(f"{source}: unknown key {key!r} (known: {known})")
             where = f"KVPORT_{key.upper()}" if source == "environment" else f"{source}: {key}"
             values[key] = _coerce(key, value, where)
-    return CacheConfig(**values)
+            origins[key] = f"KVPORT_{key.upper()}" if source == "environment" else source
+    try:
+        return CacheConfig(**values)
+    except UserError as exc:  # a range check of the dataclass: say where the value came from (a file, the env)
+        text = str(exc).removeprefix("cache config: ")
+        blamed = [origin for key, origin in origins.items() if text.startswith(f"{key}=")]
+        if not blamed:
+            raise
+        raise UserError(f"{blamed[0]}: {text}") from None
 
 
-def check_machine_limits(config: CacheConfig) -> None:
+def check_machine_limits(config: CacheConfig, source: str = "cache config") -> None:
     """What this machine can hold, checked before anything is allocated (call it before bind): an L1 pool larger
-    than the memory (or than what is available now), a disk tier larger than its filesystem. One UserError line."""
+    than the memory (or than what is available now), a disk tier larger than its filesystem. One UserError line,
+    starting with ``source`` (e.g. ``cache config /etc/kv.yaml``)."""
     from kvport.machine import available_memory, disk_space, total_memory  # noqa: PLC0415
 
     total, free = total_memory(), available_memory()
     if total is not None and config.l1_bytes > total:
         raise UserError(
-            f"cache config: l1_bytes={_size(config.l1_bytes)} is more than this machine's memory ({_size(total)})"
+            f"{source}: l1_bytes={_size(config.l1_bytes)} is more than this machine's memory ({_size(total)})"
         )
     if free is not None and config.l1_bytes > free:
         raise UserError(
-            f"cache config: l1_bytes={_size(config.l1_bytes)} is more than the memory available now ({_size(free)})"
+            f"{source}: l1_bytes={_size(config.l1_bytes)} is more than the memory available now ({_size(free)})"
         )
     if config.l2_path is not None:
         space = disk_space(config.l2_path)
         if space is not None and config.l2_bytes > space.total:
             raise UserError(
-                f"cache config: l2_bytes={_size(config.l2_bytes)} is more than the filesystem of l2_path "
+                f"{source}: l2_bytes={_size(config.l2_bytes)} is more than the filesystem of l2_path "
                 f"{config.l2_path} ({_size(space.total)})"
             )
 

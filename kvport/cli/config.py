@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from kvport.errors import UserError
 
@@ -21,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from kvport.cache.config import check_machine_limits, load_config
 
     config = load_config(args.file)
-    check_machine_limits(config)
+    path = args.file or os.environ.get("KVPORT_CONFIG")
+    check_machine_limits(config, f"cache config {path}" if path else "cache config")
     for field in dataclasses.fields(config):
         print(f"{field.name:20} {getattr(config, field.name)!r}")
     return 0

@@ -154,3 +154,13 @@ def test_machine_limits_refuse_l1_beyond_memory_and_l2_beyond_the_filesystem(tmp
         check_machine_limits(cfg)
     check_machine_limits(load_config(overrides={"l2_path": str(tmp_path), "l2_bytes": fs}, environ={}))
     check_machine_limits(load_config(overrides={"l1_bytes": "64MiB"}, environ={}))
+
+
+def test_a_range_error_names_where_the_value_came_from(tmp_path):
+    with pytest.raises(UserError) as err:
+        _from_file(tmp_path, "chunk_tokens: 0\n")
+    assert str(err.value) == f"cache config {tmp_path / 'kv.yaml'}: chunk_tokens=0, expected a positive integer"
+    (tmp_path / "kv.yaml").write_text("io_threads: 4\n")
+    with pytest.raises(UserError) as err:
+        load_config(tmp_path / "kv.yaml", environ={"KVPORT_IO_THREADS": "0"})  # the env wins, and is named
+    assert str(err.value) == "KVPORT_IO_THREADS: io_threads=0, expected at least 1"
