@@ -82,7 +82,7 @@ MAX_INT = (1 << 63) - 1
 
 def parse_bytes(value: Any, where: str) -> int:
     """An int, or a string such as ``"4GiB"`` / ``"1.5 MB"`` (binary and decimal units); a count that is not a whole
-    number of bytes (``1.5``, ``0.1KB``) is refused, not truncated, and so is one past int64."""
+    number of bytes (``1.5``, ``0.1KiB``) is refused, not truncated, and so is one past int64."""
     expected = "expected e.g. 1073741824 or '1GiB'"
     given = value
     if isinstance(value, bool):
@@ -133,7 +133,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return False
         raise UserError(f"{where}: {value!r} is not a boolean (expected true/false)")
     if kind.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or not _INT_RE.match(str(value)):
+        text_int = isinstance(value, str) and _INT_RE.match(value)
+        if isinstance(value, bool) or not (isinstance(value, int) or text_int):
             raise UserError(f"{where}: {_short(value)} is not an integer")
         number = int(value)
         if abs(number) > MAX_INT:
