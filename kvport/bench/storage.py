@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -53,7 +54,8 @@ def parse_backend(spec: str) -> tuple[str, Path]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if _chunk_bytes(args) < 1:  # a size under one byte rounds to empty chunks (and 0 GB/s ratios)
+    # nan and inf first: int() of them is a ValueError / OverflowError traceback.
+    if not math.isfinite(args.chunk_mb) or _chunk_bytes(args) < 1:  # under one byte: empty chunks, 0 GB/s ratios
         raise UserError(f"--chunk-mb {args.chunk_mb}: expected a positive size of at least one byte")
     if args.chunks < 2:
         raise UserError(f"--chunks {args.chunks}: expected at least 2")
@@ -69,6 +71,31 @@ def _chunk_bytes(args: argparse.Namespace) -> int:
     return int(args.chunk_mb * (1 << 20))
 
 
+def _check_machine(args: argparse.Namespace, root: Path) -> None:
+    """Memory for the chunk buffers and disk for every round's files, checked before anything is written: a run
+    that cannot fit fails at start with the numbers, not with an allocation error or a full disk half-way."""
+    from kvport.machine import available_memory, disk_space
+
+    chunk = _chunk_bytes(args)
+    # Bench holds up to 8 distinct source chunks and one destination per load thread (torch.randint into uint8 grew
+    # peak RSS by 101.6 MiB for 100 MiB: no wider temporary), and writes/reads them in place.
+    memory = (min(args.chunks, 8) + args.threads) * chunk
+    free = available_memory()
+    if free is not None and memory > free:
+        raise UserError(
+            f"--chunk-mb {args.chunk_mb:g}: the benchmark needs {memory / 2**30:.1f} GiB of memory for its buffers, "
+            f"{free / 2**30:.1f} GiB is available"
+        )
+    # Each round keeps its raw file and its own chunk files until the end; index chunks take one 4 KiB block each.
+    disk = args.rounds * 2 * args.chunks * chunk + args.index_chunks * 4096
+    space = disk_space(root)
+    if space is not None and disk > space.free:
+        raise UserError(
+            f"--backend {args.backend}: the benchmark writes {disk / 2**20:.1f} MiB, "
+            f"{space.free / 2**20:.1f} MiB is free there"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     kind, root = parse_backend(args.backend)
@@ -78,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"--backend {args.backend}: cannot create {work} ({exc.strerror})") from None
     try:
+        _check_machine(args, work)
         result = Bench(work, args).run()
+    except OSError as exc:  # the disk filled up or the directory became unwritable during the run
+        raise UserError(f"--backend {args.backend}: I/O error under {work}: {exc.strerror or exc}") from None
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -212,7 +242,7 @@ class Bench:
         def put(i: int) -> None:
             t0 = time.perf_counter()
             if not self.tier.put_one(keys[i], self.fingerprint, self.src[i % len(self.src)]):
-                raise RuntimeError(f"store of chunk {i} failed (disk full or I/O error under {self.work})")
+                raise UserError(f"--backend {self.args.backend}: {self._put_failed(i)}")
             latencies.append(time.perf_counter() - t0)
             progress.update()
 
@@ -223,6 +253,15 @@ class Bench:
         elapsed = time.perf_counter() - start
         progress.close()
         return _summary(self.total, elapsed, latencies)
+
+    def _put_failed(self, i: int) -> str:
+        """Why a tier put failed, as far as the filesystem says (the tier only answers False)."""
+        from kvport.machine import disk_space
+
+        space = disk_space(self.work)
+        full = space is not None and space.free < self.chunk_bytes
+        why = "the disk is full" if full else "disk full, out of inodes or not writable"
+        return f"store of chunk {i} failed under {self.work} ({why})"
 
     def load(self, keys: list[str]) -> dict:
         from kvport.store.tiers.base import ReadResult
@@ -269,7 +308,8 @@ class Bench:
         for i in range(n):
             tokens = [i, *range(chunk_tokens - 1)]
             key = chunk_keys(tokens, chunk_tokens, "bench-lookup")[0]
-            self.tier.put_one(key, self.fingerprint, payload)
+            if not self.tier.put_one(key, self.fingerprint, payload):
+                raise UserError(f"--backend {self.args.backend}: index {self._put_failed(i)}")
             if i < LOOKUP_SAMPLES:
                 token_sets.append(tokens)
             progress.update()

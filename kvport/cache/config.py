@@ -4,6 +4,8 @@ Owns parsing, defaults and validation of cache settings; must not allocate memor
 from __future__ import annotations
 
 import dataclasses
+import fractions
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -12,6 +14,7 @@ from typing import Any
 
 from kvport.errors import UserError
 from kvport.store.tiers import check_tier_spec
+from kvport.yamlio import load_yaml
 
 GiB = 1 << 30
 
@@ -98,20 +101,45 @@ _FIELDS = {f.name: f for f in dataclasses.fields(CacheConfig)}
 _BYTE_FIELDS = {"l1_bytes", "l2_bytes"}
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12}
 _UNITS |= {"tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-_BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+# ASCII digits only ([0-9], not \d: int() would take Arabic-Indic digits); at most 19 before the point (int64).
+_BYTES_RE = re.compile(r"^\s*([0-9]{1,19}(?:\.[0-9]{1,19})?)\s*([a-zA-Z]*)\s*$")
+_INT_RE = re.compile(r"^\s*[+-]?[0-9]{1,19}\s*$")
+# Byte counts and integers must fit in int64: what allocation sizes, file offsets and torch shapes take.
+MAX_INT = (1 << 63) - 1
 
 
 def parse_bytes(value: Any, where: str) -> int:
-    """An int, or a string such as ``"4GiB"`` / ``"512MB"`` (binary and decimal units)."""
+    """An int, or a string such as ``"4GiB"`` / ``"1.5 MB"`` (binary and decimal units); a count that is not a whole
+    number of bytes (``1.5``, ``0.1KiB``) is refused, not truncated, and so is one past int64."""
+    expected = "expected e.g. 1073741824 or '1GiB'"
+    given = value
     if isinstance(value, bool):
-        raise UserError(f"{where}: {value!r} is not a byte count (expected e.g. 1073741824 or '1GiB')")
+        raise UserError(f"{where}: {value!r} is not a byte count ({expected})")
+    if isinstance(value, float):  # YAML reads 1.0e+9 and 1.5 as floats
+        if not math.isfinite(value):
+            raise UserError(f"{where}: {value!r} is not a byte count ({expected})")
+        if not value.is_integer():
+            raise UserError(f"{where}: {value!r} is not a whole number of bytes")
+        value = int(value)
     if isinstance(value, int):
-        return value
-    match = _BYTES_RE.match(str(value))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise UserError(f"{where}: {value!r} is not a byte count (expected e.g. 1073741824 or '1GiB')")
-    return int(float(match.group(1)) * _UNITS[unit])
+        nbytes = value
+    else:
+        match = _BYTES_RE.match(str(value))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise UserError(f"{where}: {_short(value)} is not a byte count ({expected})")
+        exact = fractions.Fraction(match.group(1)) * _UNITS[unit]  # exact: float(1.1) * 10**9 is not 1.1e9
+        if exact.denominator != 1:
+            raise UserError(f"{where}: {_short(value)} is not a whole number of bytes")
+        nbytes = int(exact)
+    if nbytes > MAX_INT:
+        raise UserError(f"{where}: {_short(given)} is more than 2**63-1 bytes")
+    return nbytes
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def coerce_bool(value: Any, where: str) -> bool:
@@ -126,14 +154,13 @@ def coerce_bool(value: Any, where: str) -> bool:
 
 
 def coerce_int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or isinstance(value, (dict, list, float)):
-        raise UserError(f"{where}: {value!r} is not an integer")
-    if isinstance(value, int):
-        return value
-    text = str(value).strip()
-    if not text.isascii() or not text.lstrip("+-").isdigit():
-        raise UserError(f"{where}: {value!r} is not an integer")
-    return int(text)
+    text_int = isinstance(value, str) and _INT_RE.match(value)
+    if isinstance(value, bool) or not (isinstance(value, int) or text_int):
+        raise UserError(f"{where}: {_short(value)} is not an integer")
+    number = int(value)
+    if abs(number) > MAX_INT:
+        raise UserError(f"{where}: {_short(value)} does not fit in 64 bits")
+    return number
 
 
 def coerce_positive_int(value: Any, where: str) -> int:
@@ -145,12 +172,9 @@ def coerce_positive_int(value: Any, where: str) -> int:
 
 def _coerce_tiers(value: Any, where: str) -> tuple:
     if isinstance(value, str):  # from the environment: KVPORT_TIERS='[{type: local_disk, path: /x}]'
-        import yaml
+        from kvport.yamlio import parse_yaml
 
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"{where}: not a YAML/JSON list of tier specs") from None
+        value = parse_yaml(value, where)
     if value is None:
         return ()
     if not isinstance(value, (list, tuple)):
@@ -175,24 +199,25 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         return coerce_int(value, where)
     if kind.startswith("str"):
         if isinstance(value, (dict, list)):
-            raise UserError(f"{where}: {value!r} is not a string")
-        return str(value)
+            raise UserError(f"{where}: {_short(value)} is not a string")
+        text = str(value)
+        if name == "l2_path":
+            text = os.path.expanduser(text)  # `~/cache` means the home directory, not a directory named `~`
+        if name == "backend":
+            _check_backend(text, where)
+        return text
     raise AssertionError(f"unhandled config field type {kind}")  # a new field type needs a case above
 
 
-def _from_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+def _check_backend(name: str, where: str) -> None:
+    from kvport.hal.registry import BACKENDS  # noqa: PLC0415 - the registry is imported only when a name is given
 
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"cache config {path}: cannot read ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" line {line + 1}" if line is not None else ""
-        raise UserError(f"cache config {path}:{where} is not valid YAML") from None
+    if name not in BACKENDS:
+        raise UserError(f"{where}: unknown backend {_short(name)} (known: {', '.join(BACKENDS)})")
+
+
+def _from_yaml(path: Path) -> dict[str, Any]:
+    data = load_yaml(path, f"cache config {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -222,6 +247,7 @@ def load_config(
     if path is None and environ.get("KVPORT_CONFIG"):
         path = environ["KVPORT_CONFIG"]
     layers: list[tuple[str, dict[str, Any]]] = []
+    origins: dict[str, str] = {}
     if path is not None:
         layers.append((f"cache config {path}", _from_yaml(Path(path))))
     env = {name: environ[f"KVPORT_{name.upper()}"] for name in _FIELDS if f"KVPORT_{name.upper()}" in environ}
@@ -234,4 +260,43 @@ def load_config(
                 raise UserError(f"{source}: unknown key {key!r} (known: {known})")
             where = f"KVPORT_{key.upper()}" if source == "environment" else f"{source}: {key}"
             values[key] = _coerce(key, value, where)
-    return CacheConfig(**values)
+            origins[key] = f"KVPORT_{key.upper()}" if source == "environment" else source
+    try:
+        return CacheConfig(**values)
+    except UserError as exc:  # a range check of the dataclass: say where the value came from (a file, the env)
+        text = str(exc).removeprefix("cache config: ")
+        blamed = [origin for key, origin in origins.items() if text.startswith(f"{key}=")]
+        if not blamed:
+            raise
+        raise UserError(f"{blamed[0]}: {text}") from None
+
+
+def check_machine_limits(config: CacheConfig, source: str = "cache config") -> None:
+    """What this machine can hold, checked before anything is allocated (call it before bind): an L1 pool larger
+    than the memory (or than what is available now), a disk tier larger than its filesystem. One UserError line,
+    starting with ``source`` (e.g. ``cache config /etc/kv.yaml``)."""
+    from kvport.machine import available_memory, disk_space, total_memory  # noqa: PLC0415
+
+    total, free = total_memory(), available_memory()
+    if total is not None and config.l1_bytes > total:
+        raise UserError(
+            f"{source}: l1_bytes={_size(config.l1_bytes)} is more than this machine's memory ({_size(total)})"
+        )
+    if free is not None and config.l1_bytes > free:
+        raise UserError(
+            f"{source}: l1_bytes={_size(config.l1_bytes)} is more than the memory available now ({_size(free)})"
+        )
+    if config.l2_path is not None:
+        space = disk_space(config.l2_path)
+        if space is not None and config.l2_bytes > space.total:
+            raise UserError(
+                f"{source}: l2_bytes={_size(config.l2_bytes)} is more than the filesystem of l2_path "
+                f"{config.l2_path} ({_size(space.total)})"
+            )
+
+
+def _size(nbytes: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.4g} {unit}"
+    return f"{nbytes} bytes"

@@ -135,7 +135,7 @@ def _check(files: list[str], dims: dict[str, str]) -> int:
     for name in files:
         path = Path(name)
         try:
-            if not path.is_file():
+            if not path.exists():  # anything else that is not a regular file gets its own reason from the loader
                 raise LayoutError(f"{name}: no such file")
             spec = load_file(path, label=name, dims=dims)
         except LayoutError as exc:

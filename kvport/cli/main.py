@@ -14,6 +14,7 @@ from kvport.errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("kvport.cli.doctor", "show the platform, the native module and the copy backends with their reasons"),
     "layout": ("kvport.cli.layout", "list, show and check KV layout specs"),
+    "config": ("kvport.cli.config", "check a cache config file against this machine and print its settings"),
     "selftest": ("kvport.cli.selftest", "round-trip every layout through a backend and compare bytes"),
     "bench": ("kvport.cli.bench", "benchmarks: kernels, storage, e2e"),
     "demo": ("kvport.cli.demo", "run a real vLLM engine with kvport and show what the cache saves"),

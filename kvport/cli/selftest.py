@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     device = _device(torch, args.device)
     names = args.layout or catalog_names()
     specs = [load_layout(name) for name in names]
+    for spec in specs:
+        _check_memory(spec)
     platform = detect_platform()
     forced = None
     if args.backend:
@@ -128,6 +130,28 @@ def _guard(check):
     except Exception as exc:
         text = str(exc).splitlines()[0] if str(exc) else ""
         return CheckResult(False, f"{type(exc).__name__}: {text}")
+
+
+def _check_memory(spec) -> None:
+    """Refuse, before allocating, a layout whose round trip needs more host memory than is available now: a spec
+    within kvport.layouts.limits can still need tens of GB here, and an out-of-memory kill is not a report."""
+    from kvport.layouts.limits import group_block_bytes
+    from kvport.machine import available_memory
+
+    # Mirrors roundtrip.make_plan: up to 3 blocks of the coarsest group's tokens, 2 * need + 3 blocks per group, and
+    # the canonical chunk of those tokens. The check holds several copies at once (source, target, expected, a
+    # snapshot, comparison masks, the oracle's chunk): peak RSS was 3.1 GB for a 302 MB plan + 98 MB chunk
+    # (vllm-flash-nhd, head_dim 131072, torch backend, 2-core dev VM), 7.8x; 21 GB for 3.07 GB at head_dim 10**6,
+    # 6.9x; 8x is the estimate.
+    tokens = 3 * max(g.tokens_per_block for g in spec.groups)
+    engine = sum((2 * -(-tokens // g.tokens_per_block) + 3) * group_block_bytes(g) for g in spec.groups)
+    need = 8 * (engine + sum(g.canonical_bytes(tokens) for g in spec.groups))
+    free = available_memory()
+    if free is not None and need > free:
+        raise UserError(
+            f"layout {spec.name}: a round trip needs {need / 2**30:.1f} GiB of host memory, "
+            f"{free / 2**30:.1f} GiB is available"
+        )
 
 
 def _seed(seed: int, name: str) -> int:

@@ -11,6 +11,10 @@ from collections.abc import Mapping
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(r"\$(" + NAME.pattern + ")")
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
+# Specs' expressions are a few terms ("$kv_lora_rank + $rope_dim"); a bound keeps evaluation (recursive, one level
+# per operator) far from Python's recursion limit. Values stay in int64, what shapes and byte offsets hold.
+MAX_EXPR_CHARS = 200
+_INT64 = 1 << 63
 
 
 class ExprError(ValueError):
@@ -29,6 +33,8 @@ def substitute(value: object, dims: Mapping[str, object]) -> object:
     whole = _NAME.fullmatch(text)
     if whole:
         return _lookup(whole.group(1), dims, value)
+    if len(text) > MAX_EXPR_CHARS:
+        raise ExprError(f"expression longer than {MAX_EXPR_CHARS} characters: {text[:40]!r}...")
     py = _NAME.sub(lambda m: m.group(1), text)
     try:
         tree = ast.parse(py, mode="eval")
@@ -53,7 +59,10 @@ def _eval(node: ast.AST, dims: Mapping[str, object], source: str) -> int:
             raise ExprError(f"dim {node.id!r} is {value!r}, an integer is needed in {source!r}")
         return value
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        return _OPS[type(node.op)](_eval(node.left, dims, source), _eval(node.right, dims, source))
+        value = _OPS[type(node.op)](_eval(node.left, dims, source), _eval(node.right, dims, source))
+        if not -_INT64 <= value < _INT64:
+            raise ExprError(f"{source!r} does not fit in 64 bits")
+        return value
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.FloorDiv):
         left, right = _eval(node.left, dims, source), _eval(node.right, dims, source)
         if right == 0 or left % right:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import re
 
 from kvport.layouts.exprs import ExprError, substitute
+from kvport.layouts.limits import MAX_LAYERS
 from kvport.layouts.spec import AXIS_LETTERS, DTYPE_SIZES, Dims, LayoutError
 
-_INT = re.compile(r"-?\d+")
+# ASCII digits only: \d also matches other scripts' digits (Arabic-Indic "٣"), which no YAML reader takes as a number.
+_INT = re.compile(r"-?[0-9]{1,19}")  # 19 digits: int64 (larger would be refused anyway; this keeps int() cheap)
 
 
 def coerce(value: object) -> object:
@@ -61,12 +63,14 @@ class Ctx:
             raise self.fail(path, f"expected a mapping, got {tname(value)}")
         return value
 
-    def positive(self, value: object, path: str, zero_ok: bool = False) -> int:
+    def positive(self, value: object, path: str, zero_ok: bool = False, limit: int | None = None) -> int:
         value = self.sub(value, path)
         if type(value) is not int:
             raise self.fail(path, f"expected an integer, got {tname(value)}")
         if value < 0 or (value == 0 and not zero_ok):
             raise self.fail(path, f"must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+        if limit is not None and value > limit:
+            raise self.fail(path, f"{value} is over the limit of {limit} (kvport/layouts/limits.py says why)")
         return value
 
     def choice(self, value: object, path: str, options: tuple[str, ...]) -> str:
@@ -122,16 +126,23 @@ def parse_axes(ctx: Ctx, value: object, path: str) -> Dims:
 
 
 def parse_layers(ctx: Ctx, value: object, path: str) -> tuple[int, ...]:
+    # Bounded before the indices are materialised: `layers: 10**9` once took 17 s and 3.9 GB here.
     value = ctx.sub(value, path)
     if type(value) is int:
-        return tuple(range(ctx.positive(value, path)))
+        return tuple(range(ctx.positive(value, path, limit=MAX_LAYERS)))
     if isinstance(value, list) and value:
-        out = tuple(ctx.positive(v, f"{path}[{j}]", zero_ok=True) for j, v in enumerate(value))
+        top = MAX_LAYERS - 1
+        out = tuple(ctx.positive(v, f"{path}[{j}]", zero_ok=True, limit=top) for j, v in enumerate(value))
     elif isinstance(value, dict):
         ctx.unknown(value, {"start", "count", "step"}, path)
         start = ctx.positive(value.get("start", 0), f"{path}.start", zero_ok=True)
-        count = ctx.positive(ctx.need(value, "count", path), f"{path}.count")
+        count = ctx.positive(ctx.need(value, "count", path), f"{path}.count", limit=MAX_LAYERS)
         step = ctx.positive(value.get("step", 1), f"{path}.step")
+        last = start + (count - 1) * step
+        if last >= MAX_LAYERS:
+            raise ctx.fail(
+                path, f"last layer index {last} is over the limit of {MAX_LAYERS - 1} (see kvport/layouts/limits.py)"
+            )
         out = tuple(range(start, start + count * step, step))
     else:
         raise ctx.fail(

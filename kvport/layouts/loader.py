@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from kvport.layouts import limits
 from kvport.layouts.exprs import NAME
 from kvport.layouts.fields import Ctx, coerce, parse_axes, parse_layers, tname
 from kvport.layouts.spec import (
@@ -20,6 +21,7 @@ from kvport.layouts.spec import (
     PlaneSpec,
     format_axes,
 )
+from kvport.yamlio import load_yaml
 
 SPECS_DIR = Path(__file__).with_name("specs")
 _TOP_FIELDS = {"name", "source", "description", "dtype", "dims", "groups"}
@@ -56,7 +58,7 @@ def load_layout(name_or_path: str | os.PathLike, **dims: object) -> LayoutSpec:
     text = str(name_or_path)
     path = Path(text)
     if text.endswith((".yaml", ".yml")) or os.sep in text or path.is_file():
-        if not path.is_file():
+        if not path.exists():  # a FIFO, a directory, a device: the reader names what it is
             raise LayoutError(f"{text}: no such layout file")
         return load_file(path, label=text, dims=dims)
     catalog = SPECS_DIR / f"{text}.yaml"
@@ -66,21 +68,8 @@ def load_layout(name_or_path: str | os.PathLike, **dims: object) -> LayoutSpec:
 
 
 def load_file(path: Path, label: str | None = None, dims: Mapping[str, object] | None = None) -> LayoutSpec:
-    import yaml  # noqa: PLC0415 - kept out of module import so `kvport --help` stays cheap
-
     label = label or str(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise LayoutError(f"{label}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise LayoutError(f"{label}: cannot read: not UTF-8 text (byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise LayoutError(f"{label}: invalid YAML{where}: {problem}") from None
-    return parse_spec(raw, label, dims or {})
+    return parse_spec(load_yaml(path, label, LayoutError), label, dims or {})
 
 
 def parse_spec(raw: object, label: str, overrides: Mapping[str, object]) -> LayoutSpec:
@@ -110,7 +99,9 @@ def parse_spec(raw: object, label: str, overrides: Mapping[str, object]) -> Layo
             raise LayoutError(f"{label}: groups[{i}].name: {gname!r} repeats groups[{names.index(gname)}]")
     source = raw.get("source", "")
     description = raw.get("description", "")
-    return LayoutSpec(name, str(source), tuple(sorted(dims.items())), groups, str(description))
+    spec = LayoutSpec(name, str(source), tuple(sorted(dims.items())), groups, str(description))
+    limits.check_spec(spec, ctx.fail)
+    return spec
 
 
 def _group(ctx: Ctx, raw: object, i: int, default_dtype: object) -> GroupSpec:
@@ -172,6 +163,7 @@ def _group(ctx: Ctx, raw: object, i: int, default_dtype: object) -> GroupSpec:
     group = dataclasses.replace(group, strides_bytes=strides)
     if planes:
         _check_planes(ctx, group, p)
+    limits.check_group(group, lambda field, msg: ctx.fail(f"{p}.{field}" if field else p, msg))
     return group
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,3 +61,55 @@ def test_storage_bench_user_errors(tmp_path):
         proc = kvport("bench", "storage", *args)
         assert proc.returncode == 2
         assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_chunk_size_that_is_not_a_finite_positive_size_is_one_line(tmp_path, bounded_kvport):
+    for value in ("nan", "inf", "-inf", "0", "-1"):
+        run = bounded_kvport(["bench", "storage", "--backend", f"local-disk:{tmp_path}", f"--chunk-mb={value}"])
+        line = run.one_line_error()
+        assert line.endswith("expected a positive size of at least one byte") and "--chunk-mb" in line
+    # 1e12 MiB: refused before a buffer is allocated, with what the machine has.
+    run = bounded_kvport(["bench", "storage", "--backend", f"local-disk:{tmp_path}", "--chunk-mb", "1e12"])
+    assert "GiB of memory for its buffers" in run.one_line_error()
+    assert run.maxrss_bytes < 256 << 20
+    assert list(tmp_path.iterdir()) == []
+
+
+def _in_tmpfs(tmp_path, options: str, *bench_args: str) -> subprocess.CompletedProcess:
+    """The benchmark on a real, small tmpfs mounted in a private user and mount namespace (no root needed where
+    unprivileged user namespaces are allowed); skips where they are not."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (
+        f"mount -t tmpfs -o {options} tmpfs {mnt} || exit 99\n"
+        f'exec "{sys.executable}" -m kvport.cli.main bench storage --backend local-disk:{mnt} "$@"\n'
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    try:
+        proc = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", script, "sh", *bench_args], capture_output=True, text=True, env=env,
+            timeout=120,
+        )  # fmt: skip
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) here")
+    if proc.returncode == 99 or "unshare failed" in proc.stderr:
+        pytest.skip(f"cannot mount a private tmpfs here: {proc.stderr.strip()}")
+    return proc
+
+
+SMALL = ("--chunk-mb", "1", "--chunks", "8", "--rounds", "1", "--index-chunks", "0")
+
+
+def test_a_disk_too_small_for_the_run_is_refused_before_writing(tmp_path):
+    proc = _in_tmpfs(tmp_path, "size=4m", *SMALL)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "the benchmark writes 16.0 MiB, 4.0 MiB is free there" in proc.stderr
+
+
+@pytest.mark.parametrize("inodes", [5, 7])  # out of inodes at the tier's first chunk / at the tier's directories
+def test_a_disk_that_fills_during_the_run_is_one_line(tmp_path, inodes):
+    # Plenty of bytes, few inodes: the filesystem answers ENOSPC half-way through, as a full disk does.
+    proc = _in_tmpfs(tmp_path, f"size=64m,nr_inodes={inodes}", *SMALL)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "No space left on device" in proc.stderr or "failed under" in proc.stderr, proc.stderr
