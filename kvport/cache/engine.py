@@ -132,11 +132,13 @@ class CacheEngine:
         keys = self.chunks.keys(tokens[:num_tokens])
         tables = self.descriptor.normalize_block_ids(block_ids)
         own = frozenset(keys)
-        cap = max(1, self.chunks.l1.num_slots - 1)  # one slot always stays for loads and other requests
+        # One slot always stays for loads and other requests. The request's chunks still pinned by its earlier
+        # stores (a gather or tier write in flight) count against its share: vLLM stores a long prompt step by step.
+        cap = max(1, self.chunks.l1.num_slots - 1) - self.chunks.l1.pinned_count(among=own)
         leases: list[Lease] = []
         indices: list[int] = []
         for index in self.chunks.absent(keys, skip_tokens // self.chunk_tokens):
-            if len(leases) == cap:
+            if len(leases) >= cap:
                 self.metrics.inc("skipped", len(keys) - index, reason="l1_share")
                 break
             lease = self.chunks.reserve(keys[index], protect=own)
