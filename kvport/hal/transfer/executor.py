@@ -195,14 +195,17 @@ class Transfer:
         template = self._memo(
             self._templates, (num_tokens,), descriptor, lambda: region_template(descriptor, num_tokens)
         )
+        keep.append(template)
         with self.platform.stream_scope(self.dma_stream):
             for block_ids, host in chunks:
                 flat = flat_block_ids(descriptor, block_ids, num_tokens)
-                eng, can, size = template.fill(flat, host.data_ptr())
-                dsts, srcs = (can, eng) if direction == "d2h" else (eng, can)
-                keep.extend([dsts, srcs, size])
-                self.native.memcpy_regions(
-                    dsts, srcs, size, max_batch=self.model.dma_batch_regions, overlap=self.model.dma_overlap
+                self.native.memcpy_chunk(
+                    template,
+                    flat,
+                    host.data_ptr(),
+                    direction == "d2h",
+                    max_batch=self.model.dma_batch_regions,
+                    overlap=self.model.dma_overlap,
                 )
 
     def _piece_list(self, descriptor, num_tokens):
