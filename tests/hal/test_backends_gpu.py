@@ -66,6 +66,7 @@ class HostPath:
         assert result.path == self.path
         result.synchronize()
         dst.copy_(host)
+        return result.completion
 
     def scatter(self, src, descriptor, ids, num_tokens):
         host = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
@@ -73,6 +74,7 @@ class HostPath:
         result = self.transfer.from_host(host, descriptor, ids, num_tokens, path=self.path)
         assert result.path == self.path
         result.synchronize()
+        return result.completion
 
 
 @pytest.mark.parametrize("mode", MODES)
