@@ -99,8 +99,11 @@ def _cases(bench, layout: str, tokens: int, args):
     nbytes = kv.descriptor.canonical_bytes(tokens)
     chunks = tokens // chunk
     slot = -(-kv.descriptor.canonical_bytes(chunk) // 4096) * 4096
-    # The loaded prefix (kept pinned) plus three stores in flight; LRU recycles older stores' slots.
-    l1_bytes = max(5 * chunks * slot, 64 << 20)
+    # As an engine stores after each step: at most a few stores in flight (the host runs ahead of the device), up to
+    # 4 GiB of them (three 8K-token Llama stores, sixteen 256-token ones); L1 holds those plus the loaded prefix, so
+    # no store ever finds L1 full and stores less. LRU recycles older stores' slots.
+    max_in_flight = max(3, min(16, (4 << 30) // (chunks * slot)))
+    l1_bytes = max((max_in_flight + 2) * chunks * slot, 64 << 20)
     cfg = load_config(overrides={"chunk_tokens": chunk, "l1_bytes": l1_bytes}, environ={})
     engine = CacheEngine(cfg, f"bench-cache-{layout}")
     engine.bind(kv.descriptor)
@@ -109,10 +112,8 @@ def _cases(bench, layout: str, tokens: int, args):
     in_flight: list = []
 
     def store_once():
-        # As an engine stores after each step: new keys every time, at most three stores in flight (the host runs
-        # ahead of the device; L1 holds four sets, so no store ever finds L1 full and stores less).
-        counter[0] += 1
-        while len(in_flight) > 2:
+        counter[0] += 1  # new keys every time
+        while len(in_flight) >= max_in_flight:
             in_flight.pop(0).wait()
         ticket = engine.submit_store([counter[0], *range(tokens - 1)], ids, tokens)
         if ticket.tokens != tokens:
