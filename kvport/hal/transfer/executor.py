@@ -82,6 +82,7 @@ class Transfer:
         self._pieces: dict = {}
         self._plans: dict = {}
         self._templates: dict = {}
+        self._host_storages: dict = {}
 
     def allowed(self, descriptor: CopyDescriptor) -> dict[str, str]:
         """Per path, "" if it can run here or the reason it cannot."""
@@ -175,6 +176,19 @@ class Transfer:
         event = self.platform.new_event()
         event.record(done)
         return TransferResult(chosen.path, chosen.reason, EventCompletion(self.platform, self.device, event, keep))
+
+    def _check_host(self, host) -> None:
+        """The host side must be pinned. Asking the driver costs microseconds per buffer; L1 slots are views of one
+        allocation, so the answer is memoized per storage (held, so its address cannot be reused while cached)."""
+        storage = host.untyped_storage()
+        known = self._host_storages.get(storage.data_ptr())
+        if known is not None and known is storage:
+            return
+        if not self.platform.is_host_ready(host):
+            raise ValueError("transfer: a host chunk must be a pinned CPU tensor (torch.empty(..., pin_memory=True))")
+        if len(self._host_storages) > 64:
+            self._host_storages.clear()
+        self._host_storages[storage.data_ptr()] = storage
 
     def _order_after(self, after) -> None:
         issuer = self.platform.current_stream(self.device)
