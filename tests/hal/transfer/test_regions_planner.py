@@ -168,3 +168,38 @@ def test_region_template_fills_the_same_regions_as_a_direct_pass(name, tokens):
     got = template.fill(flat_block_ids(d, ids, tokens), 4096)
     want = _regions_direct(d, ids, tokens, 4096)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("name", ["nhd", "hnd", "mla_odd"])
+def test_a_stacked_descriptor_gathers_k_chunks_back_to_back(name):
+    """One gather over stack(d, k) with the k chunks' tables = the k chunks' canonical bytes, chunk after chunk."""
+    import random
+
+    from kvport.hal.transfer.stacking import stack, stacked_block_ids
+    from kvport.kernels.torch.gather import gather
+    from kvport.kernels.torch.scatter import scatter
+
+    d = sample(name, Dims(blocks=40))
+    tokens = max(g.tokens_per_block for g in d.groups) * 2
+    rng = random.Random(7)
+    per_group = [rng.sample(range(40), 3 * g.block_count(tokens)) for g in d.groups]  # disjoint across chunks
+    tables = [
+        [ids[j * g.block_count(tokens) : (j + 1) * g.block_count(tokens)] for g, ids in zip(d.groups, per_group)]
+        for j in range(3)
+    ]
+    size = d.canonical_bytes(tokens)
+    want = torch.cat([_gathered(gather, d, t, tokens, size) for t in tables])
+    s = stack(d, 3)
+    got = torch.empty(3 * size, dtype=torch.uint8)
+    gather(s, stacked_block_ids(d, tables), got, tokens)
+    assert s.canonical_bytes(tokens) == 3 * size and torch.equal(got, want)
+    scatter(torch.flip(got, [0]).contiguous(), s, stacked_block_ids(d, tables), tokens)  # and back, other bytes
+    back = torch.empty(3 * size, dtype=torch.uint8)
+    gather(s, stacked_block_ids(d, tables), back, tokens)
+    assert torch.equal(back, torch.flip(got, [0]))
+
+
+def _gathered(gather, d, table, tokens, size):
+    out = torch.empty(size, dtype=torch.uint8)
+    gather(d, table, out, tokens)
+    return out
