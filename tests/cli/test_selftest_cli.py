@@ -44,8 +44,9 @@ class _FlipsOneByte:
             name = "flip"
 
             def gather(self, descriptor, block_ids, dst, num_tokens):
-                super().gather(descriptor, block_ids, dst, num_tokens)
+                done = super().gather(descriptor, block_ids, dst, num_tokens)
                 dst[0] ^= 1
+                return done
 
         return FlipsOneByte
 
