@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -131,6 +132,8 @@ class Bench:
         self.total = self.chunk_bytes * args.chunks
         # Capacity far above what the run writes: eviction is measured by the tests, not here.
         self.tier = LocalDiskTier(work / "l2", capacity_bytes=1 << 50)
+        # A failed store ends the run with one line of its own: the tier's warnings (disk full...) would repeat it.
+        logging.getLogger("kvport.store").setLevel(logging.ERROR)
         gen = torch.Generator().manual_seed(0)
         # Random bytes, as KV is incompressible; one buffer per chunk so threads never share one.
         self.src = [torch.randint(0, 256, (self.chunk_bytes,), dtype=torch.uint8, generator=gen)]

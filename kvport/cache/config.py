@@ -272,9 +272,9 @@ def load_config(
 
 
 def check_machine_limits(config: CacheConfig, source: str = "cache config") -> None:
-    """What this machine can hold, checked before anything is allocated (call it before bind): an L1 pool larger
-    than the memory (or than what is available now), a disk tier larger than its filesystem. One UserError line,
-    starting with ``source`` (e.g. ``cache config /etc/kv.yaml``)."""
+    """What this machine can hold, checked before anything is allocated (CacheEngine.bind calls it): an L1 pool larger
+    than the memory (or than what is available now), a disk tier (l2_path or in tiers) larger than its filesystem.
+    One UserError line, starting with ``source`` (e.g. ``cache config /etc/kv.yaml``)."""
     from kvport.machine import available_memory, disk_space, total_memory  # noqa: PLC0415
 
     total, free = total_memory(), available_memory()
@@ -293,6 +293,17 @@ def check_machine_limits(config: CacheConfig, source: str = "cache config") -> N
                 f"{source}: l2_bytes={_size(config.l2_bytes)} is more than the filesystem of l2_path "
                 f"{config.l2_path} ({_size(space.total)})"
             )
+    for i, spec in enumerate(config.tiers):
+        if spec.get("type") == "local_disk":
+            from kvport.store.tiers.local_disk import parse_options  # noqa: PLC0415
+
+            opts = parse_options(spec, f"{source}: tiers[{i}]")
+            space = disk_space(opts["path"])
+            if space is not None and opts["bytes"] > space.total:
+                raise UserError(
+                    f"{source}: tiers[{i}] bytes={_size(opts['bytes'])} is more than the filesystem of "
+                    f"{opts['path']} ({_size(space.total)})"
+                )
 
 
 def _size(nbytes: int) -> str:

@@ -66,10 +66,12 @@ class CacheEngine:
                     f"cache config: chunk_tokens={self.chunk_tokens} is not a multiple of layout "
                     f"{descriptor.layout} group {group.name!r} tokens_per_block={group.tokens_per_block}"
                 )
+        from kvport.cache.config import check_machine_limits
         from kvport.cache.mover import ChunkMover
         from kvport.hal.platform import detect_platform
         from kvport.hal.platforms import platform_for_device
 
+        check_machine_limits(self.config)  # L1 beyond memory, a disk tier beyond its filesystem: before allocating
         info = detect_platform()
         platform = platform_for_device(descriptor.streams[0].buffer.device, info)
         if backend is None:
@@ -81,8 +83,12 @@ class CacheEngine:
             except BackendError as exc:
                 raise UserError(f"cache config: {exc}") from None
         chunk_bytes = descriptor.canonical_bytes(self.chunk_tokens)
-        self.chunks.open_l1(chunk_bytes, descriptor.fingerprint, platform.host_empty)
-        self._scratch = platform.host_empty(chunk_bytes)
+        try:
+            self.chunks.open_l1(chunk_bytes, descriptor.fingerprint, platform.host_empty)
+            self._scratch = platform.host_empty(chunk_bytes)
+        except (MemoryError, RuntimeError) as exc:  # e.g. pinned memory past `ulimit -l` or the driver's limit
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise UserError(f"cache config: l1_bytes={self.config.l1_bytes} cannot be allocated ({reason})") from None
         self.mover = ChunkMover(descriptor, backend, platform)
 
     @property
@@ -126,11 +132,13 @@ class CacheEngine:
         keys = self.chunks.keys(tokens[:num_tokens])
         tables = self.descriptor.normalize_block_ids(block_ids)
         own = frozenset(keys)
-        cap = max(1, self.chunks.l1.num_slots - 1)  # one slot always stays for loads and other requests
+        # One slot always stays for loads and other requests. The request's chunks still pinned by its earlier
+        # stores (a gather or tier write in flight) count against its share: vLLM stores a long prompt step by step.
+        cap = max(1, self.chunks.l1.num_slots - 1) - self.chunks.l1.pinned_count(among=own)
         leases: list[Lease] = []
         indices: list[int] = []
         for index in self.chunks.absent(keys, skip_tokens // self.chunk_tokens):
-            if len(leases) == cap:
+            if len(leases) >= cap:
                 self.metrics.inc("skipped", len(keys) - index, reason="l1_share")
                 break
             lease = self.chunks.reserve(keys[index], protect=own)

@@ -66,6 +66,8 @@ class ChunkStore:
                 f"cache config: l1_bytes={self.config.l1_bytes} is smaller than one chunk ({slot_bytes} bytes with "
                 f"alignment, chunk_tokens={self.chunk_tokens})"
             )
+        for tier in self.tiers:
+            tier.check_chunk(chunk_bytes)  # a tier that cannot hold one chunk would evict on every write, keep nothing
         self.l1 = L1Pool(self.config.l1_bytes, chunk_bytes, metrics=self.metrics, allocate=allocate)
         self.fingerprint = fingerprint
 

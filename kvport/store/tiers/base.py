@@ -75,6 +75,11 @@ class Tier(abc.ABC):
     def delete(self, keys: Sequence[str]) -> None:
         """Remove chunks if present."""
 
+    def check_chunk(self, chunk_bytes: int) -> None:
+        """Raise a one-line UserError when a chunk of ``chunk_bytes`` can never be stored here (more than the tier's
+        capacity or largest value); called at bind, before L1 is allocated. Default: no limit known."""
+        return None
+
     def stats(self) -> dict[str, Any]:
         """Capacity figures for status output (e.g. ``bytes``, ``capacity_bytes``, ``chunks``); {} if unknown."""
         return {}
