@@ -38,25 +38,37 @@ for name in layouts:
         d = kv.descriptor
         chunk = 256
         chunks = tokens // chunk
-        tables = [[t[i * (chunk // g.tokens_per_block) : (i + 1) * (chunk // g.tokens_per_block)]
-                   for g, t in zip(d.groups, ids)] for i in range(chunks)]
+        tables = [
+            [
+                t[i * (chunk // g.tokens_per_block) : (i + 1) * (chunk // g.tokens_per_block)]
+                for g, t in zip(d.groups, ids)
+            ]
+            for i in range(chunks)
+        ]
         nbytes = d.canonical_bytes(tokens)
         one_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         hosts = [torch.empty(d.canonical_bytes(chunk), dtype=torch.uint8, pin_memory=True) for _ in range(chunks)]
         for direction in ("d2h", "h2d"):
             limit = bench.memcpy_gbps(direction, nbytes)
-            configs = [("one-call", 0, False, False), ("batch1024", 1024, False, False),
-                       ("per-chunk", 0, False, True), ("per-chunk+overlap", 0, True, True)]
+            configs = [
+                ("one-call", 0, False, False),
+                ("batch1024", 1024, False, False),
+                ("per-chunk", 0, False, True),
+                ("per-chunk+overlap", 0, True, True),
+            ]
             if tokens == chunk:
                 configs = [c for c in configs if not c[3]]
             for label, batch, overlap, per_chunk in configs:
                 model = dataclasses.replace(CostModel(), dma_batch_regions=batch, dma_overlap=overlap)
                 t = Transfer(backend, "cuda", model=model, native=native)
                 if per_chunk:
-                    items = list(zip(tables, hosts))
-                    fn = lambda t=t, items=items, direction=direction: t.move(direction, d, items, chunk, "dma").wait()
+                    items, count = list(zip(tables, hosts)), chunk
                 else:
-                    fn = lambda t=t, direction=direction: t.move(direction, d, [(ids, one_host)], tokens, "dma").wait()
+                    items, count = [(ids, one_host)], tokens
+
+                def fn(t=t, items=items, count=count, direction=direction, d=d):
+                    t.move(direction, d, items, count, "dma").wait()
+
                 for load in ("none", "gemm"):
                     if load == "gemm":
                         ms, g = bench._under_load(fn)
@@ -64,10 +76,11 @@ for name in layouts:
                         one = bench._time(fn, 2)
                         ms, g = bench._time(fn, bench._reps(one)), None
                     ratio = nbytes / ms / 1e6 / limit
-                    row = dict(layout=name, tokens=tokens, direction=direction, config=label, load=load,
-                               ratio=ratio, gemm=g)
+                    row = dict(
+                        layout=name, tokens=tokens, direction=direction, config=label, load=load, ratio=ratio, gemm=g
+                    )
                     out.append(row)
-                    print(f"{name:16} {tokens:5} {direction} {label:20} {load:5} ratio {ratio:.3f} gemm {g}", flush=True)
+                    print(f"{name:16} {tokens:5} {direction} {label:20} {load:5} ratio {ratio:.3f} gemm {g}")
         del kv
         torch.cuda.empty_cache()
 json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "dma_sweep.json"), "w"), indent=1)
