@@ -25,6 +25,8 @@ from sglang_env import (  # noqa: E402
     write_tokens,
 )
 
+from kvport.errors import UserError  # noqa: E402
+
 PAGE = 16
 PAGES = 3
 CASES = [
@@ -119,3 +121,99 @@ def test_pages_round_trip_through_kvport_byte_exact(tmp_path, mla: bool, layout:
         f"{layout}: other rows changed"
     )
     backend.close()
+
+
+def test_keys_keep_models_ranks_and_dtypes_apart_and_mla_ranks_together(tmp_path) -> None:
+    pools, _, host_indices = filled(False, "layer_first", seed=3)
+    keys = page_hashes(list(range(PAGES * PAGE)))
+    writer = attach(pools, storage_config(extra(tmp_path), model="model-a"))
+    assert writer.batch_set_v1(keys, host_indices) == [True] * PAGES
+    writer.close()
+    for other in (
+        storage_config(extra(tmp_path), model="model-b"),
+        storage_config(extra(tmp_path), model="model-a", tp_rank=1, tp_size=2),
+        storage_config(extra(tmp_path, salt="tenant-2"), model="model-a"),
+    ):
+        reader = attach(build_pools(False, "layer_first", page_size=PAGE), other)
+        assert reader.batch_exists(keys) == 0, reader.namespace
+        reader.close()
+    half = attach(
+        build_pools(False, "layer_first", page_size=PAGE, dtype=torch.float16),
+        storage_config(extra(tmp_path), model="model-a"),
+    )
+    assert half.batch_exists(keys) == 0 and "kv=float16" in half.namespace
+    half.close()
+    # Same model and rank through another host layout: the same chunks (the canonical format is layout-free).
+    other_layout = attach(
+        build_pools(False, "page_head", page_size=PAGE), storage_config(extra(tmp_path), model="model-a")
+    )
+    assert other_layout.batch_exists(keys) == PAGES
+    other_layout.close()
+    # MLA KV is identical on every tensor-parallel rank: one namespace for all of them.
+    mla = [
+        attach(
+            build_pools(True, "layer_first", page_size=PAGE),
+            storage_config(extra(tmp_path), mla=True, tp_rank=r, tp_size=2),
+        )
+        for r in (0, 1)
+    ]
+    assert mla[0].namespace == mla[1].namespace and "tp0/1" in mla[0].namespace
+    for backend in mla:
+        backend.close()
+
+
+def test_pages_not_whole_in_the_host_pool_are_not_moved(tmp_path) -> None:
+    pools, _, host_indices = filled(False, "page_first", seed=4)
+    keys = page_hashes(list(range(PAGES * PAGE)))
+    backend = attach(pools, storage_config(extra(tmp_path)))
+    shifted = host_indices.clone()
+    shifted[PAGE : 2 * PAGE] = shifted[PAGE : 2 * PAGE].flip(0)  # page 1's rows out of order
+    assert backend.batch_set_v1(keys, shifted) == [True, False, False]
+    assert backend.batch_exists(keys) == 1
+    assert backend.batch_set_v1(keys, host_indices[:-1]) == [False] * PAGES  # not a whole number of pages
+    assert backend.batch_set_v1(keys[:1] + ["not-a-page-hash"] + keys[2:], host_indices) == [True, False, False]
+    assert backend.batch_get_v1(keys, host_indices) == [True, False, False]
+    backend.close()
+
+
+def test_refusals_are_one_line(tmp_path) -> None:
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+
+    def refused(config, pools=None) -> str:
+        with pytest.raises(UserError) as err:
+            attach(pools or build_pools(False, "layer_first", page_size=PAGE), config)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    no_v1 = storage_config(extra(tmp_path))
+    no_v1.extra_config.pop("interface_v1")
+    assert "interface_v1" in refused(no_v1)
+    assert "chunk_tokens=64 but SGLang's page size is 16" in refused(storage_config(extra(tmp_path, chunk_tokens=64)))
+    assert "key_scheme='kvport'" in refused(storage_config(extra(tmp_path, key_scheme="kvport")))
+    assert "l1_bytes" in refused(storage_config(extra(tmp_path, l1_bytes="lots")))
+    cp = storage_config(extra(tmp_path))
+    cp.attn_cp_size = 2
+    assert "context parallelism" in refused(cp)
+    assert isinstance(cp, HiCacheStorageConfig)
+    with pytest.raises(UserError, match="host pools mamba") as err:
+        backend = create_backend(storage_config(extra(tmp_path)))
+        pools = build_pools(False, "layer_first", page_size=PAGE)
+        backend.register_mem_pool_host(pools.host)
+        backend.register_mem_host_pool_v2(pools.host, "kv")
+        backend.register_mem_host_pool_v2(pools.host, "mamba")
+        backend.on_host_pools_registered()
+    assert "\n" not in str(err.value)
+
+
+def test_unserved_host_layouts_are_refused_by_name() -> None:
+    from kvport.engines.sglang_layouts import HostPoolInfo, catalog_layout
+
+    unified = HostPoolInfo("MHATokenToKVPoolHost", "page_unified", 2, 16, "bfloat16", 2, 64, 64)
+    with pytest.raises(UserError, match="MHATokenToKVPoolHost with --hicache-mem-layout page_unified"):
+        catalog_layout(unified)
+    mxfp8 = HostPoolInfo("MHATokenToKVPoolMXFP8Host", "layer_first", 2, 16, "uint8", 2, 64, 64)
+    with pytest.raises(UserError, match="no verified layout for MHATokenToKVPoolMXFP8Host"):
+        catalog_layout(mxfp8)
+    asym = HostPoolInfo("MHATokenToKVPoolHost", "layer_first", 2, 16, "bfloat16", 2, 64, 32)
+    with pytest.raises(UserError, match="K and V head sizes differ"):
+        catalog_layout(asym)
