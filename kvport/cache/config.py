@@ -17,6 +17,7 @@ from kvport.store.tiers import check_tier_spec
 from kvport.yamlio import load_yaml
 
 GiB = 1 << 30
+KEY_SCHEMES = ("kvport", "sglang")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,10 @@ class CacheConfig:
     l2_fsync: bool = False
     # Tenant isolation: different salts never share a key.
     salt: str = ""
+    # How chunk keys derive from tokens: "kvport" (blake2b chain over int64 token chunks) or "sglang" (SGLang
+    # HiCache's page-hash chain, chunks = SGLang pages; kvport/store/page_keys.py). Engines that share chunks with
+    # SGLang use "sglang" with chunk_tokens equal to SGLang's page size.
+    key_scheme: str = "kvport"
     # Copy backend name (as in the registry); None lets the registry pick (and honours KVPORT_BACKEND).
     backend: str | None = None
     # Write chunks to L2 in background threads; False writes them before store() returns.
@@ -69,6 +74,7 @@ class CacheConfig:
             ("max_pending_stores", self.max_pending_stores >= 1, "at least 1"),
             ("prefetch_depth", self.prefetch_depth >= 1, "at least 1"),
             ("metrics_port", self.metrics_port is None or 0 < self.metrics_port < 65536, "a TCP port or null"),
+            ("key_scheme", self.key_scheme in KEY_SCHEMES, " or ".join(KEY_SCHEMES)),
         ]
         for name, ok, expected in checks:
             if not ok:

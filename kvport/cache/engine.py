@@ -118,6 +118,11 @@ class CacheEngine:
         self._check_open()
         return self.chunks.lookup(tokens) * self.chunk_tokens
 
+    def lookup_keys(self, keys) -> int:
+        """Leading chunks of ``keys`` (derived by the adapter) cached in L1 or any tier, in chunks."""
+        self._check_open()
+        return self.chunks.lookup_keys(keys)
+
     # ---- store -------------------------------------------------------------------------------------------
     def submit_store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0) -> Ticket:
         """Gather the full chunks of ``tokens[:num_tokens]`` out of the engine blocks into L1, asynchronously.
@@ -130,6 +135,12 @@ class CacheEngine:
         self._check_bound()
         num_tokens = len(tokens) if num_tokens is None else num_tokens
         keys = self.chunks.keys(tokens[:num_tokens])
+        return self.submit_store_keys(keys, block_ids, skip_tokens // self.chunk_tokens)
+
+    def submit_store_keys(self, keys, block_ids, skip_chunks: int = 0) -> Ticket:
+        """``submit_store`` for chunk keys the engine adapter derived itself (one per full chunk, in token order)."""
+        self._check_bound()
+        keys = list(keys)
         tables = self.descriptor.normalize_block_ids(block_ids)
         own = frozenset(keys)
         # One slot always stays for loads and other requests. The request's chunks still pinned by its earlier
@@ -137,7 +148,7 @@ class CacheEngine:
         cap = max(1, self.chunks.l1.num_slots - 1) - self.chunks.l1.pinned_count(among=own)
         leases: list[Lease] = []
         indices: list[int] = []
-        for index in self.chunks.absent(keys, skip_tokens // self.chunk_tokens):
+        for index in self.chunks.absent(keys, skip_chunks):
             if len(leases) >= cap:
                 self.metrics.inc("skipped", len(keys) - index, reason="l1_share")
                 break
@@ -194,7 +205,12 @@ class CacheEngine:
         multiple of chunk_tokens), known when this returns. Every chunk was checksummed before it is scattered. The
         engine orders its stream after ``ticket.completion`` before it reads the blocks."""
         self._check_bound()
-        keys = self.chunks.keys(tokens[:num_tokens])
+        return self.submit_load_keys(self.chunks.keys(tokens[:num_tokens]), block_ids)
+
+    def submit_load_keys(self, keys, block_ids) -> Ticket:
+        """``submit_load`` for chunk keys the engine adapter derived itself (one per full chunk, in token order)."""
+        self._check_bound()
+        keys = list(keys)
         tables = self.descriptor.normalize_block_ids(block_ids)
         completions = []
         batch: list[tuple[int, Lease]] = []

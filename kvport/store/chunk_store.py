@@ -74,6 +74,10 @@ class ChunkStore:
     # ---- keys and lookup -------------------------------------------------------------------------------------
     def iter_keys(self, tokens) -> Iterator[str]:
         """One key per full chunk of ``tokens``, derived as asked for (a lookup that stops early hashes no further)."""
+        if self.config.key_scheme == "sglang":
+            from kvport.store.page_keys import iter_page_keys
+
+            return iter_page_keys(tokens, self.chunk_tokens, self.namespace, self.config.salt)
         return iter_chunk_keys(tokens, self.chunk_tokens, self.namespace, self.config.salt)
 
     def keys(self, tokens) -> list[str]:
@@ -83,9 +87,13 @@ class ChunkStore:
         """Leading chunks of ``tokens`` present in L1 or any tier (a promise a load keeps unless a chunk is evicted
         or found corrupt meanwhile). Tiers are asked in batches that grow 1, 8, 64...: a miss costs one key, a long
         hit a few round trips per tier, never one per chunk."""
+        return self.lookup_keys(self.iter_keys(tokens))
+
+    def lookup_keys(self, keys: Iterator[str] | Sequence[str]) -> int:
+        """``lookup`` for keys the engine derived itself (SGLang hands page hashes, not tokens)."""
         self._check_open()
         start = time.perf_counter()
-        keys = self.iter_keys(tokens)
+        keys = iter(keys)
         found = {"l1": 0}
         pending: deque[str] = deque()
         batch, missed = 1, False
