@@ -44,6 +44,9 @@ class CacheConfig:
     key_scheme: str = "kvport"
     # Copy backend name (as in the registry); None lets the registry pick (and honours KVPORT_BACKEND).
     backend: str | None = None
+    # Transfer path on GPUs: auto (the planner), dma (copy engines), staged (SM gather + copy) or zero-copy. Which is
+    # fastest differs between machines of one kind (docs/performance.md, H200): pin it where you measured.
+    transfer_path: str = "auto"
     # Write chunks to L2 in background threads; False writes them before store() returns.
     async_store: bool = True
     # Read L2 chunks ahead of the one being scattered during a load.
@@ -74,6 +77,11 @@ class CacheConfig:
             ("max_pending_stores", self.max_pending_stores >= 1, "at least 1"),
             ("prefetch_depth", self.prefetch_depth >= 1, "at least 1"),
             ("metrics_port", self.metrics_port is None or 0 < self.metrics_port < 65536, "a TCP port or null"),
+            (
+                "transfer_path",
+                self.transfer_path in ("auto", "dma", "staged", "zero-copy"),
+                "auto, dma, staged or zero-copy",
+            ),
             ("key_scheme", self.key_scheme in KEY_SCHEMES, " or ".join(KEY_SCHEMES)),
         ]
         for name, ok, expected in checks:

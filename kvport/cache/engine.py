@@ -89,7 +89,16 @@ class CacheEngine:
         except (MemoryError, RuntimeError) as exc:  # e.g. pinned memory past `ulimit -l` or the driver's limit
             reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             raise UserError(f"cache config: l1_bytes={self.config.l1_bytes} cannot be allocated ({reason})") from None
-        self.mover = ChunkMover(descriptor, backend, platform)
+        mover = ChunkMover(descriptor, backend, platform, path=self.config.transfer_path)
+        if self.config.transfer_path != "auto":
+            if mover.transfer is None:
+                raise UserError(
+                    f"cache config: transfer_path={self.config.transfer_path}: moves on {platform.name} are synchronous"
+                )
+            why = mover.transfer.allowed(descriptor).get(self.config.transfer_path)
+            if why:
+                raise UserError(f"cache config: transfer_path={self.config.transfer_path} cannot run here: {why}")
+        self.mover = mover
 
     @property
     def descriptor(self) -> CopyDescriptor | None:
