@@ -323,7 +323,7 @@ class RemoteTier(Tier):
         while self._running and time.monotonic() < deadline:
             time.sleep(0.01)
         if self._running:
-            _log.warning("kvport: %s %s: a call is still running at close; its client is left open", self.kind, self.url)
+            _log.warning("kvport: %s %s: a call is still running at close; client left open", self.kind, self.url)
             return
         try:
             self._close_client()
