@@ -313,4 +313,10 @@ def test_config_errors_are_one_line(spec, message):
 
 def test_url_spec_carries_options():
     spec = check_tier_spec("redis://127.0.0.1:6390/2?ttl=60&key_prefix=a:&write=through", "t")
-    assert spec == {"type": "redis", "url": "redis://127.0.0.1:6390/2", "ttl": "60", "key_prefix": "a:", "write": "through"}
+    assert spec == {
+        "type": "redis",
+        "url": "redis://127.0.0.1:6390/2",
+        "ttl": "60",
+        "key_prefix": "a:",
+        "write": "through",
+    }
