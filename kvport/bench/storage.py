@@ -21,6 +21,7 @@ from pathlib import Path
 from kvport.errors import UserError
 
 BACKENDS = ("local-disk",)
+URL_SCHEMES = ("redis://", "rediss://", "unix://", "mooncake://")
 # Targets from issue 5: store and load at >= 90% of raw sequential throughput; lookup p99 < 100 us at 100k chunks.
 TARGET_RATIO = 0.9
 TARGET_LOOKUP_P99_US = 100.0
@@ -30,7 +31,11 @@ LOOKUP_SAMPLES = 20000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", required=True, help="storage tier and location, e.g. local-disk:/mnt/nvme/kv")
+    parser.add_argument(
+        "--backend",
+        required=True,
+        help="storage tier and location: local-disk:/mnt/nvme/kv, redis://host:6379/0, mooncake://master:50051",
+    )
     parser.add_argument("--chunk-mb", type=float, default=16.0, help="chunk size in MiB (default 16)")
     parser.add_argument("--chunks", type=int, default=64, help="chunks stored and loaded (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="load threads, as the cache's io_threads (default 2)")
@@ -42,12 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cold", action="store_true", help="drop the files from the page cache before each read phase")
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark directory afterwards")
+    parser.add_argument("--batch", type=int, default=4, help="remote tiers: chunks per batched call (default 4)")
+    parser.add_argument("--concurrency", type=int, default=2, help="remote tiers: calls in flight (default 2)")
+    parser.add_argument("--lookups", type=int, default=200, help="remote tiers: lookup samples per round (200)")
+    parser.add_argument("--verify", action="store_true", help="compare every loaded byte with what was stored")
+    parser.add_argument("--plot", type=Path, help="write throughput and latency as a PNG (needs matplotlib)")
 
 
 def parse_backend(spec: str) -> tuple[str, Path]:
     kind, sep, where = spec.partition(":")
     if kind not in BACKENDS:
-        raise UserError(f"--backend {spec!r}: unknown storage tier {kind!r}; known: {', '.join(BACKENDS)}")
+        known = ", ".join((*BACKENDS, *URL_SCHEMES))
+        raise UserError(f"--backend {spec!r}: unknown storage tier {kind!r}; known: {known}")
     if not sep or not where:
         raise UserError(f"--backend {spec!r}: expected {kind}:/path/to/directory")
     return kind, Path(where)
@@ -98,6 +109,13 @@ def _check_machine(args: argparse.Namespace, root: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib (pip install kvport[plot])") from None
+    if args.backend.startswith(URL_SCHEMES):
+        return _run_remote(args)
     kind, root = parse_backend(args.backend)
     work = root / f"kvport-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
@@ -116,7 +134,64 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(result))
     if args.json is not None:
         _atomic_write(args.json, json.dumps(result, indent=1) + "\n")
+    if args.plot is not None:
+        _plot_disk(result, args.plot)
     return 0
+
+
+def _run_remote(args: argparse.Namespace) -> int:
+    """A networked tier (redis://, mooncake://) through the Tier API, against its raw client in the same run."""
+    from kvport.bench.tier_bench import format_remote_report, plot, run_remote
+    from kvport.store.tiers import spec_from_url
+    from kvport.store.tiers.remote import redact_url
+
+    if args.batch < 1 or args.concurrency < 1 or args.lookups < 1:
+        raise UserError(
+            f"--batch {args.batch} --concurrency {args.concurrency} --lookups {args.lookups}: expected >= 1"
+        )
+    chunk = _chunk_bytes(args)
+    from kvport.machine import available_memory
+
+    memory = (min(args.chunks, 8) + 2 * args.batch * args.concurrency + 1) * (chunk + 128)
+    free = available_memory()
+    if free is not None and 2 * memory > free:  # the client's reply copies can double it
+        raise UserError(
+            f"--chunk-mb {args.chunk_mb:g}: needs ~{2 * memory / 2**30:.1f} GiB of memory, "
+            f"{free / 2**30:.1f} GiB is available"
+        )
+    spec = spec_from_url(args.backend, "--backend")
+    result = run_remote(args, spec, chunk)
+    result["backend"] = redact_url(args.backend)
+    print(format_remote_report(result))
+    if args.json is not None:
+        _atomic_write(args.json, json.dumps(result, indent=1) + "\n")
+    if args.plot is not None:
+        plot(result, args.plot)
+    if args.verify and result["verified_mismatches"]:
+        raise UserError(f"--verify: {result['verified_mismatches']} loaded chunks differed from what was stored")
+    return 0
+
+
+def _plot_disk(result: dict, path: Path) -> None:
+    from kvport.bench.tier_bench import plot
+
+    shaped = {
+        "backend": result["backend"],
+        "chunk_bytes": result["chunk_bytes"],
+        "raw": {"client": "sequential file I/O"},
+    }
+    for name, raw_key in (("store", "write"), ("load", "read")):
+        shaped[name] = {
+            "mbps": result[name]["gbps"] * 1e3,
+            "chunk_p50_ms": result[name]["p50_ms"],
+            "chunk_p99_ms": result[name]["p99_ms"],
+        }
+        shaped["raw"][name] = {
+            "mbps": result["raw"][f"{raw_key}_gbps"] * 1e3,
+            "chunk_p50_ms": result["raw"][f"{raw_key}_p50_ms"],
+            "chunk_p99_ms": result["raw"][f"{raw_key}_p99_ms"],
+        }
+    plot(shaped, path)
 
 
 class Bench:

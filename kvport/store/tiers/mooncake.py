@@ -155,6 +155,11 @@ class MooncakeTier(RemoteTier):
     def describe(self) -> str:
         return f"{super().describe()} [{self.metadata_server}, {self.protocol}]"
 
+    @property
+    def client(self):
+        """The underlying MooncakeDistributedStore once connected (the benchmark's raw reference runs on it)."""
+        return self._store
+
     # ---- connection and memory -------------------------------------------------------------------------------------
     def _open(self) -> None:
         if self._store is not None:  # the client reconnects to a restarted master itself: ask it a question

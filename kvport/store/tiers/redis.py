@@ -142,6 +142,11 @@ class RedisTier(RemoteTier):
         self._response_error = redis.exceptions.ResponseError
         self.start()
 
+    @property
+    def client(self):
+        """The underlying redis-py client (the benchmark's raw reference runs on it)."""
+        return self._redis
+
     def _name(self, key: str) -> bytes:
         return self.prefix + key.encode()
 
