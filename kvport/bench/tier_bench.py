@@ -92,15 +92,17 @@ class TierBench:
 
         from kvport.store.metrics import CacheMetrics
         from kvport.store.tiers import build_tier, check_tier_spec
+        from kvport.store.tiers.remote import redact_url
 
         self.args = args
+        self.where = f"--backend {redact_url(args.backend)}"  # never the password
         self.chunk_bytes = chunk_bytes
         self.batch = args.batch
         self.concurrency = args.concurrency
         spec = {"threads": args.concurrency, "timeout": 60, **spec}  # a benchmark measures; it does not give up
-        self.spec = check_tier_spec(spec, f"--backend {args.backend}")
+        self.spec = check_tier_spec(spec, self.where)
         self.metrics = CacheMetrics("bench-storage")
-        self.tier = build_tier(self.spec, f"--backend {args.backend}", self.metrics)
+        self.tier = build_tier(self.spec, self.where, self.metrics)
         self._wait_available()
         # One registered host buffer holds every source and destination chunk, as L1 holds them in the cache.
         n_src = min(args.chunks, 8)
@@ -127,7 +129,7 @@ class TierBench:
             time.sleep(0.05)
         if not self.tier.available:
             self.tier.close()
-            raise UserError(f"--backend {self.args.backend}: {self.tier.describe()}")
+            raise UserError(f"{self.where}: {self.tier.describe()}")
 
     def keys(self, round_index: int) -> list[str]:
         import hashlib
@@ -223,7 +225,7 @@ class TierBench:
             found = self.tier.contains_prefix(prefix)
             out["hit"].append(time.perf_counter() - t0)
             if found != len(prefix):
-                raise UserError(f"--backend {self.args.backend}: a stored prefix was not found by lookup")
+                raise UserError(f"{self.where}: a stored prefix was not found by lookup")
             absent = hashlib.blake2b(f"absent-{self.run_id}-{i}".encode(), digest_size=32).hexdigest()
             t0 = time.perf_counter()
             self.tier.contains_prefix([absent])
