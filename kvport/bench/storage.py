@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kvport.errors import UserError
@@ -205,7 +204,9 @@ class Bench:
         self.chunk_bytes = _chunk_bytes(args)
         self.total = self.chunk_bytes * args.chunks
         # Capacity far above what the run writes: eviction is measured by the tests, not here.
-        self.tier = LocalDiskTier(work / "l2", capacity_bytes=1 << 50)
+        self.tier = LocalDiskTier(
+            work / "l2", capacity_bytes=1 << 50, read_threads=args.threads, write_threads=args.write_threads
+        )
         gen = torch.Generator().manual_seed(0)
         # Random bytes, as KV is incompressible; one buffer per chunk so threads never share one.
         self.src = [torch.randint(0, 256, (self.chunk_bytes,), dtype=torch.uint8, generator=gen)]
@@ -227,6 +228,7 @@ class Bench:
             "write_threads": self.args.write_threads,
             "rounds": self.args.rounds,
             "cold": self.args.cold,
+            "verify": self.args.verify,
         }
         # Rounds interleave raw and tier phases (raw write, store, raw read, load) so both see the same disk and
         # page-cache state; this VM's throughput drifts by 2x within a minute (writeback, memory reclaim).
@@ -311,23 +313,23 @@ class Bench:
 
     # ---- the tier --------------------------------------------------------------------------------------------
     def store(self, keys: list[str]) -> dict:
+        """The tier's batched put, as ChunkStore calls it, ``write_threads`` calls in flight (one chunk each)."""
+        from kvport.bench.tier_bench import run_windowed
+
         progress = _progress(self.args.chunks, "store")
-        latencies: list[float] = []
 
-        def put(i: int) -> None:
-            t0 = time.perf_counter()
-            if not self.tier.put_one(keys[i], self.fingerprint, self.src[i % len(self.src)]):
+        def submit(i: int):
+            return self.tier.put([keys[i]], self.fingerprint, [self.src[i % len(self.src)]])
+
+        out = run_windowed(list(range(self.args.chunks)), submit, self.args.write_threads, progress)
+        for i, stored in enumerate(out["outcomes"]):
+            if not stored[0]:
                 raise UserError(f"--backend {self.args.backend}: {self._put_failed(i)}")
-            latencies.append(time.perf_counter() - t0)
-            progress.update()
-
         start = time.perf_counter()
-        with ThreadPoolExecutor(self.args.write_threads) as pool:
-            list(pool.map(put, range(self.args.chunks)))
         _sync()  # same durability point as the raw phase
-        elapsed = time.perf_counter() - start
+        elapsed = out["elapsed"] + time.perf_counter() - start
         progress.close()
-        return _summary(self.total, elapsed, latencies)
+        return _summary(self.total, elapsed, out["chunk_lat"])
 
     def _put_failed(self, i: int) -> str:
         """Why a tier put failed, as far as the filesystem says (the tier only answers False)."""
@@ -339,33 +341,39 @@ class Bench:
         return f"store of chunk {i} failed under {self.work} ({why})"
 
     def load(self, keys: list[str]) -> dict:
-        from kvport.store.tiers.base import ReadResult
+        """The tier's batched get, ``threads`` calls in flight (one chunk each, each into its own buffer)."""
+        from kvport.bench.tier_bench import run_windowed
 
         if self.args.cold:
             _drop_cache([self.tier.path(k) for k in keys])
         progress = _progress(self.args.chunks, "load")
-        latencies: list[float] = []
-        local = threading.local()
-        counter = iter(range(len(self.dst)))
+        free = list(range(len(self.dst)))
         lock = threading.Lock()
+        bad: list[str] = []
 
-        def get(i: int) -> None:
-            if not hasattr(local, "buf"):
+        def submit(i: int):
+            with lock:
+                slot = free.pop()
+            dst = self.dst[slot]
+            future = self.tier.get([keys[i]], self.fingerprint, [dst])[0]
+
+            def done(f) -> None:
+                result = f.result()
+                if result.value != "hit":
+                    bad.append(f"load of chunk {i}: {result.value}")
+                elif self.args.verify and not torch_equal(dst, self.src[i % len(self.src)]):
+                    bad.append(f"load of chunk {i}: bytes differ from what was stored")
                 with lock:
-                    local.buf = self.dst[next(counter)]
-            t0 = time.perf_counter()
-            result = self.tier.get_one(keys[i], self.fingerprint, local.buf)
-            if result is not ReadResult.HIT:
-                raise RuntimeError(f"load of chunk {i}: {result.value}")
-            latencies.append(time.perf_counter() - t0)
-            progress.update()
+                    free.append(slot)
 
-        start = time.perf_counter()
-        with ThreadPoolExecutor(self.args.threads) as pool:
-            list(pool.map(get, range(self.args.chunks)))
-        elapsed = time.perf_counter() - start
+            future.add_done_callback(done)
+            return [future]
+
+        out = run_windowed(list(range(self.args.chunks)), submit, self.args.threads, progress)
         progress.close()
-        return _summary(self.total, elapsed, latencies)
+        if bad:
+            raise UserError(f"--backend {self.args.backend}: {bad[0]}")
+        return _summary(self.total, out["elapsed"], out["chunk_lat"])
 
     def lookup(self) -> dict:
         """Latency of CacheEngine.lookup for a one-chunk prefix (key derivation + tier check), hits and misses,
@@ -414,6 +422,12 @@ class Bench:
             "miss_p50_us": pct(misses, 50),
             "miss_p99_us": pct(misses, 99),
         }
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
 
 
 def _summary(total: int, elapsed: float, latencies: list[float]) -> dict:
@@ -472,7 +486,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"storage: {r['backend']}  {r['chunks']} chunks x {mib:g} MiB x {r['rounds']} rounds, "
         f"{r['write_threads']} store / {r['threads']} load threads"
-        + (", cold page cache" if r["cold"] else ", warm page cache"),
+        + (", cold page cache" if r["cold"] else ", warm page cache")
+        + (", every byte verified" if r.get("verify") else ""),
         f"machine: {r['machine']}",
         f"raw sequential   write {r['raw']['write_gbps']:.3f} GB/s   read {r['raw']['read_gbps']:.3f} GB/s",
         f"store  {s['gbps']:.3f} GB/s  ratio {s['ratio_to_raw']:.2f}  p50 {s['p50_ms']:.2f} ms  "
