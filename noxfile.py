@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
 
 import nox
 
@@ -124,7 +125,7 @@ def lint(session: nox.Session) -> None:
 
 def _ensure_servers(session: nox.Session) -> None:
     """redis-server and Mooncake's shared libraries from Debian, as build(hip) installs hipcc (CI runs as root)."""
-    if shutil.which("redis-server") and os.path.exists("/usr/lib/x86_64-linux-gnu/liburing.so.2"):
+    if shutil.which("dpkg") and subprocess.run(["dpkg", "-s", *SERVER_APT], capture_output=True).returncode == 0:
         return
     if not shutil.which("apt-get"):
         session.error(
