@@ -36,10 +36,16 @@ def run(args: argparse.Namespace) -> int:
 
         check_tier_spec(args.shared, "--shared")  # a bad URL is one line before any engine starts
     params = Params(workdir=args.workdir, questions=args.questions, repeats=args.repeats, shared=args.shared)
+    third = (
+        "and a second kvport engine with its own empty L1 and disk that shares only the server given by --shared\n"
+        "(as a second machine would)."
+        if args.shared
+        else "and restarted with kvport on the same disk cache."
+    )
     print(
         "kvport demo: one long shared document (~3,200 tokens) followed by different questions, as an agent or\n"
         "RAG service sends them, on a small random-weight Llama served by vLLM on this CPU. Three fresh engines:\n"
-        "without kvport; with kvport and an empty cache; and restarted with kvport on the same disk cache.\n"
+        f"without kvport; with kvport and an empty cache; {third}\n"
         "vLLM's own prefix cache is off in all three, so every reuse shown here is kvport's.",
         flush=True,
     )
