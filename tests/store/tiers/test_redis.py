@@ -320,3 +320,44 @@ def test_url_spec_carries_options():
         "key_prefix": "a:",
         "write": "through",
     }
+
+
+def _certificates(tmp_path):
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl command."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (needed to make test certificates)")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=kvport-test-ca")  # fmt: skip
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"
+    )
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.ext")  # fmt: skip
+    return tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"
+
+
+def test_tls_options_pass_through(tmp_path):
+    ca, cert, key = _certificates(tmp_path)
+    srv = RedisServer(tmp_path / "srv")
+    srv.extra = ("--port", "0", "--tls-port", str(srv.port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                 "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no")  # fmt: skip
+    with srv:
+        url = f"rediss://127.0.0.1:{srv.port}/0"
+        tier = make(url, ssl_ca_certs=str(ca))
+        wait_up(tier)
+        assert results(tier.put(keys(1), FP, [payload(1)])) == [True]
+        dst = torch.zeros(N, dtype=torch.uint8)
+        assert results(tier.get(keys(1), FP, [dst])) == [ReadResult.HIT] and torch.equal(dst, payload(1))
+        tier.close()
+        untrusted = make(url, retry_interval=0.2)  # the system CAs do not know the test CA: refused, never used
+        time.sleep(0.5)
+        assert not untrusted.available and "certificate" in untrusted.describe().lower()
+        untrusted.close()
