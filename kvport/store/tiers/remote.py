@@ -102,6 +102,7 @@ class RemoteTier(Tier):
         self._retry_at = 0.0
         self._connecting = False
         self._running: dict[int, float] = {}  # id -> start of the calls running now (to see a stuck server)
+        self._queued: dict[int, tuple[list[cf.Future], Any]] = {}  # calls not finished: settled by close() if dropped
         self._closed = False
 
     # ---- client hooks -------------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class RemoteTier(Tier):
         if not self._available():
             self._count("failures", len(keys), ReadResult.UNAVAILABLE.value)
             return _settle(futures, [ReadResult.UNAVAILABLE] * len(keys))
-        self._pool.submit(self._run_get, list(keys), fingerprint, list(dsts), futures)
+        self._submit(self._run_get, list(keys), fingerprint, list(dsts), futures, ReadResult.UNAVAILABLE)
         return futures
 
     def put(self, keys, fingerprint, srcs) -> list[cf.Future]:
@@ -253,8 +254,27 @@ class RemoteTier(Tier):
         if not self._available():
             self._count("skipped", len(keys), "dropped")
             return _settle(futures, [False] * len(keys))
-        self._pool.submit(self._run_put, list(keys), fingerprint, list(srcs), futures)
+        self._submit(self._run_put, list(keys), fingerprint, list(srcs), futures, False)
         return futures
+
+    def _submit(self, run, keys, fingerprint, buffers, futures, if_dropped) -> None:
+        token = object()
+        with self._lock:
+            self._queued[id(token)] = (futures, if_dropped)
+
+        def call() -> None:
+            try:
+                run(keys, fingerprint, buffers, futures)
+            finally:
+                with self._lock:
+                    self._queued.pop(id(token), None)
+
+        try:
+            self._pool.submit(call)
+        except RuntimeError:  # closed meanwhile
+            with self._lock:
+                self._queued.pop(id(token), None)
+            _settle(futures, [if_dropped] * len(futures))
 
     def delete(self, keys) -> None:
         check_keys(keys)
@@ -322,6 +342,10 @@ class RemoteTier(Tier):
         deadline = time.monotonic() + 2 * self.timeout_s + 1.0
         while self._running and time.monotonic() < deadline:
             time.sleep(0.01)
+        with self._lock:
+            dropped = [] if self._running else list(self._queued.values())
+        for futures, if_dropped in dropped:  # calls cancelled before they ran: nobody may wait on them forever
+            _settle(futures, [if_dropped] * len(futures))
         if self._running:
             _log.warning("kvport: %s %s: a call is still running at close; client left open", self.kind, self.url)
             return

@@ -365,3 +365,18 @@ def test_tls_options_pass_through(tmp_path):
         time.sleep(0.5)
         assert not untrusted.available and "certificate" in untrusted.describe().lower()
         untrusted.close()
+
+
+def test_close_settles_calls_it_cancels(server):
+    """Reads and stores still queued when the tier closes are answered (a miss, not stored), never left hanging."""
+    tier = make(server.url, threads=1)
+    wait_up(tier)
+    ks = keys(40, "close")
+    futures = []
+    for k in ks:
+        futures += tier.put([k], FP, [payload(1)])
+        futures += tier.get([k], FP, [torch.zeros(N, dtype=torch.uint8)])
+    tier.close()
+    done, not_done = cf.wait(futures, timeout=10)
+    assert not not_done
+    assert {f.result() for f in futures} <= {True, False, None, ReadResult.HIT, ReadResult.MISS, ReadResult.UNAVAILABLE}
