@@ -96,12 +96,17 @@ class RemoteTier(Tier):
         self.retry_s = retry_s
         self.metrics = metrics
         self._pool = cf.ThreadPoolExecutor(threads, thread_name_prefix=f"kvport-{self.kind}")
+        # Lookups of a client that cannot bound its own calls get their own thread: never queued behind data calls.
+        self._lookups = cf.ThreadPoolExecutor(1, thread_name_prefix=f"kvport-{self.kind}-lookup")
         self._lock = threading.Lock()
         self._state = "connecting"
         self._reason = "not connected yet"
         self._retry_at = 0.0
         self._connecting = False
-        self._running: dict[int, float] = {}  # id -> start of the calls running now (to see a stuck server)
+        # id -> start of the lookups and reads running now: one a request has waited on for longer than timeout_s means
+        # the server is stuck (stores are not watched: nobody waits on them, and a big one may take long).
+        self._running: dict[int, float] = {}
+        self._inflight = 0  # every call inside the client now (close() waits for them before closing it)
         self._queued: dict[int, tuple[list[cf.Future], Any]] = {}  # calls not finished: settled by close() if dropped
         self._closed = False
 
@@ -193,11 +198,13 @@ class RemoteTier(Tier):
                 self.retry_s,
             )
 
-    def _guarded(self, fn: Callable[[], Any]) -> Any:
+    def _guarded(self, fn: Callable[[], Any], watched: bool = True) -> Any:
         """Run one client call, turning TierDown into the down state (re-raised for the caller to map)."""
         token = object()
         with self._lock:
-            self._running[id(token)] = time.monotonic()
+            self._inflight += 1
+            if watched:
+                self._running[id(token)] = time.monotonic()
         try:
             return fn()
         except TierDown as exc:
@@ -205,6 +212,7 @@ class RemoteTier(Tier):
             raise
         finally:
             with self._lock:
+                self._inflight -= 1
                 self._running.pop(id(token), None)
 
     # ---- the Tier API ---------------------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ class RemoteTier(Tier):
             if self.inline_bounded:
                 found = self._guarded(lambda: self._exists(keys))
             else:
-                future = self._pool.submit(self._guarded, lambda: self._exists(keys))
+                future = self._lookups.submit(self._guarded, lambda: self._exists(keys))
                 try:
                     found = future.result(self.timeout_s)
                 except cf.TimeoutError:
@@ -263,11 +271,15 @@ class RemoteTier(Tier):
             self._queued[id(token)] = (futures, if_dropped)
 
         def call() -> None:
-            try:
-                run(keys, fingerprint, buffers, futures)
-            finally:
-                with self._lock:
-                    self._queued.pop(id(token), None)
+            with self._lock:  # started: from here on the call settles its own futures
+                queued = self._queued.pop(id(token), None) is not None
+                closed = self._closed
+            if not queued:
+                return  # close() already answered it
+            if closed:
+                _settle(futures, [if_dropped] * len(futures))
+                return
+            run(keys, fingerprint, buffers, futures)
 
         try:
             self._pool.submit(call)
@@ -280,7 +292,7 @@ class RemoteTier(Tier):
         check_keys(keys)
         if keys and self._available():
             try:
-                self._guarded(lambda: self._remove(keys))
+                self._guarded(lambda: self._remove(keys), watched=False)
             except Exception as exc:  # noqa: BLE001 - a chunk left behind is only space: its reader validates it
                 _log.warning("kvport: %s %s: delete failed: %s", self.kind, self.url, _why(exc))
 
@@ -311,7 +323,7 @@ class RemoteTier(Tier):
             if not self._available():
                 stored = [False] * len(keys)
             else:
-                stored = self._guarded(lambda: self._write(keys, fingerprint, srcs))
+                stored = self._guarded(lambda: self._write(keys, fingerprint, srcs), watched=False)
         except TierDown:
             stored = [False] * len(keys)
         except Exception as exc:  # noqa: BLE001 - a failed store is dropped, counted and logged
@@ -339,14 +351,16 @@ class RemoteTier(Tier):
         with self._lock:
             self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + 2 * self.timeout_s + 1.0
-        while self._running and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self._lookups.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            dropped = [] if self._running else list(self._queued.values())
-        for futures, if_dropped in dropped:  # calls cancelled before they ran: nobody may wait on them forever
+            dropped = list(self._queued.values())
+            self._queued.clear()
+        for futures, if_dropped in dropped:  # calls that never started: nobody may wait on them forever
             _settle(futures, [if_dropped] * len(futures))
-        if self._running:
+        deadline = time.monotonic() + 2 * self.timeout_s + 1.0
+        while self._inflight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._inflight:
             _log.warning("kvport: %s %s: a call is still running at close; client left open", self.kind, self.url)
             return
         try:
