@@ -110,6 +110,11 @@ def measure(params: Params, progress=None) -> dict[str, Any]:
     return summarize(params, plain, cold, warm, n, time.perf_counter() - t0)
 
 
+def _second(result: dict[str, Any]) -> str:
+    """What the third engine is: a restart on the same disk, or a second engine sharing only a server."""
+    return "second engine (shared)" if result["params"].get("shared") else "restarted engine"
+
+
 def _shown(url: str) -> str:
     from kvport.store.tiers.remote import redact_url
 
@@ -213,7 +218,7 @@ def format_table(result: dict[str, Any]) -> str:
     rows, s = result["rows"], result["summary"]
     head = (
         f"{'question':>8} {'prompt':>6} | {'no kvport':>9} | {'kvport, first engine':^28} | "
-        f"{'kvport, restarted engine':^28}"
+        f"{'kvport, ' + _second(result):^28}"
     )
     sub = f"{'':>8} {'tokens':>6} | {'TTFT':>9} | {'loaded':>7} {'computed':>8} {'TTFT':>9}  | "
     sub += f"{'loaded':>7} {'computed':>8} {'TTFT':>9}"
@@ -226,8 +231,8 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines.append("-" * len(head))
     lines.append(
-        f"hit rate: first engine {s['hit_rate_cold']:.0%}, restarted engine {s['hit_rate_warm']:.0%}.  "
-        f"TTFT without kvport -> restarted engine with kvport: median {_ms(s['mean_ttft_plain_s'])} -> "
+        f"hit rate: first engine {s['hit_rate_cold']:.0%}, {_second(result)} {s['hit_rate_warm']:.0%}.  "
+        f"TTFT without kvport -> {_second(result)} with kvport: median {_ms(s['mean_ttft_plain_s'])} -> "
         f"{_ms(s['mean_ttft_warm_s'])} ({s['speedup_warm']:.1f}x), best {_ms(s['mean_best_ttft_plain_s'])} -> "
         f"{_ms(s['mean_best_ttft_warm_s'])} ({s['speedup_best']:.1f}x)"
     )
