@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from kvport.errors import UserError
-from kvport.store.envelope import open_into, seal
+from kvport.store.envelope import open_into, seal_header
 from kvport.store.tiers.base import ReadResult, options_from
 from kvport.store.tiers.remote import REMOTE_OPTIONS, RemoteTier, TierDown, parse_remote_options, redact_url
 
@@ -198,15 +198,49 @@ class RedisTier(RemoteTier):
         stored: list[bool | None] = []
         for start in range(0, len(keys), self.max_batch):
             part = list(zip(keys[start : start + self.max_batch], srcs[start : start + self.max_batch]))
-
-            def commands(p, part=part):
-                for key, src in part:
-                    p.set(self._name(key), seal(key, fingerprint, _bytes_view(src)), nx=True, ex=self.ttl)
-
-            for reply in self._pipeline(commands):
+            for reply in self._call(lambda part=part: self._set_nx(part, fingerprint)):
                 # True: stored; None: already there (NX); an error reply (OOM under maxmemory noeviction...): dropped
                 stored.append(True if reply is True else (None if reply is None else False))
         return stored
+
+    def _set_nx(self, part, fingerprint: str) -> list[Any]:
+        """Pipelined ``SET name value NX [EX ttl]`` whose value is sent as header then payload straight from the
+        chunk buffer: the protocol is written here (as redis-py would) so the payload is never concatenated into a new
+        bytes object (a 4 MiB concatenation took 3.8 ms on the dev VM, a quarter of a loopback SET's time)."""
+        out: list[Any] = []
+        small = bytearray()
+        tail = [b"NX"] + ([b"EX", str(self.ttl).encode()] if self.ttl else [])
+        for key, src in part:
+            view = _bytes_view(src)
+            header = seal_header(key, fingerprint, view)
+            small += b"*%d\r\n" % (3 + len(tail))
+            for arg in (b"SET", self._name(key)):
+                small += b"$%d\r\n%s\r\n" % (len(arg), arg)
+            small += b"$%d\r\n" % (len(header) + len(view))
+            small += header
+            out.append(bytes(small))
+            out.append(view)
+            small = bytearray(b"\r\n")
+            for arg in tail:
+                small += b"$%d\r\n%s\r\n" % (len(arg), arg)
+        out.append(bytes(small))
+        pool = self._redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(out, check_health=False)
+            replies = []
+            for _ in part:
+                try:
+                    reply = conn.read_response()
+                except self._response_error as exc:  # one command's error reply; the stream stays in step
+                    reply = exc
+                replies.append(True if reply in (b"OK", "OK", True) else reply)
+        except BaseException:
+            conn.disconnect()  # a half-sent or half-read pipeline leaves the connection out of step
+            raise
+        finally:
+            pool.release(conn)
+        return replies
 
     def _remove(self, keys: Sequence[str]) -> None:
         self._pipeline(lambda p: [p.delete(self._name(k)) for k in keys])

@@ -380,3 +380,21 @@ def test_close_settles_calls_it_cancels(server):
     done, not_done = cf.wait(futures, timeout=10)
     assert not not_done
     assert {f.result() for f in futures} <= {True, False, None, ReadResult.HIT, ReadResult.MISS, ReadResult.UNAVAILABLE}
+
+
+def test_full_server_refusing_writes_drops_them_and_stays_in_step(tmp_path):
+    """maxmemory with noeviction: SET answers an OOM error; those chunks are dropped (counted), the rest of the batch
+    and later calls on the same connections still work."""
+    with RedisServer(tmp_path, extra=("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")) as srv:
+        tier = make(srv.url, threads=1)
+        wait_up(tier)
+        ks = keys(40, "full")
+        stored = results(tier.put(ks, FP, [payload(i) for i in range(40)]))
+        assert stored.count(True) > 0 and stored.count(False) > 0 and set(stored) <= {True, False}
+        assert tier.metrics.counter("skipped", tier="redis", reason="dropped") == stored.count(False)
+        assert tier.available  # a full server is not a down server
+        dsts = [torch.zeros(N, dtype=torch.uint8) for _ in ks]
+        got = results(tier.get(ks, FP, dsts))
+        assert [r is ReadResult.HIT for r in got] == [s is True for s in stored]
+        assert all(torch.equal(d, payload(i)) for i, (d, r) in enumerate(zip(dsts, got)) if r is ReadResult.HIT)
+        tier.close()
