@@ -142,7 +142,7 @@ class TierBench:
 
     def run(self, progress_factory) -> dict:
         phases: dict[str, list] = {k: [] for k in ("raw_store", "store", "raw_load", "load")}
-        lookups: dict[str, list] = {"hit": [], "miss": [], "raw_hit": []}
+        lookups: dict[str, list] = {"hit": [], "miss": [], "raw_hit": [], "found": []}
         hits = total = 0
         try:
             for r in range(self.args.rounds):
@@ -224,8 +224,7 @@ class TierBench:
             t0 = time.perf_counter()
             found = self.tier.contains_prefix(prefix)
             out["hit"].append(time.perf_counter() - t0)
-            if found != len(prefix):
-                raise UserError(f"{self.where}: a stored prefix was not found by lookup")
+            out["found"].append(found / len(prefix))  # below 1: the server evicted (or lost) stored chunks
             absent = hashlib.blake2b(f"absent-{self.run_id}-{i}".encode(), digest_size=32).hexdigest()
             t0 = time.perf_counter()
             self.tier.contains_prefix([absent])
@@ -260,6 +259,7 @@ class TierBench:
                 "raw_hit_p50_us": _percentile(lookups["raw_hit"], 50) * 1e6,
                 "raw_hit_p99_us": _percentile(lookups["raw_hit"], 99) * 1e6,
                 "samples": len(lookups["hit"]),
+                "found_fraction": sum(lookups["found"]) / len(lookups["found"]) if lookups["found"] else 0.0,
             },
         }
         for name in ("store", "load"):
@@ -327,7 +327,8 @@ def format_remote_report(r: dict) -> str:
         )
     lk = r["lookup"]
     lines.append(
-        f"lookup of {lk['batch']} chunks  hit p50 {lk['hit_p50_us']:.0f} us  p99 {lk['hit_p99_us']:.0f} us   "
+        f"lookup of {lk['batch']} chunks ({lk['found_fraction']:.0%} found)  "
+        f"hit p50 {lk['hit_p50_us']:.0f} us  p99 {lk['hit_p99_us']:.0f} us   "
         f"miss p50 {lk['miss_p50_us']:.0f} us  p99 {lk['miss_p99_us']:.0f} us   raw p50 {lk['raw_hit_p50_us']:.0f} us"
     )
     verified = "" if r["verified_mismatches"] is None else f", {r['verified_mismatches']} chunks differed"
