@@ -357,9 +357,10 @@ def plot(r: dict, path) -> None:
     left.set_ylabel("MB/s")
     left.legend(fontsize=7)
     left.set_title(f"{r['backend']}: {r['chunk_bytes'] / 2**20:g} MiB chunks", fontsize=9)
-    for offset, (label, key) in enumerate((("p50", "chunk_p50_ms"), ("p99", "chunk_p99_ms"))):
-        right.bar([i - 0.3 + offset * 0.2 for i in x], [r["raw"][n][key] for n in names], 0.2, label=f"raw {label}")
-        right.bar([i - 0.1 + offset * 0.4 for i in x], [r[n][key] for n in names], 0.2, label=f"kvport {label}")
+    bars = [("raw", "p50"), ("kvport", "p50"), ("raw", "p99"), ("kvport", "p99")]
+    for slot, (who, label) in enumerate(bars):  # four bars side by side per operation
+        values = [(r["raw"][n] if who == "raw" else r[n])[f"chunk_{label}_ms"] for n in names]
+        right.bar([i - 0.3 + slot * 0.2 for i in x], values, 0.2, label=f"{who} {label}")
     right.set_xticks(list(x), names)
     right.set_ylabel("ms per chunk")
     right.legend(fontsize=7)
