@@ -60,6 +60,17 @@ def _redacted(url: str) -> str:
     return redact_url(url)
 
 
+def shown_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A tier spec as it may be printed or logged: the URL's password and any password option replaced by ``***``."""
+    out = {str(k): v for k, v in spec.items()}
+    if isinstance(out.get("url"), str):
+        out["url"] = _redacted(out["url"])
+    for key in ("password", "token", "secret"):
+        if key in out:
+            out[key] = "***"
+    return out
+
+
 def _module_and_class(kind: str, where: str):
     if kind not in TIERS:
         raise UserError(f"{where}: unknown tier type {kind!r} (known: {', '.join(TIERS)})")
@@ -100,4 +111,4 @@ def build_tier(spec: Mapping[str, Any], where: str, metrics: CacheMetrics | None
     return cls.from_spec(_tier_options(spec), where, metrics)
 
 
-__all__ = ["TIERS", "ReadResult", "Tier", "build_tier", "check_tier_spec", "spec_from_url"]
+__all__ = ["TIERS", "ReadResult", "Tier", "build_tier", "check_tier_spec", "shown_spec", "spec_from_url"]

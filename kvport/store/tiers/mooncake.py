@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from kvport.errors import UserError
 from kvport.store.envelope import HEADER_BYTES, Header, checksum, open_header, seal_header
 from kvport.store.tiers.base import ReadResult, options_from
-from kvport.store.tiers.remote import REMOTE_OPTIONS, RemoteTier, TierDown, parse_remote_options
+from kvport.store.tiers.remote import REMOTE_OPTIONS, RemoteTier, TierDown, parse_remote_options, redact_url
 
 if TYPE_CHECKING:
     import torch
@@ -66,9 +66,10 @@ def parse_options(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
         parts = urlsplit(url)
         port = parts.port or DEFAULT_PORT
     except ValueError as exc:
-        raise UserError(f"{where}: url {url!r}: {exc}") from None
+        raise UserError(f"{where}: url {redact_url(url)!r}: {exc}") from None
     if not parts.hostname or parts.path not in ("", "/") or parts.username or parts.password:
-        raise UserError(f"{where}: url {url!r}: expected mooncake://MASTER_HOST:PORT (nothing after the port)")
+        shown = redact_url(url)
+        raise UserError(f"{where}: url {shown!r}: expected mooncake://MASTER_HOST:PORT (nothing after the port)")
     out: dict[str, Any] = {"url": f"mooncake://{parts.hostname}:{port}", **parse_remote_options(opts, where)}
     out["master"] = f"{parts.hostname}:{port}"
     out["metadata_server"] = str(opts.get("metadata_server", "P2PHANDSHAKE"))

@@ -398,3 +398,24 @@ def test_full_server_refusing_writes_drops_them_and_stays_in_step(tmp_path):
         assert [r is ReadResult.HIT for r in got] == [s is True for s in stored]
         assert all(torch.equal(d, payload(i)) for i, (d, r) in enumerate(zip(dsts, got)) if r is ReadResult.HIT)
         tier.close()
+
+
+def test_config_check_prints_tiers_without_secrets(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "kvport.yaml"
+    config.write_text(
+        "tiers:\n  - redis://kv:hunter2@127.0.0.1:1/0?ttl=60\n"
+        "  - {type: redis, url: 'redis://127.0.0.1:2/0', password: hunter3}\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
+    env.pop("KVPORT_CONFIG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvport.cli.main", "config", "check", str(config)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "redis://kv:***@127.0.0.1:1/0" in proc.stdout and "'password': '***'" in proc.stdout
+    assert "hunter" not in proc.stdout + proc.stderr
