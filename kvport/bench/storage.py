@@ -114,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             raise UserError("--plot needs matplotlib (pip install kvport[plot])") from None
     if args.backend.startswith(URL_SCHEMES):
-        return _run_remote(args)
+        from kvport.bench.tier_bench import run_cli
+
+        return run_cli(args)
     kind, root = parse_backend(args.backend)
     work = root / f"kvport-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
@@ -134,63 +136,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         _atomic_write(args.json, json.dumps(result, indent=1) + "\n")
     if args.plot is not None:
-        _plot_disk(result, args.plot)
+        from kvport.bench.storage_report import plot_disk
+
+        plot_disk(result, args.plot)
     return 0
-
-
-def _run_remote(args: argparse.Namespace) -> int:
-    """A networked tier (redis://, mooncake://) through the Tier API, against its raw client in the same run."""
-    from kvport.bench.tier_bench import format_remote_report, plot, run_remote
-    from kvport.store.tiers import spec_from_url
-    from kvport.store.tiers.remote import redact_url
-
-    if args.batch < 1 or args.concurrency < 1 or args.lookups < 1:
-        raise UserError(
-            f"--batch {args.batch} --concurrency {args.concurrency} --lookups {args.lookups}: expected >= 1"
-        )
-    chunk = _chunk_bytes(args)
-    from kvport.machine import available_memory
-
-    memory = (min(args.chunks, 8) + 2 * args.batch * args.concurrency + 1) * (chunk + 128)
-    free = available_memory()
-    if free is not None and 2 * memory > free:  # the client's reply copies can double it
-        raise UserError(
-            f"--chunk-mb {args.chunk_mb:g}: needs ~{2 * memory / 2**30:.1f} GiB of memory, "
-            f"{free / 2**30:.1f} GiB is available"
-        )
-    spec = spec_from_url(args.backend, "--backend")
-    result = run_remote(args, spec, chunk)
-    result["backend"] = redact_url(args.backend)
-    print(format_remote_report(result))
-    if args.json is not None:
-        _atomic_write(args.json, json.dumps(result, indent=1) + "\n")
-    if args.plot is not None:
-        plot(result, args.plot)
-    if args.verify and result["verified_mismatches"]:
-        raise UserError(f"--verify: {result['verified_mismatches']} loaded chunks differed from what was stored")
-    return 0
-
-
-def _plot_disk(result: dict, path: Path) -> None:
-    from kvport.bench.tier_bench import plot
-
-    shaped = {
-        "backend": result["backend"],
-        "chunk_bytes": result["chunk_bytes"],
-        "raw": {"client": "sequential file I/O"},
-    }
-    for name, raw_key in (("store", "write"), ("load", "read")):
-        shaped[name] = {
-            "mbps": result[name]["gbps"] * 1e3,
-            "chunk_p50_ms": result[name]["p50_ms"],
-            "chunk_p99_ms": result[name]["p99_ms"],
-        }
-        shaped["raw"][name] = {
-            "mbps": result["raw"][f"{raw_key}_gbps"] * 1e3,
-            "chunk_p50_ms": result["raw"][f"{raw_key}_p50_ms"],
-            "chunk_p99_ms": result["raw"][f"{raw_key}_p99_ms"],
-        }
-    plot(shaped, path)
 
 
 class Bench:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import json
 import os
 import platform
 import threading
@@ -306,66 +307,35 @@ def run_remote(args: argparse.Namespace, spec: dict, chunk_bytes: int) -> dict:
     return bench.run(progress)
 
 
-def format_remote_report(r: dict) -> str:
-    mib = r["chunk_bytes"] / (1 << 20)
-    lines = [
-        f"storage: {r['backend']}  {r['chunks']} chunks x {mib:g} MiB x {r['rounds']} rounds, batches of {r['batch']}, "
-        f"{r['concurrency']} calls in flight" + (", every byte verified" if r["verify"] else ""),
-        f"tier: {r['tier']}",
-        f"machine: {r['machine']}",
-        f"{'':6} {'MB/s':>8} {'chunks/s':>9} {'calls/s':>8} {'call p50':>9} {'call p99':>9} {'chunk p50':>9} "
-        f"{'chunk p99':>9}  vs raw",
-    ]
-    for name, label in (("raw", "store"), ("store", "store"), ("raw", "load"), ("load", "load")):
-        row = r["raw"][label] if name == "raw" else r[label]
-        tag = f"raw {label}" if name == "raw" else label
-        ratio = "" if name == "raw" else f"  {row['ratio_to_raw']:.2f}"
-        lines.append(
-            f"{tag:10} {row['mbps']:8.1f} {row['chunks_per_s']:9.1f} {row['ops_per_s']:8.1f} "
-            f"{row['op_p50_ms']:7.2f}ms {row['op_p99_ms']:7.2f}ms {row['chunk_p50_ms']:7.2f}ms "
-            f"{row['chunk_p99_ms']:7.2f}ms{ratio}"
+def run_cli(args: argparse.Namespace) -> int:
+    """A networked tier (redis://, mooncake://) through the Tier API, against its raw client in the same run."""
+    from kvport.bench.storage import _atomic_write, _chunk_bytes
+    from kvport.bench.storage_report import format_remote_report, plot
+    from kvport.store.tiers import spec_from_url
+    from kvport.store.tiers.remote import redact_url
+
+    if args.batch < 1 or args.concurrency < 1 or args.lookups < 1:
+        raise UserError(
+            f"--batch {args.batch} --concurrency {args.concurrency} --lookups {args.lookups}: expected >= 1"
         )
-    lk = r["lookup"]
-    lines.append(
-        f"lookup of {lk['batch']} chunks ({lk['found_fraction']:.0%} found)  "
-        f"hit p50 {lk['hit_p50_us']:.0f} us  p99 {lk['hit_p99_us']:.0f} us   "
-        f"miss p50 {lk['miss_p50_us']:.0f} us  p99 {lk['miss_p99_us']:.0f} us   raw p50 {lk['raw_hit_p50_us']:.0f} us"
-    )
-    verified = "" if r["verified_mismatches"] is None else f", {r['verified_mismatches']} chunks differed"
-    lines.append(f"hit rate {r['hit_rate']:.1%} (raw client: {r['raw']['client']}){verified}")
-    t = r["targets"]
-    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
-    lines.append(
-        f"targets: store >= {t['ratio_to_raw']:.0%} of raw {verdict(t['store_met'])}, load {verdict(t['load_met'])}"
-    )
-    return "\n".join(lines)
+    chunk = _chunk_bytes(args)
+    from kvport.machine import available_memory
 
-
-def plot(r: dict, path) -> None:
-    """Throughput of kvport and the raw client, and per-chunk latency, as one PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["store", "load"]
-    x = range(len(names))
-    left.bar([i - 0.2 for i in x], [r["raw"][n]["mbps"] for n in names], 0.4, label=f"raw ({r['raw']['client']})")
-    left.bar([i + 0.2 for i in x], [r[n]["mbps"] for n in names], 0.4, label="kvport tier")
-    left.set_xticks(list(x), names)
-    left.set_ylabel("MB/s")
-    left.legend(fontsize=7)
-    left.set_title(f"{r['backend']}: {r['chunk_bytes'] / 2**20:g} MiB chunks", fontsize=9)
-    bars = [("raw", "p50"), ("kvport", "p50"), ("raw", "p99"), ("kvport", "p99")]
-    for slot, (who, label) in enumerate(bars):  # four bars side by side per operation
-        values = [(r["raw"][n] if who == "raw" else r[n])[f"chunk_{label}_ms"] for n in names]
-        right.bar([i - 0.3 + slot * 0.2 for i in x], values, 0.2, label=f"{who} {label}")
-    right.set_xticks(list(x), names)
-    right.set_ylabel("ms per chunk")
-    right.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    memory = (min(args.chunks, 8) + 2 * args.batch * args.concurrency + 1) * (chunk + 128)
+    free = available_memory()
+    if free is not None and 2 * memory > free:  # the client's reply copies can double it
+        raise UserError(
+            f"--chunk-mb {args.chunk_mb:g}: needs ~{2 * memory / 2**30:.1f} GiB of memory, "
+            f"{free / 2**30:.1f} GiB is available"
+        )
+    spec = spec_from_url(args.backend, "--backend")
+    result = run_remote(args, spec, chunk)
+    result["backend"] = redact_url(args.backend)
+    print(format_remote_report(result))
+    if args.json is not None:
+        _atomic_write(args.json, json.dumps(result, indent=1) + "\n")
+    if args.plot is not None:
+        plot(result, args.plot)
+    if args.verify and result["verified_mismatches"]:
+        raise UserError(f"--verify: {result['verified_mismatches']} loaded chunks differed from what was stored")
+    return 0
