@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from kvport.cache.config import load_config
-from kvport.errors import UserError
 from kvport.store.chunk_store import ChunkStore
 from kvport.store.keys import chunk_keys
 from kvport.store.tiers.local_disk import LocalDiskTier
@@ -140,14 +139,6 @@ def test_stalled_server_turns_loads_into_misses_within_the_bound(tmp_path, redis
     assert all(g is not None for g in got)  # back to hits, same engine, nothing restarted
     store.close()
     srv.stop()
-
-
-def test_write_back_is_refused_in_one_line(tmp_path):
-    with pytest.raises(UserError) as info:
-        load_config(overrides={"tiers": [{"type": "local_disk", "path": str(tmp_path), "write": "back"}]}, environ={})
-    assert "write=back is not implemented" in str(info.value) and "\n" not in str(info.value)
-    config = load_config(overrides={"tiers": [{"type": "local_disk", "path": str(tmp_path), "write": "through"}]})
-    assert config.tier_specs()[0]["write"] == "through"
 
 
 @needs_mooncake

@@ -42,12 +42,15 @@ def spec_from_url(url: str, where: str) -> dict[str, Any]:
         known = ", ".join([*(f"{s}://" for s in SCHEMES), "local-disk:PATH"])
         raise UserError(f"{where}: {_redacted(url)!r} is not a tier URL (known: {known})")
     parts = urlsplit(url)
-    spec: dict[str, Any] = {"type": SCHEMES[scheme], "url": parts._replace(query="", fragment="").geturl()}
+    # The URL as given up to its query (urlsplit().geturl() would turn unix:///path into unix:/path).
+    spec: dict[str, Any] = {"type": SCHEMES[scheme], "url": url.split("#", 1)[0].split("?", 1)[0]}
     try:
         pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
         raise UserError(f"{where}: {_redacted(url)!r}: the query is not name=value&... pairs") from None
     for name, value in pairs:
+        if not name:
+            raise UserError(f"{where}: {_redacted(url)!r}: the query is not name=value&... pairs")
         if name in spec:
             raise UserError(f"{where}: {_redacted(url)!r}: option {name!r} given twice")
         spec[name] = value

@@ -419,3 +419,13 @@ def test_config_check_prints_tiers_without_secrets(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "redis://kv:***@127.0.0.1:1/0" in proc.stdout and "'password': '***'" in proc.stdout
     assert "hunter" not in proc.stdout + proc.stderr
+
+
+def test_unix_socket_url_given_as_a_string(tmp_path):
+    sock = tmp_path / "r.sock"
+    with RedisServer(tmp_path, extra=("--unixsocket", str(sock))):
+        spec = check_tier_spec(f"unix://{sock}?key_prefix=u:", "test")
+        tier = build_tier(spec, "test", CacheMetrics("redis-test"))
+        wait_up(tier)
+        assert results(tier.put(keys(1), FP, [payload(1)])) == [True]
+        tier.close()
