@@ -144,7 +144,11 @@ class MooncakeServer:
 
     def start(self) -> MooncakeServer:
         self.start_master()
-        self.start_node()
+        try:
+            self.start_node()
+        except BaseException:  # a node that fails to start must not leave its master behind
+            self.stop()
+            raise
         return self
 
     def start_master(self) -> None:
