@@ -50,6 +50,16 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, log: Path) -> None:
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {READY_S:g} s; log {log}:\n{_tail(log)}")
 
 
+def _started(proc: subprocess.Popen, port: int, what: str, log: Path) -> subprocess.Popen:
+    """``proc`` once it listens on ``port``; killed (never left behind) if it does not."""
+    try:
+        _wait_port(port, proc, what, log)
+    except BaseException:
+        _stop(proc, signal.SIGKILL)
+        raise
+    return proc
+
+
 def _tail(log: Path) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-20:])
@@ -95,7 +105,7 @@ class RedisServer:
         args += ["--dir", str(self.workdir), *self.extra]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _wait_port(self.port, self.proc, "redis-server", self.log)
+        _started(self.proc, self.port, "redis-server", self.log)
         return self
 
     def kill(self) -> None:
@@ -162,7 +172,7 @@ class MooncakeServer:
         ]
         with open(log, "ab") as out:
             self.master = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _wait_port(self.port, self.master, "mooncake_master", log)
+        _started(self.master, self.port, "mooncake_master", log)
 
     def start_node(self) -> None:
         log = self.workdir / "mooncake-node.log"
@@ -178,7 +188,7 @@ class MooncakeServer:
         with open(log, "ab") as out:
             self.node = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         # The node listens once its segment is mounted with the master ("Starting real client service").
-        _wait_port(self.node_port, self.node, "mooncake_client", log)
+        _started(self.node, self.node_port, "mooncake_client", log)
 
     def kill_master(self) -> None:
         _stop(self.master, signal.SIGKILL)
