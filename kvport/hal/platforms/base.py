@@ -54,3 +54,32 @@ class Platform:
     def synchronize(self, device) -> None:
         """Block the host until all work queued on ``device`` finished (for synchronous fallbacks only)."""
         return None
+
+
+class StreamPlatform(Platform):
+    """A platform whose torch module (torch.cuda, torch.xpu) has streams and events: subclasses name the module."""
+
+    async_copies = True
+    pinned_host = True
+    # Extra arguments of the module's Event: CUDA/ROCm events block a waiting host thread instead of spinning a core.
+    event_kwargs: dict = {}
+
+    def _api(self):
+        raise NotImplementedError
+
+    def current_stream(self, device):
+        return self._api().current_stream(device)
+
+    def new_stream(self, device, high_priority: bool = False):
+        # Priority -1 is the highest torch exposes: short gather/scatter kernels get SMs as soon as any free up, so the
+        # copy engine is not left waiting behind a long engine kernel.
+        return self._api().Stream(device, priority=-1 if high_priority else 0)
+
+    def stream_scope(self, stream):
+        return self._api().stream(stream)
+
+    def new_event(self):
+        return self._api().Event(**self.event_kwargs)
+
+    def synchronize(self, device) -> None:
+        self._api().synchronize(device)

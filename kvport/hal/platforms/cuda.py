@@ -3,40 +3,21 @@ Owns the torch.cuda calls of the data path; must not create a device context at 
 
 from __future__ import annotations
 
-from kvport.hal.platforms.base import Platform
+from kvport.hal.platforms.base import StreamPlatform
 
 
-class CudaPlatform(Platform):
+class CudaPlatform(StreamPlatform):
     name = "cuda"
-    async_copies = True
-    pinned_host = True
     kernels_address_host = True  # UVA: a pinned host pointer is valid in device code
     native_target = "cuda"
+    # blocking=True: a host thread waiting on an event sleeps instead of spinning a core (the completion watcher
+    # waits on every transfer).
+    event_kwargs = {"blocking": True}
 
-    @staticmethod
-    def _api():
+    def _api(self):
         import torch
 
         return torch.cuda
-
-    def current_stream(self, device):
-        return self._api().current_stream(device)
-
-    def new_stream(self, device, high_priority: bool = False):
-        # Priority -1 is the highest torch exposes on both CUDA and ROCm: short gather/scatter kernels get SMs as
-        # soon as any free up, so the copy engine is not left waiting behind a long engine kernel.
-        return self._api().Stream(device, priority=-1 if high_priority else 0)
-
-    def stream_scope(self, stream):
-        return self._api().stream(stream)
-
-    def new_event(self):
-        # blocking=True: a host thread waiting on it sleeps instead of spinning a core (the completion watcher
-        # waits on every transfer).
-        return self._api().Event(blocking=True)
-
-    def synchronize(self, device) -> None:
-        self._api().synchronize(device)
 
 
 class RocmPlatform(CudaPlatform):
