@@ -37,6 +37,10 @@ _log = logging.getLogger("kvport.store")
 
 SUFFIX = ".kvc"
 TMP_PREFIX = ".tmp."  # then <key>.<pid>.<random>: the pid is for people reading the directory; liveness is the lock
+# A writer creates its file under this prefix, locks it, then renames it to TMP_PREFIX: a scanner only ever sees temp
+# files that were locked from birth (a scan between a plain create and the lock once took a live writer's file).
+# Files left under this prefix (a writer killed in that instant) are removed by age, like lock-less filesystems'.
+NEW_PREFIX = ".new."
 # Evict down to this fraction of capacity, so one eviction pass (a directory scan) covers many stores.
 LOW_WATERMARK = 0.9
 # Rescan the directory after this fraction of capacity was written by this process, to see other writers.
@@ -238,11 +242,13 @@ class LocalDiskTier(ThreadedTier):
     def _write(self, path: Path, key: str, buffers: list[memoryview]) -> bool | None:
         """Write a locked temp file and link it into place: True, or None when the chunk appeared meanwhile (the
         copy already there stays: same key, same bytes). The temp file is gone when this returns or raises."""
-        tmp = str(path.parent / f"{TMP_PREFIX}{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.file_mode)
+        name = f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp, new = str(path.parent / f"{TMP_PREFIX}{name}"), str(path.parent / f"{NEW_PREFIX}{name}")
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.file_mode)
         try:
             try:
                 hold_writer_lock(fd)  # held until close, after the temp name is unlinked: a live write is never debris
+                os.rename(new, tmp)  # visible to scanners only now, locked
                 if self.access != "private":
                     os.fchmod(fd, self.file_mode)  # the umask may have taken the group bits
                 write_all(fd, buffers)
@@ -251,6 +257,7 @@ class LocalDiskTier(ThreadedTier):
                 return self._publish(tmp, path)
             finally:
                 _unlink_quietly(tmp)
+                _unlink_quietly(new)
         finally:
             os.close(fd)
 
@@ -423,6 +430,10 @@ class LocalDiskTier(ThreadedTier):
                 if entry.name.startswith(TMP_PREFIX):
                     if self.read_only or reclaim_if_debris(entry.path, st.st_mtime, now):
                         continue
+                elif entry.name.startswith(NEW_PREFIX):
+                    if not self.read_only and now - st.st_mtime > STALE_TMP_S:
+                        _unlink_quietly(entry.path)
+                    continue
                 elif not entry.name.endswith(SUFFIX):
                     continue
                 found.append((st.st_mtime, st.st_size, Path(entry.path)))
