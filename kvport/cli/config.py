@@ -25,5 +25,7 @@ def run(args: argparse.Namespace) -> int:
     path = args.file or os.environ.get("KVPORT_CONFIG")
     check_machine_limits(config, f"cache config {path}" if path else "cache config")
     for field in dataclasses.fields(config):
-        print(f"{field.name:20} {getattr(config, field.name)!r}")
+        value = getattr(config, field.name)
+        shown = "<set>" if not field.repr and value is not None else repr(value)  # secrets (server_token)
+        print(f"{field.name:20} {shown}")
     return 0

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvport.errors import UserError
@@ -35,16 +35,25 @@ class ChunkStore:
     """One namespace's chunks. Lookups work before ``open_l1`` (a scheduler process has tiers only); loads and
     stores need L1, opened once the chunk size and layout fingerprint are known."""
 
-    def __init__(self, config: CacheConfig, namespace: str, metrics: CacheMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: CacheConfig,
+        namespace: str,
+        metrics: CacheMetrics | None = None,
+        tiers: Sequence[Tier] | None = None,
+    ) -> None:
+        """``tiers``: already built tiers to use instead of building the config's (a server shares one set across
+        namespaces); the store then does not close them."""
         if not namespace:
             raise ValueError("namespace must identify the model shard (model id, dtype, layout, tp rank/size)")
         self.config = config
         self.namespace = namespace
         self.chunk_tokens = config.chunk_tokens
         self.metrics = metrics or CacheMetrics(namespace)
-        self.tiers: list[Tier] = []
+        self.tiers: list[Tier] = list(tiers or ())
+        self._owns_tiers = tiers is None
         try:
-            for i, spec in enumerate(config.tier_specs()):
+            for i, spec in enumerate(config.tier_specs() if tiers is None else ()):
                 self.tiers.append(build_tier(spec, f"cache config: tiers[{i}] ({spec.get('type')})", self.metrics))
         except BaseException:
             self.close(drain=False)
@@ -69,6 +78,12 @@ class ChunkStore:
         self.l1 = L1Pool(self.config.l1_bytes, chunk_bytes, metrics=self.metrics, allocate=allocate)
         self.fingerprint = fingerprint
 
+    def use_l1(self, l1: Any, fingerprint: str) -> None:
+        """Use an L1 someone else owns (the server's shared pool, through a view with L1Pool's calls)."""
+        if self.l1 is not None:
+            raise RuntimeError("ChunkStore already has an L1")
+        self.l1, self.fingerprint = l1, fingerprint
+
     # ---- keys and lookup -------------------------------------------------------------------------------------
     def iter_keys(self, tokens) -> Iterator[str]:
         """One key per full chunk of ``tokens``, derived as asked for (a lookup that stops early hashes no further)."""
@@ -81,9 +96,13 @@ class ChunkStore:
         """Leading chunks of ``tokens`` present in L1 or any tier (a promise a load keeps unless a chunk is evicted
         or found corrupt meanwhile). Tiers are asked in batches that grow 1, 8, 64...: a miss costs one key, a long
         hit a few round trips per tier, never one per chunk."""
+        return self.lookup_keys(self.iter_keys(tokens))
+
+    def lookup_keys(self, keys: Iterable[str]) -> int:
+        """``lookup`` of already derived chunk keys (consumed lazily, in order)."""
         self._check_open()
         start = time.perf_counter()
-        keys = self.iter_keys(tokens)
+        keys = iter(keys)
         found = {"l1": 0}
         pending: deque[str] = deque()
         batch, missed = 1, False
@@ -343,8 +362,9 @@ class ChunkStore:
             self.flush()
         else:
             self.metrics.inc("skipped", self.drop_pending(), reason="dropped_at_close")
-        for tier in self.tiers:
-            tier.close()
+        if self._owns_tiers:
+            for tier in self.tiers:
+                tier.close()
         self._closed = True
 
     def _check_open(self) -> None:
