@@ -77,6 +77,7 @@ class Connection:
     def start(self) -> None:
         """One connection attempt now (a refused hello is a UserError: wrong token, transport or address), then
         the keeper thread. A server that does not answer is not an error: the keeper keeps trying."""
+        _check_socket_access(self.address)
         try:
             self._connect()
         except ServerUnavailable as exc:
@@ -227,3 +228,27 @@ class Connection:
                     self.call("ping")
                 except (ServerUnavailable, ServerError):
                     pass
+
+
+def _check_socket_access(address: str) -> None:
+    """A UserError when this process may not connect to an ipc socket (its mode or directory keeps us out); a
+    socket that is merely absent or not listening is a server that is down, not an error."""
+    import errno
+    import socket
+
+    from kvport.server.address import ipc_path
+
+    path = ipc_path(address)
+    if path is None:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise UserError(
+                f"kvport server {address}: permission denied on its socket (the server's mode and group decide "
+                "who may connect)"
+            ) from None
+    finally:
+        probe.close()
