@@ -19,7 +19,6 @@ COUNTERS = {
     "tokens": ("op",),  # loaded (tokens saved: scattered into engines) / stored
     "sessions_dropped": ("cause",),  # died (process gone or silent), bye
     "leases_dropped": (),  # slots freed because their client died
-    "unavailable": (),  # never incremented here: clients count it; kept so the dashboard's name resolves
 }
 HELP = {
     "requests": "requests handled, by op",
