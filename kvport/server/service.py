@@ -118,7 +118,11 @@ class Server:
         return sock
 
     def _prepare_ipc(self, path: Path) -> None:
-        if not path.parent.is_dir():
+        if path.parent.is_dir():
+            owner = path.parent.stat().st_uid
+            if owner not in (os.getuid(), 0):  # someone else's directory could swap the socket under us
+                raise UserError(f"server: {path.parent} belongs to uid {owner}; put the socket in a directory you own")
+        else:
             dir_mode = 0o700 | (0o010 if self.config.mode & 0o060 else 0)  # group may reach a group socket
             path.parent.mkdir(mode=dir_mode, parents=True)
             self._chown(path.parent)

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("zmq", reason="pyzmq is not installed (nox -s e2e)")
-
 HERE = Path(__file__).resolve().parent
 
 
@@ -41,6 +39,7 @@ class Client:
 
 @pytest.fixture
 def spawn_client():
+    pytest.importorskip("zmq", reason="pyzmq is not installed (nox -s e2e)")
     clients: list[Client] = []
 
     def spawn(mode: str, address: str, seed: int, count: int) -> Client:

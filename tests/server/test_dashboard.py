@@ -22,6 +22,7 @@ from kvport.server.spawn import ServerProcess
 from kvport.testing.kv import nhd_kv
 
 pytestmark = pytest.mark.server
+pytest.importorskip("zmq", reason="pyzmq is not installed (nox -s e2e)")
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "kvport" / "server" / "grafana_dashboard.json"
 
