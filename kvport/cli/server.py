@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     command = getattr(args, "server_command", None)
+    if command in ("run", "status"):
+        from kvport.server.address import require_zmq
+
+        require_zmq()
     if command == "run":
         return _run(args)
     if command == "status":

@@ -41,3 +41,11 @@ def is_loopback(host: str) -> bool:
 
 def ipc_path(address: str) -> Path | None:
     return Path(address[len("ipc://") :]) if address.startswith("ipc://") else None
+
+
+def require_zmq() -> None:
+    """A one-line UserError when pyzmq (the server's transport) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("zmq") is None:
+        raise UserError("kvport server needs pyzmq: pip install 'kvport[server]' (or pyzmq)")

@@ -11,16 +11,11 @@ stops reading, so one client cannot stall the loop.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import errno
-import grp
-import hmac
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -30,13 +25,13 @@ from kvport.errors import UserError
 from kvport.server import protocol as P
 from kvport.server.address import ipc_path
 from kvport.server.config import ServerConfig
+from kvport.server.handlers import RequestHandlers
+from kvport.server.listen import bind_router, chown_to_group, remove_stale_arenas
 from kvport.server.namespaces import Namespaces
 from kvport.server.server_metrics import ServerStats
-from kvport.server.sessions import Reservation, Session, Sessions, peer_pid
+from kvport.server.sessions import Session, Sessions
 from kvport.server.shared_l1 import SharedL1
 from kvport.server.shm import SharedArena
-from kvport.store.chunk_store import NO_SLOT
-from kvport.store.l1 import Lease
 from kvport.store.metrics import CacheMetrics
 from kvport.store.tiers import build_tier
 
@@ -47,7 +42,9 @@ GAUGE_CACHE_S = 5.0  # tier usage is a directory scan for the disk tier: at most
 TIER_OPS = ("lookup", "reserve", "commit", "pin", "flush", "stats")
 
 
-class Server:
+class Server(RequestHandlers):
+    """The server; requests are answered by the RequestHandlers it inherits (kvport/server/handlers.py)."""
+
     def __init__(self, server: ServerConfig, cache: CacheConfig) -> None:
         self.config, self.cache_config = server, cache
         self.token = server.resolved_token()
@@ -65,19 +62,19 @@ class Server:
         try:
             for i, spec in enumerate(cache.tier_specs()):
                 self.tiers.append(build_tier(spec, f"cache config: tiers[{i}] ({spec.get('type')})", self.metrics))
-            _remove_stale_arenas(server.shm_dir)
+            remove_stale_arenas(server.shm_dir)
             self.arena = SharedArena.create(
                 server.shm_dir,
                 f"kvport-{os.getpid()}-{self.server_id}.l1",
                 SharedL1.arena_bytes(cache.l1_bytes),
                 server.mode,
             )
-            self._chown(self.arena.path)
+            chown_to_group(self.arena.path, server.group)
             self.l1 = SharedL1(self.arena, cache.l1_bytes, self.metrics, server.slot_bytes)
             self.namespaces = Namespaces(cache, self.tiers, self.l1)
             self.sessions = Sessions()
             self.pool = cf.ThreadPoolExecutor(server.threads, thread_name_prefix="kvport-server")
-            self.sock = self._bind()
+            self.sock = bind_router(self.ctx, server)
             self.replies = self.ctx.socket(zmq.PULL)
             self._reply_addr = f"inproc://kvport-replies-{self.server_id}"
             self.replies.bind(self._reply_addr)
@@ -88,64 +85,6 @@ class Server:
         except BaseException:
             self._close_resources()
             raise
-
-    # ---- setup -------------------------------------------------------------------------------------------
-    def _bind(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        # A frame larger than this drops its sender's connection inside libzmq: memory stays bounded whatever a
-        # peer sends. Below it, oversized requests get an error reply (protocol limits).
-        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + P.MAX_HEADER_BYTES)
-        sock.setsockopt(zmq.SNDHWM, 1000)
-        sock.setsockopt(zmq.RCVHWM, 1000)
-        address = self.config.address
-        path = ipc_path(address)
-        if path is not None:
-            self._prepare_ipc(path)
-            old = os.umask(0o177)  # the socket file starts owner-only, then gets the configured mode
-            try:
-                sock.bind(address)
-            finally:
-                os.umask(old)
-            os.chmod(path, self.config.mode)
-            self._chown(path)
-        else:
-            try:
-                sock.bind(address)
-            except zmq.ZMQError as exc:
-                sock.close()
-                raise UserError(f"server: cannot listen on {address}: {exc}") from None
-        return sock
-
-    def _prepare_ipc(self, path: Path) -> None:
-        if path.parent.is_dir():
-            owner = path.parent.stat().st_uid
-            if owner not in (os.getuid(), 0):  # someone else's directory could swap the socket under us
-                raise UserError(f"server: {path.parent} belongs to uid {owner}; put the socket in a directory you own")
-        else:
-            dir_mode = 0o700 | (0o010 if self.config.mode & 0o060 else 0)  # group may reach a group socket
-            path.parent.mkdir(mode=dir_mode, parents=True)
-            self._chown(path.parent)
-        if path.exists():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-                raise UserError(f"server: another process is serving on {path}; stop it or pick another address")
-            except OSError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.ENOTSOCK, errno.ENOENT):
-                    raise UserError(f"server: {path}: {exc.strerror}") from None
-                path.unlink(missing_ok=True)  # a socket left behind by a server that died
-            finally:
-                probe.close()
-
-    def _chown(self, path: Path) -> None:
-        if self.config.group is None:
-            return
-        try:
-            gid = grp.getgrnam(self.config.group).gr_gid
-        except KeyError:
-            raise UserError(f"server config: group {self.config.group!r} does not exist") from None
-        os.chown(path, -1, gid)
 
     # ---- loop --------------------------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -284,187 +223,6 @@ class Server:
         except zmq.Again:  # the client stopped reading (its queue is full): its reply is dropped, nobody waits
             self.stats.inc("errors", 1, "reply_dropped")
 
-    # ---- ops ---------------------------------------------------------------------------------------------
-    def _hello(self, request: P.Request, arg: tuple[bytes, zmq.Frame]):
-        route, first = arg
-        fields = request.fields
-        if self.token is not None and not hmac.compare_digest(
-            str(fields.get("token", "")).encode(), self.token.encode()
-        ):
-            raise P.ProtocolError("denied", "access denied: wrong or missing token")
-        transport = fields["transport"]
-        if transport not in P.TRANSPORTS:
-            raise P.ProtocolError("malformed", f"unknown transport {transport[:20]!r}")
-        try:
-            kernel_pid = peer_pid(first.get("Peer-Address"))
-        except zmq.ZMQError:
-            kernel_pid = None
-        pid = kernel_pid or fields["pid"]
-        session = self.sessions.create(route, transport, fields.get("name", ""), pid, kernel_pid is not None)
-        if transport == "shm" and session.start is None:
-            self.sessions.drop(session)
-            raise UserError(
-                "shared memory needs a client process this server can see (same host and pid namespace); "
-                "use server_transport: copy"
-            )
-        return {
-            "session": session.sid,
-            "server": self.server_id,
-            "shm": str(self.arena.path),
-            "shm_bytes": self.arena.nbytes,
-            "ping_s": self.config.client_timeout_s / 4,
-            "max_message_bytes": self.config.max_message_bytes,
-        }, []
-
-    def _op_ping(self, request, session):
-        return {}, []
-
-    def _op_bye(self, request, session):
-        self.stats.inc("sessions_dropped", 1, "bye")
-        self.sessions.drop(session)
-        return {}, []
-
-    def _op_open(self, request, session):
-        f = request.fields
-        ns = self.namespaces.open(f["ns"], f["chunk_tokens"], f["chunk_bytes"], f["fingerprint"])
-        return {"slot_bytes": ns.l1.slot_bytes}, []
-
-    def _op_lookup(self, request, session):
-        ns = self.namespaces.get(request.fields["ns"])
-        hits = ns.store.lookup_keys(request.keys)
-        self.stats.inc("lookup_chunks", hits, "hit")
-        self.stats.inc("lookup_chunks", len(request.keys) - hits, "miss")
-        return {"chunks": hits}, []
-
-    def _opened(self, name: str):
-        ns = self.namespaces.get(name)
-        if ns.l1 is None:
-            raise P.ProtocolError("not_open", f"namespace {name[:80]} is not open: send open first")
-        return ns
-
-    def _room(self, session: Session, ns) -> int:
-        """Slots this session may still take: its share of L1, and never the last slot."""
-        share = max(1, int(ns.l1.num_slots * self.config.client_share))
-        return max(0, min(share, ns.l1.num_slots - 1) - session.held)
-
-    def _op_reserve(self, request, session):
-        ns = self._opened(request.fields["ns"])
-        keys = request.keys
-        own = frozenset(keys)
-        room = self._room(session, ns)
-        leases: list[Lease] = []
-        indices: list[int] = []
-        for index in ns.store.absent(keys, request.fields["start"]):
-            if len(leases) >= room:
-                ns.store.metrics.inc("skipped", len(keys) - index, reason="client_share")
-                break
-            lease = ns.store.reserve(keys[index], protect=own)
-            if lease is None:
-                if ns.l1.contains(keys[index]):
-                    continue
-                break  # L1 full of pinned slots, or another client is writing this chunk right now
-            leases.append(lease)
-            indices.append(index)
-        if not leases:
-            return {"rid": 0, "idx": [], "off": []}, []
-        rid = self.sessions.next_id()
-        if not self.sessions.add_reservation(session, rid, Reservation(ns, leases, indices, time.monotonic())):
-            ns.store.abort(leases)
-            raise P.ProtocolError("no_session", "session ended")
-        return {"rid": rid, "idx": indices, "off": [self.arena.offset_of(lease.buffer) for lease in leases]}, []
-
-    def _op_commit(self, request, session):
-        reservation = self.sessions.take_reservation(session, request.fields["rid"])
-        if reservation is None:
-            raise P.ProtocolError("unknown_reservation", "no such reservation (already settled or dropped)")
-        ns, leases = reservation.ns, reservation.leases
-        if not request.fields["ok"]:
-            ns.store.abort(leases)
-            ns.store.metrics.inc("failures", len(leases), tier="l1", reason="gather_error")
-            return {"chunks": 0}, []
-        if session.transport == "copy":
-            if len(request.data) != len(leases) or any(len(d) != ns.chunk_bytes for d in request.data):
-                ns.store.abort(leases)
-                raise P.ProtocolError("malformed", f"commit: expected {len(leases)} chunks of {ns.chunk_bytes} bytes")
-            import torch
-
-            for lease, data in zip(leases, request.data):
-                lease.buffer.copy_(torch.frombuffer(data, dtype=torch.uint8))
-        elif request.data:
-            ns.store.abort(leases)
-            raise P.ProtocolError("malformed", "commit: chunk data on the shared-memory transport")
-        nbytes = request.fields.get("nbytes", 0)
-        if nbytes:
-            ns.store.metrics.transfer("l1", "write", nbytes, request.fields.get("seconds", 0.0))
-        tokens = len(leases) * ns.chunk_tokens
-        ns.store.metrics.inc("tokens_stored", tokens)
-        self.stats.inc("tokens", tokens, "stored")
-        ns.store.admit(leases)
-        return {"chunks": len(leases)}, []
-
-    def _op_pin(self, request, session):
-        ns = self._opened(request.fields["ns"])
-        room = self._room(session, ns)
-        leases: list[Lease] = []
-        fetches = ns.store.fetch(request.keys[:room])
-        try:
-            for got in fetches:
-                if not isinstance(got, Lease):  # a miss, or no free slot to read a tier's copy into
-                    if got is NO_SLOT:
-                        ns.store.metrics.inc("skipped", reason="l1_exhausted")
-                    break
-                leases.append(got)
-        finally:
-            fetches.close()
-        if session.transport == "copy":
-            data = [bytes(memoryview(lease.buffer.numpy())) for lease in leases]
-            for lease in leases:
-                lease.release()
-            return {"pin": 0, "off": [], "chunks": len(leases)}, data
-        if not leases:
-            return {"pin": 0, "off": [], "chunks": 0}, []
-        pin = self.sessions.next_id()
-        if not self.sessions.add_pin(session, pin, ns, leases):
-            for lease in leases:
-                lease.release()
-            raise P.ProtocolError("no_session", "session ended")
-        return {"pin": pin, "off": [self.arena.offset_of(lease.buffer) for lease in leases], "chunks": len(leases)}, []
-
-    def _op_release(self, request, session):
-        entry = self.sessions.take_pin(session, request.fields["pin"])
-        if entry is None:
-            raise P.ProtocolError("unknown_pin", "no such pin (already released or dropped)")
-        ns, leases, _ = entry
-        for lease in leases:
-            lease.release()
-        self._count_load(ns, len(leases), request.fields)
-        return {}, []
-
-    def _count_load(self, ns, chunks: int, fields: dict) -> None:
-        if not fields.get("ok", True):
-            ns.store.metrics.inc("failures", chunks, tier="l1", reason="scatter_error")
-            return
-        tokens = chunks * ns.chunk_tokens
-        ns.store.metrics.inc("tokens_loaded", tokens)
-        self.stats.inc("tokens", tokens, "loaded")
-        if fields.get("nbytes"):
-            ns.store.metrics.transfer("l1", "read", fields["nbytes"], fields.get("seconds", 0.0))
-
-    def _op_flush(self, request, session):
-        deadline = time.monotonic() + request.fields.get("timeout", 60.0)
-        for ns in self.namespaces.all():
-            try:
-                ns.store.flush(max(0.0, deadline - time.monotonic()))
-            except TimeoutError as exc:
-                raise P.ProtocolError("timeout", str(exc)) from None
-        return {}, []
-
-    def _op_stats(self, request, session):
-        out = self.stats.snapshot()
-        out["namespaces_detail"] = {ns.name[:200]: ns.store.metrics.snapshot() for ns in self.namespaces.all()}
-        out["server_metrics"] = self.metrics.snapshot()
-        return {"stats": out}, []
-
     # ---- figures -----------------------------------------------------------------------------------------
     def _gauges(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -485,20 +243,3 @@ class Server:
             "pid": os.getpid(),
             **cached[1],
         }
-
-
-def _remove_stale_arenas(shm_dir: str) -> None:
-    """Shared memory left by servers that were killed (it would hold its memory until reboot)."""
-    try:
-        entries = list(Path(shm_dir).glob("kvport-*.l1"))
-    except OSError:
-        return
-    for path in entries:
-        pid = path.name.split("-")[1]
-        try:
-            owned = path.stat().st_uid == os.getuid()
-        except OSError:
-            continue
-        if owned and pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            path.unlink(missing_ok=True)
-            log.info("kvport server: removed %s, left by a server that is gone", path)

@@ -55,7 +55,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kvport server exited with {self.proc.returncode}: {self.log_tail()}")
             try:
-                fetch_stats(self.address, self.token, timeout_ms=500)
+                fetch_stats(self.address, self.token, timeout_ms=1000)
                 return
             except UserError:
                 if time.monotonic() > deadline:

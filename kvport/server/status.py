@@ -11,9 +11,10 @@ from kvport.errors import UserError
 from kvport.server.server_metrics import quantile
 
 
-def fetch_stats(address: str, token: str | None, timeout_ms: int = 2000) -> dict[str, Any]:
+def fetch_stats(address: str, token: str | None, timeout_ms: int = 10_000) -> dict[str, Any]:
     from kvport.server.client import Connection, ServerError, ServerUnavailable
 
+    _check_listening(address)
     conn = Connection(address, token, "copy", timeout_ms, name=f"kvport server status pid {os.getpid()}")
     try:
         conn._connect()
@@ -25,6 +26,28 @@ def fetch_stats(address: str, token: str | None, timeout_ms: int = 2000) -> dict
     finally:
         conn.close()
     return reply["stats"]
+
+
+def _check_listening(address: str) -> None:
+    """Fail at once when nothing listens on an ipc address (instead of after the reply timeout)."""
+    import socket
+
+    from kvport.server.address import ipc_path
+
+    path = ipc_path(address)
+    if path is None:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except FileNotFoundError:
+        raise UserError(f"no kvport server at {address} (no socket {path})") from None
+    except ConnectionRefusedError:
+        raise UserError(f"no kvport server at {address} (nothing listens on {path})") from None
+    except OSError:
+        pass  # permission problems and the like: the connection attempt reports them
+    finally:
+        probe.close()
 
 
 def print_status(address: str | None, token: str | None, as_json: bool) -> int:

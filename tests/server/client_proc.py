@@ -16,6 +16,8 @@ NAMESPACE = "server-tests"
 
 
 def config(address: str, **extra):
+    # A generous reply timeout: on a loaded 2-core CI box a reply can take seconds; the down-server test sets its own.
+    extra = {"server_timeout_ms": 10_000, **extra}
     return load_config(overrides={"server": address, "chunk_tokens": CHUNK, **extra}, environ={})
 
 
