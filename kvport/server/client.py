@@ -186,11 +186,12 @@ class Connection:
             except BaseException:
                 self._drop_socket()
                 raise
+            was_down = bool(self.last_error)
             self.up = True
             self.counters["connects"] += 1
             self.last_error = ""
-            if self.counters["connects"] > 1:
-                log.warning("kvport: reconnected to server %s", self.address)
+            if was_down:
+                log.warning("kvport: connected to server %s (connection %d)", self.address, self.counters["connects"])
 
     def _mark_down(self, why: str) -> None:
         if self.up:

@@ -81,6 +81,9 @@ class NamespaceL1:
     def contains(self, key: str) -> bool:
         return self.pool.contains(key)
 
+    def count_prefix(self, keys) -> int:
+        return self.pool.count_prefix(keys)
+
     def acquire(self, key: str, wait_fill: float = 0.0) -> Lease | None:
         return self._cut(self.pool.acquire(key, wait_fill))
 
