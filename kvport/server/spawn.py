@@ -20,6 +20,7 @@ class ServerProcess:
     def __init__(self, workdir: str | os.PathLike, server: dict[str, Any], cache: dict[str, Any], env=None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.server = server
         self.address = server["address"]
         self.token = server.get("token")
         self.cache = cache
@@ -68,10 +69,14 @@ class ServerProcess:
         return fetch_stats(self.address, self.token)
 
     def kill(self) -> None:
-        """SIGKILL: the server gets no chance to clean up (what a crash looks like to its clients)."""
+        """SIGKILL: the server gets no chance to clean up (what a crash looks like to its clients). Its shared
+        memory is then removed here, as the next server started on the machine would, so tests leave none."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+            shm_dir = Path(self.server.get("shm_dir", "/dev/shm"))
+            for path in shm_dir.glob(f"kvport-{self.proc.pid}-*.l1"):
+                path.unlink(missing_ok=True)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc is None:
