@@ -122,10 +122,8 @@ class RequestHandlers:
             if len(request.data) != len(leases) or any(len(d) != ns.chunk_bytes for d in request.data):
                 ns.store.abort(leases)
                 raise P.ProtocolError("malformed", f"commit: expected {len(leases)} chunks of {ns.chunk_bytes} bytes")
-            import torch
-
             for lease, data in zip(leases, request.data):
-                lease.buffer.copy_(torch.frombuffer(data, dtype=torch.uint8))
+                lease.buffer.numpy()[:] = memoryview(data).cast("B")  # the frame is read-only: copy, no tensor view
         elif request.data:
             ns.store.abort(leases)
             raise P.ProtocolError("malformed", "commit: chunk data on the shared-memory transport")

@@ -226,9 +226,12 @@ class RemoteCache:
         try:
             if self._staged:
                 buffers = self._staging(count)
-                sources = self._views(header["off"]) or [_frame_tensor(d) for d in data]
-                for buffer, source in zip(buffers, sources):
-                    buffer.copy_(source)
+                slots = self._views(header["off"])
+                for i, buffer in enumerate(buffers):
+                    if slots is not None:
+                        buffer.copy_(slots[i])
+                    else:  # the socket's frames are read-only bytes: copied into the staging buffer
+                        buffer.numpy()[:] = memoryview(data[i]).cast("B")
                 if pin:
                     self._call("release", {"pin": pin, "ok": True})  # copied out: the slots may go
                     pin = 0
@@ -353,9 +356,3 @@ class RemoteCache:
         self._check_open()
         if self.mover is None:
             raise RuntimeError("RemoteCache.bind(descriptor) must be called before load/store (worker side)")
-
-
-def _frame_tensor(frame) -> torch.Tensor:
-    import torch
-
-    return torch.frombuffer(bytearray(frame) if isinstance(frame, bytes) else frame, dtype=torch.uint8)

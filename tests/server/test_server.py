@@ -269,3 +269,22 @@ def test_token_and_socket_permissions_keep_others_out(tmp_path) -> None:
             ["/usr/bin/python3", "-c", code], capture_output=True, text=True, user="nobody", timeout=30
         )
         assert out.stdout.split("\n")[:2] == ["socket denied", "shm denied"], out
+
+
+def test_tcp_on_loopback_works_with_shared_memory(tmp_path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    with ServerProcess(tmp_path, {"address": address}, {"l1_bytes": L1_BYTES}):
+        writer, _ = _cache(address, seed=10)
+        count = 4 * CHUNK
+        assert writer.store(tokens(10, count), list(range(8))) == count
+        reader, kv = _cache(address)
+        assert reader.load(tokens(10, count), list(range(8, 16)), count) == count
+        assert blocks_equal(nhd_kv(num_blocks=64, seed=10)[0], kv, list(range(8)), list(range(8, 16)))
+        assert reader.stats()["server"]["transport"] == "shm"
+        writer.close()
+        reader.close()

@@ -198,4 +198,9 @@ def test_tensor_parallel_2_ranks_share_through_the_server(engines: Engines) -> N
         worker = result["kvport_stats"][f"worker{rank}"]
         assert worker["rank"] == rank and worker["cache"]["tokens_loaded"] == engines.shared
     assert stats["namespaces"] == 2  # one per rank's shard
-    print(f"tp2 engine with kvport server: {wall:.1f} s wall for start + 2 prompts")
+    walls = [round(r["wall_s"], 2) for r in result["results"]]
+    base_walls = [round(r["wall_s"], 2) for r in base["results"]]
+    print(
+        f"tp2 with kvport server: {wall:.1f} s in all, engine start {result['engine_start_s']:.1f} s, prompts {walls} s"
+        f" (without kvport: start {base['engine_start_s']:.1f} s, prompts {base_walls} s)"
+    )

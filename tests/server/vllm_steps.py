@@ -31,6 +31,7 @@ def main(request_path: str, result_path: str) -> int:
             kv_load_failure_policy="recompute",
             kv_connector_extra_config=request["kvport"],
         )
+    started = time.perf_counter()
     llm = LLM(
         request["model"],
         enforce_eager=True,
@@ -41,6 +42,7 @@ def main(request_path: str, result_path: str) -> int:
         seed=0,
         **kwargs,
     )
+    engine_start_s = time.perf_counter() - started
     params = SamplingParams(max_tokens=request["max_tokens"], temperature=0.0)
     results = []
     for step in request["steps"]:
@@ -53,13 +55,16 @@ def main(request_path: str, result_path: str) -> int:
                     raise TimeoutError(f"marker {step['wait']} did not appear in {WAIT_S} s")
                 time.sleep(0.05)
         else:
+            started = time.perf_counter()
             out = llm.generate([step["prompt"]], params, use_tqdm=False)[0]
+            wall = time.perf_counter() - started
             results.append(
                 {
                     "prompt_ids": list(out.prompt_token_ids),
                     "prompt_tokens": len(out.prompt_token_ids),
                     "cached_tokens": out.num_cached_tokens or 0,
                     "output_ids": list(out.outputs[0].token_ids),
+                    "wall_s": wall,
                 }
             )
     llm.llm_engine.engine_core.shutdown()
@@ -67,7 +72,8 @@ def main(request_path: str, result_path: str) -> int:
     stats = {}
     if stats_dir and Path(stats_dir).is_dir():
         stats = {p.stem: json.loads(p.read_text()) for p in sorted(Path(stats_dir).glob("*.json"))}
-    Path(result_path + ".tmp").write_text(json.dumps({"results": results, "kvport_stats": stats}))
+    result = {"engine_start_s": engine_start_s, "results": results, "kvport_stats": stats}
+    Path(result_path + ".tmp").write_text(json.dumps(result))
     os.replace(result_path + ".tmp", result_path)
     return 0
 
