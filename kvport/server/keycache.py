@@ -31,6 +31,11 @@ class KeyCache:
         self.hits = 0
         self.derived = 0
 
+    def clear(self) -> None:
+        with self._lock:
+            self._lru.clear()
+            self._tokens = 0
+
     def keys(self, tokens: Sequence[int], num_tokens: int | None = None) -> list[str]:
         num_tokens = len(tokens) if num_tokens is None else min(num_tokens, len(tokens))
         chunks = num_tokens // self.chunk_tokens

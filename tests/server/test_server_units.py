@@ -89,3 +89,14 @@ def test_shared_l1_sizes_slots_by_the_first_model_and_refuses_larger_chunks(tmp_
     finally:
         arena.close()
     assert not (tmp_path / "a.l1").exists()
+
+
+def test_key_cache_clear_forgets_everything_and_caches_again() -> None:
+    cache = KeyCache(4, "ns", entries=4)
+    tokens = list(range(16))
+    for _ in range(50):
+        cache.clear()
+        cache.keys(tokens)
+    derived = cache.derived
+    cache.keys(tokens)
+    assert cache.derived == derived and cache.hits >= 1
