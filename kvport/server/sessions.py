@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvport.server.protocol import ProtocolError
 from kvport.store.l1 import Lease
 
 
@@ -66,6 +67,11 @@ class Session:
         return now - self.last_seen < timeout_s
 
 
+# Live sessions at most: a few per engine process (scheduler, one per rank) times many engines stays far below;
+# past it a hello is refused, so connections cannot grow the server's memory without bound.
+MAX_SESSIONS = 4096
+
+
 class Sessions:
     """Every live session, by routing id. Thread-safe: requests that touch tiers run on worker threads."""
 
@@ -82,6 +88,9 @@ class Sessions:
             old = self._by_route.pop(routing_id, None)
             if old is not None:
                 self._drop_locked(old)
+            if len(self._by_route) >= MAX_SESSIONS:
+                # Not the client's configuration: it serves without the server and retries (reason "busy").
+                raise ProtocolError("busy", f"the server already has {MAX_SESSIONS} client sessions")
             session = Session(next(self._ids), routing_id, transport, name, pid, verified, start, time.monotonic())
             self._by_route[routing_id] = session
             return session

@@ -35,7 +35,8 @@ class Platform:
 
     def register_host(self, tensor: torch.Tensor) -> bool:
         """Page-lock host memory allocated elsewhere (a mapped shared-memory file) so copy engines can address it;
-        True when registered. Here: nothing to do (no pinned memory on this platform), False."""
+        True when registered. Only CUDA and ROCm implement it; here it does nothing and says so with False (the
+        server client then stages through pinned memory where ``pinned_host`` says the platform needs it: XPU)."""
         return False
 
     def unregister_host(self, tensor: torch.Tensor) -> None:
