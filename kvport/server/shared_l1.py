@@ -52,8 +52,9 @@ class SharedL1:
     def usage(self) -> dict[str, int]:
         pool = self.pool
         if pool is None:
-            return {"slots": 0, "used": 0, "pinned": 0, "slot_bytes": self.slot_bytes or 0}
+            return {"slots": 0, "used": 0, "pinned": 0, "slot_bytes": self.slot_bytes or 0, "bytes": self.capacity}
         return {
+            "bytes": self.capacity,
             "slots": pool.num_slots,
             "used": len(pool),
             "pinned": pool.pinned_count(),

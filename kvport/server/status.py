@@ -79,7 +79,9 @@ def format_status(stats: dict[str, Any]) -> list[str]:
         f"clients      {stats['sessions']} connected, {stats['namespaces']} namespace(s)",
         f"hit rate     {rate}",
         f"tokens saved {c.get('tokens_loaded', 0):.0f} loaded into engines, {c.get('tokens_stored', 0):.0f} stored",
-        f"L1           {l1['used']}/{l1['slots']} slots used, {l1['pinned']} pinned, {l1['slot_bytes']} bytes/slot",
+        f"L1           {l1['used']}/{l1['slots']} slots used, {l1['pinned']} pinned, {l1['slot_bytes']} bytes/slot"
+        if l1["slots"]
+        else f"L1           {l1['bytes']} bytes, slots sized when the first model opens",
     ]
     for tier in stats.get("tiers", []):
         used = tier.get("bytes")
