@@ -99,8 +99,11 @@ def _cases(bench, layout: str, tokens: int, args):
     nbytes = kv.descriptor.canonical_bytes(tokens)
     chunks = tokens // chunk
     slot = -(-kv.descriptor.canonical_bytes(chunk) // 4096) * 4096
-    # The loaded prefix (kept pinned) plus three stores in flight; LRU recycles older stores' slots.
-    l1_bytes = max(5 * chunks * slot, 64 << 20)
+    # As an engine stores after each step: at most a few stores in flight (the host runs ahead of the device), up to
+    # 4 GiB of them (three 8K-token Llama stores, sixteen 256-token ones); L1 holds those plus the loaded prefix, so
+    # no store ever finds L1 full and stores less. LRU recycles older stores' slots.
+    max_in_flight = max(3, min(16, (4 << 30) // (chunks * slot)))
+    l1_bytes = max((max_in_flight + 2) * chunks * slot, 64 << 20)
     cfg = load_config(overrides={"chunk_tokens": chunk, "l1_bytes": l1_bytes}, environ={})
     engine = CacheEngine(cfg, f"bench-cache-{layout}")
     engine.bind(kv.descriptor)
@@ -109,10 +112,8 @@ def _cases(bench, layout: str, tokens: int, args):
     in_flight: list = []
 
     def store_once():
-        # As an engine stores after each step: new keys every time, at most three stores in flight (the host runs
-        # ahead of the device; L1 holds four sets, so no store ever finds L1 full and stores less).
-        counter[0] += 1
-        while len(in_flight) > 2:
+        counter[0] += 1  # new keys every time
+        while len(in_flight) >= max_in_flight:
             in_flight.pop(0).wait()
         ticket = engine.submit_store([counter[0], *range(tokens - 1)], ids, tokens)
         if ticket.tokens != tokens:
@@ -158,6 +159,10 @@ def _cases(bench, layout: str, tokens: int, args):
                     row[f"{name}_gemm"] = gemm
                 row["memcpy_gbps"] = limit
                 row["cache_vs_transfer"] = row["cache_ratio"] / row["transfer_ratio"]
+                if load == "gemm":
+                    row["step_ms"], row["step_added_ms"] = _step_cost(bench, fn)
+                    while in_flight:
+                        in_flight.pop(0).wait()
                 yield row
     finally:
         for lease in leases:
@@ -167,9 +172,42 @@ def _cases(bench, layout: str, tokens: int, args):
         torch.cuda.empty_cache()
 
 
+def _step_cost(bench, issue) -> tuple[float, float]:
+    """What one cache operation adds to a forward step it overlaps: a step of GEMMs (about 20 ms, like a prefill
+    step of a mid-size model) on its own stream, timed alone and with the operation issued as the step starts.
+    Returns (step ms alone, ms added), medians of five."""
+    import statistics
+
+    import torch
+
+    bench.gemm_solo_ms()
+    a, b, c = bench._gemm
+    n = max(1, int(20.0 / bench._gemm_solo_ms))
+    step_stream = torch.cuda.Stream(bench.device)
+
+    def step(with_op: bool) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        step_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(step_stream):
+            start.record()
+            for _ in range(n):
+                torch.matmul(a, b, out=c)
+            end.record()
+        if with_op:
+            issue()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    step(True)
+    alone = statistics.median(step(False) for _ in range(5))
+    loaded = statistics.median(step(True) for _ in range(5))
+    return alone, loaded - alone
+
+
 HEADER = (
     f"{'layout':16} {'tokens':>6} {'op':5} {'path':9} {'load':5} {'MiB':>7} {'transfer':>8} {'(gemm)':>6} "
-    f"{'cache':>6} {'(gemm)':>6} {'cache/xfer':>10}"
+    f"{'cache':>6} {'(gemm)':>6} {'cache/xfer':>10} {'step +ms':>9}"
 )
 
 
@@ -180,7 +218,8 @@ def format_record(r: dict) -> str:
     return (
         f"{r['layout']:16} {r['tokens']:>6} {r['op']:5} {r['path']:9} {r['load']:5} {r['bytes'] / 2**20:7.1f} "
         f"{r['transfer_ratio']:8.3f} {gemm(r['transfer_gemm'])} {r['cache_ratio']:6.3f} {gemm(r['cache_gemm'])} "
-        f"{r['cache_vs_transfer']:10.3f}"
+        f"{r['cache_vs_transfer']:10.3f} "
+        + (f"{r['step_added_ms']:9.3f}" if r.get("step_added_ms") is not None else f"{'-':>9}")
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -15,12 +16,12 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kvport.errors import UserError
 
 BACKENDS = ("local-disk",)
+URL_SCHEMES = ("redis://", "rediss://", "unix://", "mooncake://")
 # Targets from issue 5: store and load at >= 90% of raw sequential throughput; lookup p99 < 100 us at 100k chunks.
 TARGET_RATIO = 0.9
 TARGET_LOOKUP_P99_US = 100.0
@@ -30,7 +31,11 @@ LOOKUP_SAMPLES = 20000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", required=True, help="storage tier and location, e.g. local-disk:/mnt/nvme/kv")
+    parser.add_argument(
+        "--backend",
+        required=True,
+        help="storage tier and location: local-disk:/mnt/nvme/kv, redis://host:6379/0, mooncake://master:50051",
+    )
     parser.add_argument("--chunk-mb", type=float, default=16.0, help="chunk size in MiB (default 16)")
     parser.add_argument("--chunks", type=int, default=64, help="chunks stored and loaded (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="load threads, as the cache's io_threads (default 2)")
@@ -42,12 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cold", action="store_true", help="drop the files from the page cache before each read phase")
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark directory afterwards")
+    parser.add_argument("--batch", type=int, default=4, help="remote tiers: chunks per batched call (default 4)")
+    parser.add_argument("--concurrency", type=int, default=2, help="remote tiers: calls in flight (default 2)")
+    parser.add_argument("--lookups", type=int, default=200, help="remote tiers: lookup samples per round (200)")
+    parser.add_argument("--verify", action="store_true", help="compare every loaded byte with what was stored")
+    parser.add_argument("--plot", type=Path, help="write throughput and latency as a PNG (needs matplotlib)")
 
 
 def parse_backend(spec: str) -> tuple[str, Path]:
     kind, sep, where = spec.partition(":")
     if kind not in BACKENDS:
-        raise UserError(f"--backend {spec!r}: unknown storage tier {kind!r}; known: {', '.join(BACKENDS)}")
+        known = ", ".join((*BACKENDS, *URL_SCHEMES))
+        raise UserError(f"--backend {spec!r}: unknown storage tier {kind!r}; known: {known}")
     if not sep or not where:
         raise UserError(f"--backend {spec!r}: expected {kind}:/path/to/directory")
     return kind, Path(where)
@@ -98,6 +109,15 @@ def _check_machine(args: argparse.Namespace, root: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib (pip install kvport[plot])") from None
+    if args.backend.startswith(URL_SCHEMES):
+        from kvport.bench.tier_bench import run_cli
+
+        return run_cli(args)
     kind, root = parse_backend(args.backend)
     work = root / f"kvport-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
@@ -116,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(result))
     if args.json is not None:
         _atomic_write(args.json, json.dumps(result, indent=1) + "\n")
+    if args.plot is not None:
+        from kvport.bench.storage_report import plot_disk
+
+        plot_disk(result, args.plot)
     return 0
 
 
@@ -130,7 +154,11 @@ class Bench:
         self.chunk_bytes = _chunk_bytes(args)
         self.total = self.chunk_bytes * args.chunks
         # Capacity far above what the run writes: eviction is measured by the tests, not here.
-        self.tier = LocalDiskTier(work / "l2", capacity_bytes=1 << 50)
+        self.tier = LocalDiskTier(
+            work / "l2", capacity_bytes=1 << 50, read_threads=args.threads, write_threads=args.write_threads
+        )
+        # A failed store ends the run with one line of its own: the tier's warnings (disk full...) would repeat it.
+        logging.getLogger("kvport.store").setLevel(logging.ERROR)
         gen = torch.Generator().manual_seed(0)
         # Random bytes, as KV is incompressible; one buffer per chunk so threads never share one.
         self.src = [torch.randint(0, 256, (self.chunk_bytes,), dtype=torch.uint8, generator=gen)]
@@ -152,6 +180,7 @@ class Bench:
             "write_threads": self.args.write_threads,
             "rounds": self.args.rounds,
             "cold": self.args.cold,
+            "verify": self.args.verify,
         }
         # Rounds interleave raw and tier phases (raw write, store, raw read, load) so both see the same disk and
         # page-cache state; this VM's throughput drifts by 2x within a minute (writeback, memory reclaim).
@@ -236,23 +265,23 @@ class Bench:
 
     # ---- the tier --------------------------------------------------------------------------------------------
     def store(self, keys: list[str]) -> dict:
+        """The tier's batched put, as ChunkStore calls it, ``write_threads`` calls in flight (one chunk each)."""
+        from kvport.bench.tier_bench import run_windowed
+
         progress = _progress(self.args.chunks, "store")
-        latencies: list[float] = []
 
-        def put(i: int) -> None:
-            t0 = time.perf_counter()
-            if not self.tier.put_one(keys[i], self.fingerprint, self.src[i % len(self.src)]):
+        def submit(i: int):
+            return self.tier.put([keys[i]], self.fingerprint, [self.src[i % len(self.src)]])
+
+        out = run_windowed(list(range(self.args.chunks)), submit, self.args.write_threads, progress)
+        for i, stored in enumerate(out["outcomes"]):
+            if not stored[0]:
                 raise UserError(f"--backend {self.args.backend}: {self._put_failed(i)}")
-            latencies.append(time.perf_counter() - t0)
-            progress.update()
-
         start = time.perf_counter()
-        with ThreadPoolExecutor(self.args.write_threads) as pool:
-            list(pool.map(put, range(self.args.chunks)))
         _sync()  # same durability point as the raw phase
-        elapsed = time.perf_counter() - start
+        elapsed = out["elapsed"] + time.perf_counter() - start
         progress.close()
-        return _summary(self.total, elapsed, latencies)
+        return _summary(self.total, elapsed, out["chunk_lat"])
 
     def _put_failed(self, i: int) -> str:
         """Why a tier put failed, as far as the filesystem says (the tier only answers False)."""
@@ -264,33 +293,39 @@ class Bench:
         return f"store of chunk {i} failed under {self.work} ({why})"
 
     def load(self, keys: list[str]) -> dict:
-        from kvport.store.tiers.base import ReadResult
+        """The tier's batched get, ``threads`` calls in flight (one chunk each, each into its own buffer)."""
+        from kvport.bench.tier_bench import run_windowed
 
         if self.args.cold:
             _drop_cache([self.tier.path(k) for k in keys])
         progress = _progress(self.args.chunks, "load")
-        latencies: list[float] = []
-        local = threading.local()
-        counter = iter(range(len(self.dst)))
+        free = list(range(len(self.dst)))
         lock = threading.Lock()
+        bad: list[str] = []
 
-        def get(i: int) -> None:
-            if not hasattr(local, "buf"):
+        def submit(i: int):
+            with lock:
+                slot = free.pop()
+            dst = self.dst[slot]
+            future = self.tier.get([keys[i]], self.fingerprint, [dst])[0]
+
+            def done(f) -> None:
+                result = f.result()
+                if result.value != "hit":
+                    bad.append(f"load of chunk {i}: {result.value}")
+                elif self.args.verify and not torch_equal(dst, self.src[i % len(self.src)]):
+                    bad.append(f"load of chunk {i}: bytes differ from what was stored")
                 with lock:
-                    local.buf = self.dst[next(counter)]
-            t0 = time.perf_counter()
-            result = self.tier.get_one(keys[i], self.fingerprint, local.buf)
-            if result is not ReadResult.HIT:
-                raise RuntimeError(f"load of chunk {i}: {result.value}")
-            latencies.append(time.perf_counter() - t0)
-            progress.update()
+                    free.append(slot)
 
-        start = time.perf_counter()
-        with ThreadPoolExecutor(self.args.threads) as pool:
-            list(pool.map(get, range(self.args.chunks)))
-        elapsed = time.perf_counter() - start
+            future.add_done_callback(done)
+            return [future]
+
+        out = run_windowed(list(range(self.args.chunks)), submit, self.args.threads, progress)
         progress.close()
-        return _summary(self.total, elapsed, latencies)
+        if bad:
+            raise UserError(f"--backend {self.args.backend}: {bad[0]}")
+        return _summary(self.total, out["elapsed"], out["chunk_lat"])
 
     def lookup(self) -> dict:
         """Latency of CacheEngine.lookup for a one-chunk prefix (key derivation + tier check), hits and misses,
@@ -339,6 +374,12 @@ class Bench:
             "miss_p50_us": pct(misses, 50),
             "miss_p99_us": pct(misses, 99),
         }
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
 
 
 def _summary(total: int, elapsed: float, latencies: list[float]) -> dict:
@@ -397,7 +438,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"storage: {r['backend']}  {r['chunks']} chunks x {mib:g} MiB x {r['rounds']} rounds, "
         f"{r['write_threads']} store / {r['threads']} load threads"
-        + (", cold page cache" if r["cold"] else ", warm page cache"),
+        + (", cold page cache" if r["cold"] else ", warm page cache")
+        + (", every byte verified" if r.get("verify") else ""),
         f"machine: {r['machine']}",
         f"raw sequential   write {r['raw']['write_gbps']:.3f} GB/s   read {r['raw']['read_gbps']:.3f} GB/s",
         f"store  {s['gbps']:.3f} GB/s  ratio {s['ratio_to_raw']:.2f}  p50 {s['p50_ms']:.2f} ms  "

@@ -17,6 +17,7 @@ from kvport.store.tiers import check_tier_spec
 from kvport.yamlio import load_yaml
 
 GiB = 1 << 30
+KEY_SCHEMES = ("kvport", "sglang")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,15 @@ class CacheConfig:
     l2_fsync: bool = False
     # Tenant isolation: different salts never share a key.
     salt: str = ""
+    # How chunk keys derive from tokens: "kvport" (blake2b chain over int64 token chunks) or "sglang" (SGLang
+    # HiCache's page-hash chain, chunks = SGLang pages; kvport/store/page_keys.py). Engines that share chunks with
+    # SGLang use "sglang" with chunk_tokens equal to SGLang's page size.
+    key_scheme: str = "kvport"
     # Copy backend name (as in the registry); None lets the registry pick (and honours KVPORT_BACKEND).
     backend: str | None = None
+    # Transfer path on GPUs: auto (the planner), dma (copy engines), staged (SM gather + copy) or zero-copy. Which is
+    # fastest differs between machines of one kind (docs/performance.md, H200): pin it where you measured.
+    transfer_path: str = "auto"
     # Write chunks to L2 in background threads; False writes them before store() returns.
     async_store: bool = True
     # Read L2 chunks ahead of the one being scattered during a load.
@@ -81,6 +89,12 @@ class CacheConfig:
             ("max_pending_stores", self.max_pending_stores >= 1, "at least 1"),
             ("prefetch_depth", self.prefetch_depth >= 1, "at least 1"),
             ("metrics_port", self.metrics_port is None or 0 < self.metrics_port < 65536, "a TCP port or null"),
+            (
+                "transfer_path",
+                self.transfer_path in ("auto", "dma", "staged", "zero-copy"),
+                "auto, dma, staged or zero-copy",
+            ),
+            ("key_scheme", self.key_scheme in KEY_SCHEMES, " or ".join(KEY_SCHEMES)),
             ("server_transport", self.server_transport in ("shm", "copy"), "shm or copy"),
             ("server_timeout_ms", self.server_timeout_ms >= 1, "at least 1"),
         ]
@@ -290,9 +304,9 @@ def load_config(
 
 
 def check_machine_limits(config: CacheConfig, source: str = "cache config") -> None:
-    """What this machine can hold, checked before anything is allocated (call it before bind): an L1 pool larger
-    than the memory (or than what is available now), a disk tier larger than its filesystem. One UserError line,
-    starting with ``source`` (e.g. ``cache config /etc/kv.yaml``)."""
+    """What this machine can hold, checked before anything is allocated (CacheEngine.bind calls it): an L1 pool larger
+    than the memory (or than what is available now), a disk tier (l2_path or in tiers) larger than its filesystem.
+    One UserError line, starting with ``source`` (e.g. ``cache config /etc/kv.yaml``)."""
     from kvport.machine import available_memory, disk_space, total_memory  # noqa: PLC0415
 
     total, free = total_memory(), available_memory()
@@ -311,6 +325,17 @@ def check_machine_limits(config: CacheConfig, source: str = "cache config") -> N
                 f"{source}: l2_bytes={_size(config.l2_bytes)} is more than the filesystem of l2_path "
                 f"{config.l2_path} ({_size(space.total)})"
             )
+    for i, spec in enumerate(config.tiers):
+        if spec.get("type") == "local_disk":
+            from kvport.store.tiers.local_disk import parse_options  # noqa: PLC0415
+
+            opts = parse_options(spec, f"{source}: tiers[{i}]")
+            space = disk_space(opts["path"])
+            if space is not None and opts["bytes"] > space.total:
+                raise UserError(
+                    f"{source}: tiers[{i}] bytes={_size(opts['bytes'])} is more than the filesystem of "
+                    f"{opts['path']} ({_size(space.total)})"
+                )
 
 
 def _size(nbytes: int) -> str:

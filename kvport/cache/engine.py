@@ -66,10 +66,12 @@ class CacheEngine:
                     f"cache config: chunk_tokens={self.chunk_tokens} is not a multiple of layout "
                     f"{descriptor.layout} group {group.name!r} tokens_per_block={group.tokens_per_block}"
                 )
+        from kvport.cache.config import check_machine_limits
         from kvport.cache.mover import ChunkMover
         from kvport.hal.platform import detect_platform
         from kvport.hal.platforms import platform_for_device
 
+        check_machine_limits(self.config)  # L1 beyond memory, a disk tier beyond its filesystem: before allocating
         info = detect_platform()
         platform = platform_for_device(descriptor.streams[0].buffer.device, info)
         if backend is None:
@@ -81,9 +83,22 @@ class CacheEngine:
             except BackendError as exc:
                 raise UserError(f"cache config: {exc}") from None
         chunk_bytes = descriptor.canonical_bytes(self.chunk_tokens)
-        self.chunks.open_l1(chunk_bytes, descriptor.fingerprint, platform.host_empty)
-        self._scratch = platform.host_empty(chunk_bytes)
-        self.mover = ChunkMover(descriptor, backend, platform)
+        try:
+            self.chunks.open_l1(chunk_bytes, descriptor.fingerprint, platform.host_empty)
+            self._scratch = platform.host_empty(chunk_bytes)
+        except (MemoryError, RuntimeError) as exc:  # e.g. pinned memory past `ulimit -l` or the driver's limit
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise UserError(f"cache config: l1_bytes={self.config.l1_bytes} cannot be allocated ({reason})") from None
+        mover = ChunkMover(descriptor, backend, platform, path=self.config.transfer_path)
+        if self.config.transfer_path != "auto":
+            if mover.transfer is None:
+                raise UserError(
+                    f"cache config: transfer_path={self.config.transfer_path}: moves on {platform.name} are synchronous"
+                )
+            why = mover.transfer.allowed(descriptor).get(self.config.transfer_path)
+            if why:
+                raise UserError(f"cache config: transfer_path={self.config.transfer_path} cannot run here: {why}")
+        self.mover = mover
 
     @property
     def descriptor(self) -> CopyDescriptor | None:
@@ -112,6 +127,11 @@ class CacheEngine:
         self._check_open()
         return self.chunks.lookup(tokens) * self.chunk_tokens
 
+    def lookup_keys(self, keys) -> int:
+        """Leading chunks of ``keys`` (derived by the adapter) cached in L1 or any tier, in chunks."""
+        self._check_open()
+        return self.chunks.lookup_keys(keys)
+
     # ---- store -------------------------------------------------------------------------------------------
     def submit_store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0) -> Ticket:
         """Gather the full chunks of ``tokens[:num_tokens]`` out of the engine blocks into L1, asynchronously.
@@ -124,13 +144,21 @@ class CacheEngine:
         self._check_bound()
         num_tokens = len(tokens) if num_tokens is None else num_tokens
         keys = self.chunks.keys(tokens[:num_tokens])
+        return self.submit_store_keys(keys, block_ids, skip_tokens // self.chunk_tokens)
+
+    def submit_store_keys(self, keys, block_ids, skip_chunks: int = 0) -> Ticket:
+        """``submit_store`` for chunk keys the engine adapter derived itself (one per full chunk, in token order)."""
+        self._check_bound()
+        keys = list(keys)
         tables = self.descriptor.normalize_block_ids(block_ids)
         own = frozenset(keys)
-        cap = max(1, self.chunks.l1.num_slots - 1)  # one slot always stays for loads and other requests
+        # One slot always stays for loads and other requests. The request's chunks still pinned by its earlier
+        # stores (a gather or tier write in flight) count against its share: vLLM stores a long prompt step by step.
+        cap = max(1, self.chunks.l1.num_slots - 1) - self.chunks.l1.pinned_count(among=own)
         leases: list[Lease] = []
         indices: list[int] = []
-        for index in self.chunks.absent(keys, skip_tokens // self.chunk_tokens):
-            if len(leases) == cap:
+        for index in self.chunks.absent(keys, skip_chunks):
+            if len(leases) >= cap:
                 self.metrics.inc("skipped", len(keys) - index, reason="l1_share")
                 break
             lease = self.chunks.reserve(keys[index], protect=own)
@@ -186,7 +214,12 @@ class CacheEngine:
         multiple of chunk_tokens), known when this returns. Every chunk was checksummed before it is scattered. The
         engine orders its stream after ``ticket.completion`` before it reads the blocks."""
         self._check_bound()
-        keys = self.chunks.keys(tokens[:num_tokens])
+        return self.submit_load_keys(self.chunks.keys(tokens[:num_tokens]), block_ids)
+
+    def submit_load_keys(self, keys, block_ids) -> Ticket:
+        """``submit_load`` for chunk keys the engine adapter derived itself (one per full chunk, in token order)."""
+        self._check_bound()
+        keys = list(keys)
         tables = self.descriptor.normalize_block_ids(block_ids)
         completions = []
         batch: list[tuple[int, Lease]] = []

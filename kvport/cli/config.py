@@ -24,8 +24,12 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     path = args.file or os.environ.get("KVPORT_CONFIG")
     check_machine_limits(config, f"cache config {path}" if path else "cache config")
+    from kvport.store.tiers import shown_spec
+
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
+        if field.name == "tiers":  # never print a password
+            value = tuple(shown_spec(spec) for spec in value)
         shown = "<set>" if not field.repr and value is not None else repr(value)  # secrets (server_token)
         print(f"{field.name:20} {shown}")
     return 0

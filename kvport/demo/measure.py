@@ -34,6 +34,9 @@ class Params:
     max_batched_tokens: int = 1024
     dims: ModelDims = dataclasses.field(default_factory=ModelDims)
     timeout_s: float = 600.0
+    # A shared tier URL (redis://..., mooncake://...): the second kvport engine then gets its own empty disk tier, so
+    # every hit it shows came through the shared server, as on a second machine.
+    shared: str | None = None
 
 
 def _tokenizer(model_dir: Path):
@@ -84,17 +87,38 @@ def measure(params: Params, progress=None) -> dict[str, Any]:
     plain_prompts = q * params.repeats + prompts["heads"] * params.repeats
     plain = run_engine({**base, "prompts": plain_prompts}, work, params.timeout_s, "plain")
 
+    if params.shared:
+        kv["tiers"] = [params.shared]
+
     def with_kvport(label: str) -> dict:
         stats = work / f"stats-{label}"
         shutil.rmtree(stats, ignore_errors=True)
-        config = {"prompts": q * params.repeats, "kvport": {**kv, "stats_dir": str(stats)}}
+        own = {}
+        if params.shared:  # each engine its own disk: only the shared server connects them
+            own = {"l2_path": str(work / f"l2-{label}")}
+            shutil.rmtree(own["l2_path"], ignore_errors=True)
+        config = {"prompts": q * params.repeats, "kvport": {**kv, **own, "stats_dir": str(stats)}}
         return run_engine({**base, **config}, work, params.timeout_s, f"kvport-{label}")
 
     say("engine 2/3: vLLM with kvport, empty cache (the first question stores the prefix)")
     cold = with_kvport("cold")
-    say("engine 3/3: vLLM with kvport restarted (a fresh process on the same disk cache)")
+    if params.shared:
+        say(f"engine 3/3: vLLM with kvport, its own empty L1 and disk, sharing only {_shown(params.shared)}")
+    else:
+        say("engine 3/3: vLLM with kvport restarted (a fresh process on the same disk cache)")
     warm = with_kvport("warm")
     return summarize(params, plain, cold, warm, n, time.perf_counter() - t0)
+
+
+def _second(result: dict[str, Any]) -> str:
+    """What the third engine is: a restart on the same disk, or a second engine sharing only a server."""
+    return "second engine (shared)" if result["params"].get("shared") else "restarted engine"
+
+
+def _shown(url: str) -> str:
+    from kvport.store.tiers.remote import redact_url
+
+    return redact_url(url)
 
 
 def _question(plain_q: list[dict], cold: dict, warm: dict, i: int, n: int) -> list[dict]:
@@ -194,7 +218,7 @@ def format_table(result: dict[str, Any]) -> str:
     rows, s = result["rows"], result["summary"]
     head = (
         f"{'question':>8} {'prompt':>6} | {'no kvport':>9} | {'kvport, first engine':^28} | "
-        f"{'kvport, restarted engine':^28}"
+        f"{'kvport, ' + _second(result):^28}"
     )
     sub = f"{'':>8} {'tokens':>6} | {'TTFT':>9} | {'loaded':>7} {'computed':>8} {'TTFT':>9}  | "
     sub += f"{'loaded':>7} {'computed':>8} {'TTFT':>9}"
@@ -207,8 +231,8 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines.append("-" * len(head))
     lines.append(
-        f"hit rate: first engine {s['hit_rate_cold']:.0%}, restarted engine {s['hit_rate_warm']:.0%}.  "
-        f"TTFT without kvport -> restarted engine with kvport: median {_ms(s['mean_ttft_plain_s'])} -> "
+        f"hit rate: first engine {s['hit_rate_cold']:.0%}, {_second(result)} {s['hit_rate_warm']:.0%}.  "
+        f"TTFT without kvport -> {_second(result)} with kvport: median {_ms(s['mean_ttft_plain_s'])} -> "
         f"{_ms(s['mean_ttft_warm_s'])} ({s['speedup_warm']:.1f}x), best {_ms(s['mean_best_ttft_plain_s'])} -> "
         f"{_ms(s['mean_best_ttft_warm_s'])} ({s['speedup_best']:.1f}x)"
     )

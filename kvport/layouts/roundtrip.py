@@ -53,14 +53,6 @@ def _ids(spec: LayoutSpec, plan: Plan) -> list:
     return list(plan.block_ids[0]) if len(spec.groups) == 1 else [list(t) for t in plan.block_ids]
 
 
-def _sync(device) -> None:
-    """Backends may run asynchronously on the current stream; results are read only after it finishes."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _fork(generator: torch.Generator) -> torch.Generator:
     import torch
 
@@ -108,8 +100,7 @@ def gather_checked(
     # One guard byte past the chunk: a backend writing past canonical_bytes is caught.
     dst = staging_buffer(need + 1, device, staging)
     guard = dst[need:].clone()
-    backend.gather(kv.descriptor, ids, dst, plan.num_tokens)
-    _sync(device)
+    backend.gather(kv.descriptor, ids, dst, plan.num_tokens).wait()  # results are read only once it finished
     want = canonical_from_tokens(spec, kv.tensors, ids, plan.num_tokens)
     got = dst[:need].cpu()
     if not torch.equal(got, want):
@@ -130,8 +121,7 @@ def scatter_checked(
     before = [s.cpu().clone() for s in expected.storages]
     ids = _ids(spec, plan)
     write_tokens(spec, expected.tensors, ids, plan.num_tokens, chunk.cpu())
-    backend.scatter(chunk, target.descriptor, ids, plan.num_tokens)
-    _sync(device)
+    backend.scatter(chunk, target.descriptor, ids, plan.num_tokens).wait()
     problem = _compare_storages(target, expected, before)
     return f"scatter: {problem}" if problem else ""
 

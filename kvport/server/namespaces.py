@@ -56,6 +56,8 @@ class Namespaces:
             if ns.l1 is None:
                 if chunk_bytes <= 0 or chunk_tokens <= 0:
                     raise UserError(f"namespace {name[:80]}: chunk_tokens and chunk_bytes must be positive")
+                for tier in self.tiers:
+                    tier.check_chunk(chunk_bytes)  # a tier that cannot hold one chunk would keep nothing
                 ns.l1 = self.l1.view_for(chunk_bytes)
                 ns.chunk_tokens, ns.chunk_bytes, ns.fingerprint = chunk_tokens, chunk_bytes, fingerprint
                 ns.store.use_l1(ns.l1, fingerprint)

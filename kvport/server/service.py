@@ -71,6 +71,8 @@ class Server(RequestHandlers):
             )
             chown_to_group(self.arena.path, server.group)
             self.l1 = SharedL1(self.arena, cache.l1_bytes, self.metrics, server.slot_bytes)
+            for tier in self.tiers:  # every slot of every namespace is a slice of the arena
+                tier.register_memory(self.arena.tensor)
             self.namespaces = Namespaces(cache, self.tiers, self.l1)
             self.sessions = Sessions()
             self.pool = cf.ThreadPoolExecutor(server.threads, thread_name_prefix="kvport-server")

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvport.errors import UserError
@@ -75,8 +75,12 @@ class ChunkStore:
                 f"cache config: l1_bytes={self.config.l1_bytes} is smaller than one chunk ({slot_bytes} bytes with "
                 f"alignment, chunk_tokens={self.chunk_tokens})"
             )
+        for tier in self.tiers:
+            tier.check_chunk(chunk_bytes)  # a tier that cannot hold one chunk would evict on every write, keep nothing
         self.l1 = L1Pool(self.config.l1_bytes, chunk_bytes, metrics=self.metrics, allocate=allocate)
         self.fingerprint = fingerprint
+        for tier in self.tiers:  # once, so a zero-copy tier can register L1 with its transport
+            tier.register_memory(self.l1.memory)
 
     def use_l1(self, l1: Any, fingerprint: str) -> None:
         """Use an L1 someone else owns (the server's shared pool, through a view with L1Pool's calls)."""
@@ -87,6 +91,10 @@ class ChunkStore:
     # ---- keys and lookup -------------------------------------------------------------------------------------
     def iter_keys(self, tokens) -> Iterator[str]:
         """One key per full chunk of ``tokens``, derived as asked for (a lookup that stops early hashes no further)."""
+        if self.config.key_scheme == "sglang":
+            from kvport.store.page_keys import iter_page_keys
+
+            return iter_page_keys(tokens, self.chunk_tokens, self.namespace, self.config.salt)
         return iter_chunk_keys(tokens, self.chunk_tokens, self.namespace, self.config.salt)
 
     def keys(self, tokens) -> list[str]:
@@ -98,8 +106,8 @@ class ChunkStore:
         hit a few round trips per tier, never one per chunk."""
         return self.lookup_keys(self.iter_keys(tokens))
 
-    def lookup_keys(self, keys: Iterable[str]) -> int:
-        """``lookup`` of already derived chunk keys (consumed lazily, in order)."""
+    def lookup_keys(self, keys: Iterator[str] | Sequence[str]) -> int:
+        """``lookup`` for keys the engine derived itself (SGLang hands page hashes, not tokens)."""
         self._check_open()
         start = time.perf_counter()
         keys = iter(keys)
@@ -297,12 +305,20 @@ class ChunkStore:
     def _finish_read(self, key: str, lease: Lease, future: cf.Future) -> Any:
         """The reserved lease once the first tier's read finished: committed on a hit, else tried on the next tiers
         (a hit there is promoted to the faster tiers); None when no tier has a valid copy."""
-        result = _result(future)
         tier_index = 0
-        while result is not ReadResult.HIT and tier_index + 1 < len(self.tiers):
+        result = _result(future, self.tiers[0].timeout_s)
+        while result is not ReadResult.HIT and tier_index + 1 < len(self.tiers) and future.done():
             self.metrics.inc("misses", op="load", tier=self.tiers[tier_index].kind)
             tier_index += 1
-            result = _result(self.tiers[tier_index].get([key], self.fingerprint, [lease.buffer])[0])
+            future = self.tiers[tier_index].get([key], self.fingerprint, [lease.buffer])[0]
+            result = _result(future, self.tiers[tier_index].timeout_s)
+        if not future.done():
+            # Past the tier's time bound: a miss for this request, but the tier may still write into the slot, so it
+            # stays reserved (invisible, never reused) until the read really ends.
+            self.metrics.inc("misses", op="load", tier=self.tiers[tier_index].kind)
+            self.metrics.inc("failures", tier=self.tiers[tier_index].kind, reason="timeout")
+            future.add_done_callback(lambda _f: self.l1.abort(lease))
+            return None
         if result is not ReadResult.HIT:
             self.metrics.inc("misses", op="load", tier=self.tiers[tier_index].kind)
             self.l1.abort(lease)
@@ -326,9 +342,16 @@ class ChunkStore:
     def read_into(self, key: str, dst: torch.Tensor) -> bool:
         """Read a chunk from the first tier that has a valid copy straight into ``dst`` (L1 bypassed)."""
         for tier in self.tiers:
-            if _result(tier.get([key], self.fingerprint, [dst])[0]) is ReadResult.HIT:
+            future = tier.get([key], self.fingerprint, [dst])[0]
+            if _result(future, tier.timeout_s) is ReadResult.HIT:
                 self.metrics.inc("hits", op="load", tier=tier.kind)
                 return True
+            if not future.done():
+                # ``dst`` is the caller's to reuse once this returns: a read past its bound is waited out here (the
+                # rare path: every L1 slot pinned and a tier not answering), never left writing into it.
+                self.metrics.inc("failures", tier=tier.kind, reason="timeout")
+                cf.wait([future])
+                return False
         return False
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -397,9 +420,12 @@ def _safe_contains(tier: Tier, keys: list[str]) -> int:
         return 0
 
 
-def _result(future: cf.Future) -> ReadResult:
+def _result(future: cf.Future, timeout: float | None = None) -> ReadResult:
+    """The read's outcome; IO_ERROR when it failed or is still running after ``timeout`` seconds (the tier's bound)."""
     try:
-        return future.result()
+        return future.result(timeout)
+    except cf.TimeoutError:
+        return ReadResult.IO_ERROR
     except Exception:
         _log.warning("kvport store: a tier read failed", exc_info=True)
         return ReadResult.IO_ERROR

@@ -78,7 +78,8 @@ def open_header(header: bytes, key: str, fingerprint: str) -> Header | ReadResul
 
 def seal(key: str, fingerprint: str, payload) -> bytes:
     """Header and payload as one value, for tiers that store a chunk as one object (key-value stores)."""
-    return seal_header(key, fingerprint, payload) + bytes(memoryview(payload).cast("B"))
+    view = memoryview(payload).cast("B")
+    return b"".join((seal_header(key, fingerprint, view), view))  # one copy of the payload, not two
 
 
 def open_into(value, key: str, fingerprint: str, dst: memoryview) -> ReadResult:

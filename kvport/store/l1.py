@@ -164,9 +164,12 @@ class L1Pool:
     def slot_size(chunk_bytes: int) -> int:
         return -(-chunk_bytes // SLOT_ALIGN) * SLOT_ALIGN
 
-    def pinned_count(self) -> int:
+    def pinned_count(self, among: Collection[str] | None = None) -> int:
+        """Slots pinned now (being filled, read or written to a tier); with ``among``, only those of these keys."""
         with self._lock:
-            return sum(1 for e in self._entries.values() if e.pins)
+            if among is None:
+                return sum(1 for e in self._entries.values() if e.pins)
+            return sum(1 for key in among if (e := self._entries.get(key)) is not None and e.pins)
 
     def _unpin(self, key: str) -> None:
         with self._lock:

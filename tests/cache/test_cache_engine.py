@@ -388,3 +388,11 @@ def test_flush_timeout_raises_while_writes_are_pending(tmp_path):
     engine.flush()
     assert all(engine.chunks.tiers[0].contains_one(k) for k in engine.chunk_keys(tokens))
     engine.close()
+
+
+def test_a_pinned_transfer_path_on_a_synchronous_platform_is_one_line(tmp_path):
+    _, desc = nhd_kv()
+    engine = make_engine(tmp_path, transfer_path="dma")
+    with pytest.raises(UserError, match="transfer_path=dma: moves on cpu are synchronous"):
+        engine.bind(desc, TorchBackend())
+    engine.close()

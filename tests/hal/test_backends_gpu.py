@@ -66,6 +66,7 @@ class HostPath:
         assert result.path == self.path
         result.synchronize()
         dst.copy_(host)
+        return result.completion
 
     def scatter(self, src, descriptor, ids, num_tokens):
         host = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
@@ -73,6 +74,7 @@ class HostPath:
         result = self.transfer.from_host(host, descriptor, ids, num_tokens, path=self.path)
         assert result.path == self.path
         result.synchronize()
+        return result.completion
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -202,7 +204,7 @@ def test_pageable_host_chunk_is_refused(backend_name):
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
-@pytest.mark.parametrize("mode", ["dma", "staged", "zero-copy"])
+@pytest.mark.parametrize("mode", ["dma", "staged", "staged-stacked", "zero-copy"])
 @pytest.mark.parametrize("layout", ["vllm-flash-nhd", "vllm-mla", "deepseek-v4"])
 def test_one_move_of_several_chunks_each_in_its_own_buffer(backend_name, mode, layout):
     """Transfer.move: chunks of one request (own block tables, own pinned buffers) in one pipeline, both ways,
@@ -224,8 +226,11 @@ def test_one_move_of_several_chunks_each_in_its_own_buffer(backend_name, mode, l
         ]
         for i in range(chunks)
     ]
-    # Small pieces: the staged ring alternates buffers within and across chunks.
-    transfer = Transfer(backend, "cuda", CostModel(piece_bytes=4096), native=native)
+    # staged: small pieces, so the ring alternates buffers within and across chunks; staged-stacked: pieces of 1 MiB,
+    # so several whole chunks go through one stacked launch (kvport.hal.transfer.stacking).
+    piece = 1 << 20 if mode == "staged-stacked" else 4096
+    mode = "staged" if mode == "staged-stacked" else mode
+    transfer = Transfer(backend, "cuda", CostModel(piece_bytes=piece), native=native)
     nbytes = d.canonical_bytes(per_chunk)
     hosts = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(chunks)]
     transfer.move("d2h", d, list(zip(tables, hosts)), per_chunk, path=mode).synchronize()

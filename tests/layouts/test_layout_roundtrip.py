@@ -14,27 +14,30 @@ from kvport.layouts.roundtrip import cross, roundtrip
 
 class FlipsAGatheredByte(TorchBackend):
     def gather(self, descriptor, block_ids, dst, num_tokens):
-        super().gather(descriptor, block_ids, dst, num_tokens)
+        done = super().gather(descriptor, block_ids, dst, num_tokens)
         dst[descriptor.canonical_bytes(num_tokens) // 2] ^= 0x5A
+        return done
 
 
 class WritesOutsideTheSlots(TorchBackend):
     def scatter(self, src, descriptor, block_ids, num_tokens):
-        super().scatter(src, descriptor, block_ids, num_tokens)
+        done = super().scatter(src, descriptor, block_ids, num_tokens)
         raw = storage_bytes(descriptor.streams[0].buffer)
         raw[-1] ^= 0xFF  # the last byte of the last block, which the plans never address in full
+        return done
 
 
 class DropsThePartialBlock(TorchBackend):
     def scatter(self, src, descriptor, block_ids, num_tokens):
         group = descriptor.groups[0]
-        super().scatter(src, descriptor, block_ids, num_tokens - num_tokens % group.tokens_per_block)
+        return super().scatter(src, descriptor, block_ids, num_tokens - num_tokens % group.tokens_per_block)
 
 
 class WritesPastTheChunk(TorchBackend):
     def gather(self, descriptor, block_ids, dst, num_tokens):
-        super().gather(descriptor, block_ids, dst, num_tokens)
+        done = super().gather(descriptor, block_ids, dst, num_tokens)
         dst[descriptor.canonical_bytes(num_tokens)] ^= 1
+        return done
 
 
 def test_every_catalog_layout_round_trips_with_torch():

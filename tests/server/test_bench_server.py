@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.server
+pytestmark = pytest.mark.servers
 pytest.importorskip("zmq", reason="pyzmq is not installed (nox -s e2e)")
 
 

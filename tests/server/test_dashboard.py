@@ -21,7 +21,7 @@ from kvport.server import protocol as P
 from kvport.server.spawn import ServerProcess
 from kvport.testing.kv import nhd_kv
 
-pytestmark = pytest.mark.server
+pytestmark = pytest.mark.servers
 pytest.importorskip("zmq", reason="pyzmq is not installed (nox -s e2e)")
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "kvport" / "server" / "grafana_dashboard.json"

@@ -12,7 +12,7 @@ from kvport.errors import UserError
 from kvport.server.spawn import ServerProcess
 from kvport.testing.kv import blocks_equal, nhd_kv
 
-pytestmark = pytest.mark.server
+pytestmark = pytest.mark.servers
 pytest.importorskip("zmq", reason="pyzmq is not installed (nox -s e2e)")
 
 L1_BYTES = 4 << 20  # 1024 slots of one 4 KiB test chunk

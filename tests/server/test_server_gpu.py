@@ -13,7 +13,6 @@ from kvport.server.spawn import ServerProcess
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.server,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm device"),
 ]
 pytest.importorskip("zmq", reason="pyzmq is not installed")

@@ -19,7 +19,7 @@ from kvport.server.spawn import ServerProcess
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.server,
+    pytest.mark.servers,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (nox -s e2e)"),
 ]
 

@@ -122,3 +122,18 @@ def test_acquire_waits_for_a_fill_in_progress():
     assert pool.acquire("y", wait_fill=10) is None  # the fill failed: absent, without waiting out the timeout
     assert pool.acquire("z", wait_fill=10) is None  # never reserved: returns at once
     assert pool.pinned_count() == 0
+
+
+def test_reserve_never_evicts_protected_chunks_and_counts_their_pins():
+    pool = L1Pool(3 * SLOT_ALIGN, CHUNK)
+    for key in ("a", "b", "c"):
+        fill(pool, key, 1)
+    assert pool.reserve("d", protect={"a", "b", "c"}) is None  # only protected chunks left: no slot, none evicted
+    assert all(pool.contains(k) for k in "abc") and pool.evictions == 0
+    lease = pool.reserve("d", protect={"a", "b"})  # "c" is the only one it may take
+    assert lease is not None and not pool.contains("c") and pool.contains("a") and pool.contains("b")
+    reader = pool.acquire("a")
+    assert pool.pinned_count() == 2 and pool.pinned_count(among={"a", "c"}) == 1 and pool.pinned_count(among=()) == 0
+    reader.release()
+    pool.abort(lease)
+    assert pool.pinned_count() == 0

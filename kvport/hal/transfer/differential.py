@@ -38,8 +38,7 @@ def check_gather(backend, descriptor, block_ids, num_tokens, chunk_device, **kwa
     ref_gather(descriptor, block_ids, expect, num_tokens)
     got = torch.full((need + 64,), 0xA5, dtype=torch.uint8, device=chunk_device)
     before = [b.clone() for b in buffers(descriptor)]
-    backend.gather(descriptor, block_ids, got, num_tokens, **kwargs)
-    _sync(got)
+    backend.gather(descriptor, block_ids, got, num_tokens, **kwargs).wait()
     assert torch.equal(got.cpu(), expect), f"{descriptor.layout} gather mismatch at {num_tokens} tokens"
     for a, b in zip(before, buffers(descriptor)):
         assert torch.equal(a, b), "gather modified engine memory"
@@ -55,13 +54,7 @@ def check_scatter(backend, descriptor, block_ids, num_tokens, chunk_device, seed
     for buf, orig in zip(buffers(descriptor), originals):
         buf.copy_(orig)
     assert any(not torch.equal(e, o) for e, o in zip(expect, originals)) or need == 0
-    backend.scatter(src.to(chunk_device), descriptor, block_ids, num_tokens, **kwargs)
+    backend.scatter(src.to(chunk_device), descriptor, block_ids, num_tokens, **kwargs).wait()
     for buf, want in zip(buffers(descriptor), expect):
-        _sync(buf)
         # Equal to the reference everywhere: addressed slots written, every other byte untouched.
         assert torch.equal(buf.cpu(), want.cpu()), f"{descriptor.layout} scatter mismatch at {num_tokens} tokens"
-
-
-def _sync(tensor: torch.Tensor) -> None:
-    if tensor.device.type == "cuda":
-        torch.cuda.synchronize(tensor.device)

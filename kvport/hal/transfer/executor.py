@@ -46,14 +46,29 @@ class TransferResult:
         self.completion.wait()
 
 
+# Most chunks one stacked launch moves (bounds the segment table a stack compiles; 64 x 9 MiB MLA chunks already
+# exceed the 256 MiB piece).
+MAX_STACK = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class _Work:
-    """One kernel-sized piece of one chunk: a sub-descriptor, that chunk's block ids and its host bytes."""
+    """What one kernel launch moves through one staging piece: a piece of a chunk (large chunks) or a stack of whole
+    chunks (kvport.hal.transfer.stacking), its block ids, and where its bytes go on the host."""
 
     sub: CopyDescriptor
     block_ids: Sequence
     flat_ids: object  # device block-id table for the backend, or None
-    host: torch.Tensor  # the piece's slice of the chunk's host buffer
+    hosts: tuple  # (host tensor, its offset in the staging piece) per destination
+    nbytes: int
+
+    def to_hosts(self, buf) -> None:
+        for host, offset in self.hosts:
+            host.copy_(buf[offset : offset + host.numel()], non_blocking=True)
+
+    def from_hosts(self, buf) -> None:
+        for host, offset in self.hosts:
+            buf[offset : offset + host.numel()].copy_(host, non_blocking=True)
 
 
 class Transfer:
@@ -82,6 +97,8 @@ class Transfer:
         self._pieces: dict = {}
         self._plans: dict = {}
         self._templates: dict = {}
+        self._host_storages: dict = {}
+        self._stacks: dict = {}
 
     def allowed(self, descriptor: CopyDescriptor) -> dict[str, str]:
         """Per path, "" if it can run here or the reason it cannot."""
@@ -176,6 +193,19 @@ class Transfer:
         event.record(done)
         return TransferResult(chosen.path, chosen.reason, EventCompletion(self.platform, self.device, event, keep))
 
+    def _check_host(self, host) -> None:
+        """The host side must be pinned. Asking the driver costs microseconds per buffer; L1 slots are views of one
+        allocation, so the answer is memoized per storage (held, so its address cannot be reused while cached)."""
+        storage = host.untyped_storage()
+        known = self._host_storages.get(storage.data_ptr())
+        if known is not None and known is storage:
+            return
+        if not self.platform.is_host_ready(host):
+            raise ValueError("transfer: a host chunk must be a pinned CPU tensor (torch.empty(..., pin_memory=True))")
+        if len(self._host_storages) > 64:
+            self._host_storages.clear()
+        self._host_storages[storage.data_ptr()] = storage
+
     def _order_after(self, after) -> None:
         issuer = self.platform.current_stream(self.device)
         for stream in (self.kernel_stream, self.dma_stream):
@@ -195,14 +225,17 @@ class Transfer:
         template = self._memo(
             self._templates, (num_tokens,), descriptor, lambda: region_template(descriptor, num_tokens)
         )
+        keep.append(template)
         with self.platform.stream_scope(self.dma_stream):
             for block_ids, host in chunks:
                 flat = flat_block_ids(descriptor, block_ids, num_tokens)
-                eng, can, size = template.fill(flat, host.data_ptr())
-                dsts, srcs = (can, eng) if direction == "d2h" else (eng, can)
-                keep.extend([dsts, srcs, size])
-                self.native.memcpy_regions(
-                    dsts, srcs, size, max_batch=self.model.dma_batch_regions, overlap=self.model.dma_overlap
+                self.native.memcpy_chunk(
+                    template,
+                    flat,
+                    host.data_ptr(),
+                    direction == "d2h",
+                    max_batch=self.model.dma_batch_regions,
+                    overlap=self.model.dma_overlap,
                 )
 
     def _piece_list(self, descriptor, num_tokens):
@@ -236,25 +269,50 @@ class Transfer:
         return self._staging[index]
 
     def _work(self, descriptor, chunks, num_tokens, keep) -> list[_Work]:
-        """Every piece of every chunk, in order, each with its chunk's device block table (one upload for all)."""
+        """The launches of a transfer, in order, with one upload of every chunk's block table. Chunks smaller than a
+        piece are stacked, up to a piece's worth per launch; larger ones are split into pieces of streams."""
         import torch
 
         from kvport.hal.transfer.segments import flat_block_ids
+        from kvport.hal.transfer.stacking import stacked_block_ids
 
-        flat = [None] * len(chunks)
+        flat, joined, sizes = [None] * len(chunks), None, []
         if getattr(self.backend, "accepts_flat_ids", False):
             tables = [flat_block_ids(descriptor, block_ids, num_tokens) for block_ids, _ in chunks]
             # From pinned memory without a host sync, so the launches below stay queued behind it on the stream.
             with self.platform.stream_scope(self.kernel_stream):
                 joined = torch.cat(tables).pin_memory().to(self.device, non_blocking=True)
             keep.append(joined)
-            flat = list(torch.split(joined, [t.numel() for t in tables]))
+            sizes = [t.numel() for t in tables]
+            flat = list(torch.split(joined, sizes))
+        chunk_bytes = descriptor.canonical_bytes(num_tokens)
+        per_launch = min(MAX_STACK, self.model.piece_bytes // max(chunk_bytes, 1))
+        if len(chunks) > 1 and per_launch > 1:
+            work, first = [], 0
+            while first < len(chunks):
+                group = chunks[first : first + per_launch]
+                k = len(group)
+                ids = None
+                if joined is not None:
+                    start = sum(sizes[:first])
+                    ids = joined[start : start + sum(sizes[first : first + k])]
+                stacked = self._stacked(descriptor, k)
+                hosts = tuple((host[:chunk_bytes], j * chunk_bytes) for j, (_, host) in enumerate(group))
+                block_ids = stacked_block_ids(descriptor, [b for b, _ in group])
+                work.append(_Work(stacked, block_ids, ids, hosts, k * chunk_bytes))
+                first += k
+            return work
         pieces = self._piece_list(descriptor, num_tokens)
         return [
-            _Work(sub, block_ids, ids, host[offset : offset + nbytes])
+            _Work(sub, block_ids, ids, ((host[offset : offset + nbytes], 0),), nbytes)
             for (block_ids, host), ids in zip(chunks, flat)
             for sub, offset, nbytes in pieces
         ]
+
+    def _stacked(self, descriptor, copies: int):
+        from kvport.hal.transfer.stacking import stack
+
+        return self._memo(self._stacks, (copies,), descriptor, lambda: stack(descriptor, copies))
 
     def _kernel(self, direction, work: _Work, buf, num_tokens) -> None:
         extra = {"flat_ids": work.flat_ids} if work.flat_ids is not None else {}
@@ -270,17 +328,17 @@ class Transfer:
         # (d2h, on the DMA stream) or scattering from them (h2d, on the kernel stream) when this one starts.
         self.kernel_stream.wait_stream(self.dma_stream)
         work = self._work(descriptor, chunks, num_tokens, keep)
-        size = max(w.host.numel() for w in work)
+        size = max(w.nbytes for w in work)
         if len(work) == 1:
             # One piece: kernel and copy on one stream, so a small transfer (a 256-token chunk: 0.6 ms of link
             # time) pays no cross-stream event waits between its kernel and its copy.
-            buf = self._stage(0, size)[: work[0].host.numel()]
+            buf = self._stage(0, size)[: work[0].nbytes]
             with self.platform.stream_scope(self.kernel_stream):
                 if direction == "h2d":
-                    buf.copy_(work[0].host, non_blocking=True)
+                    work[0].from_hosts(buf)
                 self._kernel(direction, work[0], buf, num_tokens)
                 if direction == "d2h":
-                    work[0].host.copy_(buf, non_blocking=True)
+                    work[0].to_hosts(buf)
             return self.kernel_stream
         self.dma_stream.wait_stream(self.kernel_stream)
         ring = min(len(work), self.model.staging_buffers)
@@ -292,20 +350,20 @@ class Transfer:
         )
         for k, item in enumerate(work):
             slot = k % ring
-            buf = bufs[slot][: item.host.numel()]
+            buf = bufs[slot][: item.nbytes]
             if freed[slot] is not None:
                 fill.wait_event(freed[slot])
             with self.platform.stream_scope(fill):
                 if direction == "d2h":
                     self._kernel(direction, item, buf, num_tokens)
                 else:
-                    buf.copy_(item.host, non_blocking=True)
+                    item.from_hosts(buf)
             filled = self.platform.new_event()
             filled.record(fill)
             drain.wait_event(filled)
             with self.platform.stream_scope(drain):
                 if direction == "d2h":
-                    item.host.copy_(buf, non_blocking=True)
+                    item.to_hosts(buf)
                 else:
                     self._kernel(direction, item, buf, num_tokens)
             freed[slot] = self.platform.new_event()

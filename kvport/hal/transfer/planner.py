@@ -21,11 +21,16 @@ class CostModel:
 
     link_gbps: float = 55.0  # pinned cudaMemcpy, 1 GiB, either direction
     d2d_gbps: float = 2926.0  # D2D memcpy counting read + write
-    # Per-region overhead of one cudaMemcpyBatchAsync, from `kvport bench kernels` on the H100 (2026-11-23):
-    # 32768 regions of 32 KiB (vllm-flash-nhd, 8192 tokens) reached 58.2% (D2H) and 45.7% (H2D) of memcpy, i.e.
-    # (19.57 ms / 0.582 - 19.57 ms) / 32768 = 0.43 us and (19.52 ms / 0.457 - 19.52 ms) / 32768 = 0.71 us.
-    region_us_d2h: float = 0.43
-    region_us_h2d: float = 0.71
+    # Per-region overhead of the copy engines once the host keeps ahead (regions filled natively, one batched call
+    # per chunk). H200, 2026-11-29, `.dev`-sweep recorded in docs/performance.md: 1024 regions of 32 KiB per
+    # 256-token NHD chunk reached 0.98-0.99 of memcpy both ways, i.e. under 0.01 us per region; 18 KiB MLA regions
+    # reached only 0.58-0.71 (D2H) and 0.10-0.23 (H2D): below some region size the engines stall per region.
+    region_us_d2h: float = 0.01
+    region_us_h2d: float = 0.01
+    # So the DMA path is taken only for regions at least this large (mean bytes per region, per direction), where it
+    # was measured at full speed; smaller rows go through SM kernels.
+    dma_min_region_bytes_d2h: int = 32 << 10
+    dma_min_region_bytes_h2d: int = 32 << 10
     launch_us: float = 8.0  # one kernel launch plus its event, from the host
     dma_call_us: float = 8.0  # one batched copy call (or the first of many) before the engine starts moving
     # SM kernels through mapped host memory reached 95% of the link (DESIGN.md prototype, NHD).
@@ -103,7 +108,17 @@ def plan(
             raise ValueError(f"path {path} cannot run: {allowed[path]}")
         return Plan(path, "requested", est)
     usable = [p for p in PATHS if not allowed.get(p)]
-    if nbytes > model.zero_copy_max_bytes and "zero-copy" in usable:
+    if not usable:
+        raise ValueError("no transfer path can run: " + "; ".join(f"{p}: {allowed[p]}" for p in PATHS))
+    floor = model.dma_min_region_bytes_d2h if direction == "d2h" else model.dma_min_region_bytes_h2d
+    mean_region = nbytes / max(regions, 1)
+    if "dma" in usable and mean_region >= floor:
+        # The copy engines at full speed and no SM time taken from the engine: nothing else does better, under
+        # load least of all (SM kernels wait for SMs the engine's kernels hold).
+        return Plan("dma", f"{nbytes} B in {regions} regions of {mean_region:.0f} B >= {floor} B: copy engines", est)
+    if "dma" in usable and len(usable) > 1:
+        usable.remove("dma")  # regions below the size the copy engines were measured to keep up with
+    if nbytes > model.zero_copy_max_bytes and "zero-copy" in usable and len(usable) > 1:
         usable.remove("zero-copy")  # would hold SMs for the whole transfer and slow the engine
     if not usable:
         raise ValueError("no transfer path can run: " + "; ".join(f"{p}: {allowed[p]}" for p in PATHS))

@@ -59,6 +59,20 @@ PYBIND11_MODULE(KVPORT_MODULE_NAME, m) {
       py::arg("dsts"), py::arg("srcs"), py::arg("sizes"), py::arg("count"), py::arg("stream") = 0,
       py::arg("batched") = true, py::arg("max_batch") = 0, py::arg("overlap") = false,
       "Copy-engine copies of count regions; dsts/srcs/sizes are host addresses of 64-bit arrays.");
+  m.def(
+      "memcpy_template",
+      [](std::uintptr_t eng_base, std::uintptr_t block_pos, std::uintptr_t block_stride, std::uintptr_t can_off,
+         std::uintptr_t size, std::size_t count, std::uintptr_t flat_ids, std::size_t n_ids, std::uintptr_t chunk,
+         bool to_host, std::uintptr_t stream, std::size_t max_batch, bool overlap) {
+        auto p = [](std::uintptr_t a) { return reinterpret_cast<const std::int64_t*>(a); };
+        check(kvport::memcpy_template({p(eng_base), p(block_pos), p(block_stride), p(can_off), p(size), count,
+                                       p(flat_ids), n_ids, chunk, to_host, stream, max_batch, overlap}),
+              "memcpy_template");
+      },
+      py::arg("eng_base"), py::arg("block_pos"), py::arg("block_stride"), py::arg("can_off"), py::arg("size"),
+      py::arg("count"), py::arg("flat_ids"), py::arg("n_ids"), py::arg("chunk"), py::arg("to_host"),
+      py::arg("stream") = 0, py::arg("max_batch") = 0, py::arg("overlap") = false,
+      "DMA of one chunk from a region template (host int64 arrays) and its flat block ids, copy engines only.");
   m.attr("HAS_BATCHED_MEMCPY") = kvport::has_batched_memcpy();
   m.def("runtime_info", []() {
     int count = 0, runtime = 0, driver = 0;

@@ -1,5 +1,7 @@
 // memcpy_batch: many (dst, src, size) regions through the copy engines, no SMs used (the planner's DMA path).
 // One cudaMemcpyBatchAsync on CUDA >= 12.8; per-region async copies otherwise and on HIP (see below).
+#include <vector>
+
 #include "ops.h"
 #include "vendor.h"
 
@@ -55,6 +57,33 @@ const char* memcpy_batch(const std::uintptr_t* dsts, const std::uintptr_t* srcs,
     if (err != cudaSuccess) return cudaGetErrorString(err);
   }
   return nullptr;
+}
+
+const char* memcpy_template(const RegionTemplateArgs& a) {
+  // Per-thread scratch: the batched call consumes the host arrays before it returns, so they are reused.
+  thread_local std::vector<std::uintptr_t> dsts, srcs;
+  thread_local std::vector<std::size_t> sizes;
+  dsts.clear();
+  srcs.clear();
+  sizes.clear();
+  for (std::size_t i = 0; i < a.count; ++i) {
+    const std::int64_t pos = a.block_pos[i];
+    if (pos < 0 || static_cast<std::size_t>(pos) >= a.n_ids) return "memcpy_template: block position out of range";
+    const std::uintptr_t eng = static_cast<std::uintptr_t>(a.eng_base[i] + a.flat_ids[pos] * a.block_stride[i]);
+    const std::uintptr_t can = a.chunk_ptr + static_cast<std::uintptr_t>(a.can_off[i]);
+    const std::size_t n = static_cast<std::size_t>(a.size[i]);
+    const std::uintptr_t dst = a.to_host ? can : eng;
+    const std::uintptr_t src = a.to_host ? eng : can;
+    // Join runs that continue exactly on both sides (consecutive block ids): fewer, larger copies.
+    if (!sizes.empty() && dsts.back() + sizes.back() == dst && srcs.back() + sizes.back() == src) {
+      sizes.back() += n;
+      continue;
+    }
+    dsts.push_back(dst);
+    srcs.push_back(src);
+    sizes.push_back(n);
+  }
+  return memcpy_batch(dsts.data(), srcs.data(), sizes.data(), sizes.size(), a.stream, true, a.max_batch, a.overlap);
 }
 
 bool has_batched_memcpy() { return KVPORT_BATCHED_MEMCPY != 0; }

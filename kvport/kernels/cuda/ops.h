@@ -39,6 +39,25 @@ const char* scatter(const SegmentArgs& args);
 const char* memcpy_batch(const std::uintptr_t* dsts, const std::uintptr_t* srcs, const std::size_t* sizes,
                          std::size_t count, std::uintptr_t stream, bool batched, std::size_t max_batch, bool overlap);
 
+// The DMA path's per-transfer work in one host pass: regions of a RegionTemplate (kvport/hal/transfer/regions.py,
+// int64 arrays) filled with this chunk's block ids and address, touching runs joined, then memcpy_batch.
+struct RegionTemplateArgs {
+  const std::int64_t* eng_base;
+  const std::int64_t* block_pos;
+  const std::int64_t* block_stride;
+  const std::int64_t* can_off;
+  const std::int64_t* size;
+  std::size_t count;
+  const std::int64_t* flat_ids;
+  std::size_t n_ids;
+  std::uintptr_t chunk_ptr;
+  bool to_host;
+  std::uintptr_t stream;
+  std::size_t max_batch;
+  bool overlap;
+};
+const char* memcpy_template(const RegionTemplateArgs& args);
+
 // Whether memcpy_batch(batched=true) uses a single batched runtime call in this build.
 bool has_batched_memcpy();
 

@@ -53,6 +53,10 @@ class Tier(abc.ABC):
     kind: str = ""
     # The store's counters (kvport.store.metrics.CacheMetrics) or None; tiers count bytes, seconds and failures.
     metrics: CacheMetrics | None = None
+    # Longest a caller waits for one ``get`` future (None: until it is done). A future still running past it is a
+    # miss for that request, but the tier may still be writing into its destination until the future is done: the
+    # caller must not reuse that buffer before then (ChunkStore keeps such an L1 slot reserved until it finishes).
+    timeout_s: float | None = None
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -75,9 +79,19 @@ class Tier(abc.ABC):
     def delete(self, keys: Sequence[str]) -> None:
         """Remove chunks if present."""
 
+    def check_chunk(self, chunk_bytes: int) -> None:
+        """Raise a one-line UserError when a chunk of ``chunk_bytes`` can never be stored here (more than the tier's
+        capacity or largest value); called at bind, before L1 is allocated. Default: no limit known."""
+        return None
+
     def stats(self) -> dict[str, Any]:
         """Capacity figures for status output (e.g. ``bytes``, ``capacity_bytes``, ``chunks``); {} if unknown."""
         return {}
+
+    def register_memory(self, memory: torch.Tensor) -> None:
+        """Learn a host buffer that later ``get``/``put`` buffers are slices of (the L1 pool, registered once when it
+        is allocated), so a zero-copy tier can register it with its transport. Optional: the default ignores it."""
+        return None
 
     def close(self) -> None:
         """Release connections and threads; stored chunks stay."""

@@ -1,10 +1,13 @@
-"""The local-disk tier: one file per chunk, written to a temporary name then renamed, validated on every read.
-Owns the on-disk layout, capacity eviction and cross-process safety; must not cache chunk contents in memory."""
+"""The local-disk tier: one file per chunk, written to a temporary name then linked into place, validated on every
+read. Owns the on-disk layout, capacity, recovery from a full disk or a removed directory, and cross-process safety;
+must not cache chunk contents in memory."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import errno
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -15,23 +18,36 @@ from typing import TYPE_CHECKING, Any
 
 from kvport.errors import UserError
 from kvport.store.envelope import HEADER_BYTES, Header, checksum, open_header, seal_header
-from kvport.store.tiers.base import ReadResult, ThreadedTier, options_from
+from kvport.store.tiers.base import ReadResult, ThreadedTier, check_keys, options_from
+from kvport.store.tiers.disk_files import (
+    ACCESS_MODES,
+    STALE_TMP_S,
+    RateLimitedWarning,
+    hold_writer_lock,
+    make_dirs,
+    reclaim_if_debris,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from kvport.store.metrics import CacheMetrics
 
+_log = logging.getLogger("kvport.store")
+
 SUFFIX = ".kvc"
-TMP_PREFIX = ".tmp."
-# A temp file this old belongs to a writer that died (kill -9, power loss): a live write of one chunk takes
-# well under a second on the 0.3 GB/s disk measured on the dev VM, so an hour leaves no doubt.
-STALE_TMP_S = 3600.0
+TMP_PREFIX = ".tmp."  # then <key>.<pid>.<random>: the pid is for people reading the directory; liveness is the lock
 # Evict down to this fraction of capacity, so one eviction pass (a directory scan) covers many stores.
 LOW_WATERMARK = 0.9
 # Rescan the directory after this fraction of capacity was written by this process, to see other writers.
 RESCAN_FRACTION = 0.1
-OPTIONS = ("path", "bytes", "fsync", "read_threads", "write_threads")
+# Seconds between two warnings of one kind: a full disk fails every write, one line a minute says so without flooding.
+WARN_INTERVAL_S = 60.0
+OPTIONS = ("path", "bytes", "fsync", "read_threads", "write_threads", "access")
+# link() errnos of filesystems without hard links (FAT, some FUSE and object-store mounts): the tier renames instead.
+_NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+__all__ = ["HEADER_BYTES", "STALE_TMP_S", "SUFFIX", "TMP_PREFIX", "LocalDiskTier", "parse_options", "write_all"]
 
 
 def _as_bytes_view(tensor: torch.Tensor) -> memoryview:
@@ -41,7 +57,9 @@ def _as_bytes_view(tensor: torch.Tensor) -> memoryview:
 
 
 def parse_options(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Checked options of a ``{type: local_disk, path: ..., bytes: ..., fsync: ...}`` spec (no disk is touched)."""
+    """Checked options of a ``{type: local_disk, path: ..., bytes: ..., fsync: ..., access: ...}`` spec (no disk is
+    touched). ``access: private`` (default) creates files 0600 and directories 0700; ``access: group`` 0660 and 2770,
+    for a cache shared by the accounts of one group."""
     from kvport.cache.config import coerce_bool, coerce_positive_int, parse_bytes
 
     opts = options_from(spec, OPTIONS, where)
@@ -54,19 +72,23 @@ def parse_options(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
     out["fsync"] = coerce_bool(opts.get("fsync", False), f"{where}: fsync")
     out["read_threads"] = coerce_positive_int(opts.get("read_threads", 2), f"{where}: read_threads")
     out["write_threads"] = coerce_positive_int(opts.get("write_threads", 2), f"{where}: write_threads")
+    out["access"] = str(opts.get("access", "private"))
+    if out["access"] not in ACCESS_MODES:
+        raise UserError(f"{where}: access={opts['access']!r}, expected one of {', '.join(ACCESS_MODES)}")
     return out
 
 
 class LocalDiskTier(ThreadedTier):
-    """Chunks under ``root/<key[:2]>/<key>.kvc``. Two processes may share ``root``: renames are atomic, readers
-    validate everything, evictions and corrupt-chunk deletions tolerate the other process doing the same."""
+    """Chunks under ``root/<key[:2]>/<key>.kvc``. Two processes may share ``root``: links and renames are atomic,
+    readers validate everything, evictions and corrupt-chunk deletions tolerate the other process doing the same.
+    A read-only ``root`` serves its chunks and stores none; a removed one is re-created by the next write."""
 
     kind = "local_disk"
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], where: str, metrics: CacheMetrics | None = None) -> LocalDiskTier:
         o = parse_options(spec, where)
-        return cls(o["path"], o["bytes"], o["fsync"], metrics, o["read_threads"], o["write_threads"])
+        return cls(o["path"], o["bytes"], o["fsync"], metrics, o["read_threads"], o["write_threads"], o["access"])
 
     def __init__(
         self,
@@ -76,31 +98,58 @@ class LocalDiskTier(ThreadedTier):
         metrics: CacheMetrics | None = None,
         read_threads: int = 2,
         write_threads: int = 2,
+        access: str = "private",
     ) -> None:
         self.root = Path(root)
+        self.access = access
+        self.file_mode, self.dir_mode = ACCESS_MODES[access]
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.root, self.dir_mode)
         except OSError as exc:
             raise UserError(f"local_disk tier {self.root}: cannot create directory ({exc.strerror})") from None
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise UserError(f"local_disk tier {self.root}: directory is not writable")
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise UserError(f"local_disk tier {self.root}: directory is not readable")
+        # A read-only directory (a read-only mount, a cache another account prepared) still serves its chunks.
+        self.read_only = not os.access(self.root, os.W_OK | os.X_OK)
         self.capacity = capacity_bytes
         self.fsync = fsync
         self.metrics = metrics
         self._lock = threading.Lock()
         self._used: int | None = None  # bytes on disk as of the last scan plus our writes since; None = not scanned
         self._written_since_scan = 0
+        self._warn_full = RateLimitedWarning(_log, WARN_INTERVAL_S)
+        self._warn_gone = RateLimitedWarning(_log, WARN_INTERVAL_S)
+        self._warn_error = RateLimitedWarning(_log, WARN_INTERVAL_S)
         super().__init__(read_threads, write_threads)
+        # The start-up pass: temp files of dead writers reclaimed and the usage learned, in the background (a large
+        # directory takes a while to scan and lookups need none of it). ``ready`` says when it finished.
+        self.ready: cf.Future = cf.Future()
+        if self.read_only:
+            _log.warning("kvport: local_disk tier %s is read-only: serving its chunks, storing none", self.root)
+            self.ready.set_result(0)
+        else:
+            self.ready = self._writers.submit(self.enforce_capacity)
 
     def describe(self) -> str:
-        return f"local_disk {self.root} ({self.capacity / 2**30:.1f} GiB)"
+        return f"local_disk {self.root} ({self.capacity / 2**30:.1f} GiB{', read-only' if self.read_only else ''})"
 
     def stats(self) -> dict[str, Any]:
         entries = self._scan()
         return {"bytes": sum(size for _, size, _ in entries), "capacity_bytes": self.capacity, "chunks": len(entries)}
 
+    def check_chunk(self, chunk_bytes: int) -> None:
+        need = HEADER_BYTES + chunk_bytes
+        if need > self.capacity:
+            raise UserError(
+                f"cache config: local_disk tier {self.root} holds {self.capacity} bytes, less than one chunk file "
+                f"({need} bytes); raise its bytes (l2_bytes) or lower chunk_tokens"
+            )
+
     # ---- paths -------------------------------------------------------------------------------------------
     def path(self, key: str) -> Path:
+        """The chunk file of ``key``; ValueError for anything but a chunk key (every entry point comes through here,
+        so no caller can name a file outside the cache: '../x', 'a/b')."""
+        check_keys((key,))
         return self.root / key[:2] / (key + SUFFIX)
 
     # ---- reads -------------------------------------------------------------------------------------------
@@ -110,7 +159,7 @@ class LocalDiskTier(ThreadedTier):
     def get_one(self, key: str, fingerprint: str, dst: torch.Tensor) -> ReadResult:
         path = self.path(key)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return ReadResult.MISS
         except OSError:
@@ -169,41 +218,119 @@ class LocalDiskTier(ThreadedTier):
 
     # ---- writes ------------------------------------------------------------------------------------------
     def put_one(self, key: str, fingerprint: str, src: torch.Tensor) -> bool | None:
+        """True: written now by this call. None: already present (stored before, or by another writer that linked it
+        first while we wrote): nothing written, no bytes counted. False: not stored (read-only directory, disk
+        still full after eviction, I/O error), counted and logged."""
         path = self.path(key)
-        if path.exists():
+        if os.path.exists(path):
             return None  # same key = same tokens and namespace: content is the same; nothing written
+        if self.read_only:
+            self._inc("skipped", reason="read_only")
+            return False
         payload = _as_bytes_view(src)
-        header = seal_header(key, fingerprint, payload)
-        tmp = path.parent / f"{TMP_PREFIX}{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        buffers = [memoryview(seal_header(key, fingerprint, payload)), payload]
+        nbytes = HEADER_BYTES + len(payload)
+        stored = self._write_recovering(path, key, buffers)
+        if stored:
+            self._account(nbytes)
+        return stored
+
+    def _write(self, path: Path, key: str, buffers: list[memoryview]) -> bool | None:
+        """Write a locked temp file and link it into place: True, or None when the chunk appeared meanwhile (the
+        copy already there stays: same key, same bytes). The temp file is gone when this returns or raises."""
+        tmp = str(path.parent / f"{TMP_PREFIX}{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.file_mode)
         try:
-            path.parent.mkdir(exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                write_all(fd, [memoryview(header), payload])
+                hold_writer_lock(fd)  # held until close, after the temp name is unlinked: a live write is never debris
+                if self.access != "private":
+                    os.fchmod(fd, self.file_mode)  # the umask may have taken the group bits
+                write_all(fd, buffers)
                 if self.fsync:
                     os.fsync(fd)
+                return self._publish(tmp, path)
             finally:
-                os.close(fd)
-            os.rename(tmp, path)  # atomic: readers see the old state or the whole new file
-            if self.fsync:
-                _fsync_dir(path.parent)
+                _unlink_quietly(tmp)
+        finally:
+            os.close(fd)
+
+    def _publish(self, tmp: str, path: Path) -> bool | None:
+        try:
+            os.link(tmp, path)  # atomic and never replaces: tells "written now" from "another writer's copy won"
+        except FileExistsError:
+            return None
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if self.metrics is not None:
-                reason = "disk_full" if exc.errno == errno.ENOSPC else "io_error"
-                self.metrics.inc("failures", tier=self.kind, reason=f"write_{reason}")
-            return False
-        self._account(HEADER_BYTES + len(payload))
+            if exc.errno not in _NO_HARDLINKS:
+                raise
+            if os.path.exists(path):
+                return None
+            os.rename(tmp, path)  # no hard links here: rename (atomic; a racing writer's identical copy may win)
+        if self.fsync:
+            _fsync_dir(path.parent)
         return True
+
+    def _write_recovering(self, path: Path, key: str, buffers: list[memoryview]) -> bool | None:
+        """``_write``, remedying what the tier can: a missing directory (first chunk of a subdirectory, or the cache
+        directory removed) is created, a full disk is answered once by evicting least recently used chunks, then
+        the write is tried again. A failure left over is counted and logged (rate-limited): False."""
+        nbytes = sum(len(b) for b in buffers)
+        evicted: int | None = None  # chunks evicted for space; None while the disk was not found full
+        for attempt in range(3):
+            try:
+                if attempt:
+                    self._ensure_dir(path.parent)
+                stored = self._write(path, key, buffers)
+            except OSError as exc:
+                error = exc
+                if exc.errno in _DISK_FULL and evicted is None:
+                    evicted = self._evict(free_bytes=nbytes)
+                    continue
+                if exc.errno == errno.ENOENT and attempt == 0:
+                    continue
+                break
+            if evicted is not None:
+                self._warn_full.warn(
+                    "kvport: local_disk tier %s: the device filled up below bytes=%d; evicted %d least recently "
+                    "used chunks to make room (lower bytes / l2_bytes to what the device holds)",
+                    self.root, self.capacity, evicted,
+                )  # fmt: skip
+            return stored
+        if evicted is not None and error.errno in _DISK_FULL:
+            self._warn_full.warn(
+                "kvport: local_disk tier %s: no space left on the device; evicted %d chunks and it is still full: "
+                "chunks are not stored (free space there or lower bytes / l2_bytes=%d)",
+                self.root, evicted, self.capacity,
+            )  # fmt: skip
+            return self._write_failed(error, warn=False)
+        return self._write_failed(error)
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory.is_dir():
+            return
+        root_gone = not self.root.is_dir()
+        make_dirs(directory, self.dir_mode)
+        if root_gone:
+            self._warn_gone.warn("kvport: local_disk tier %s: the cache directory was removed; re-created it",
+                                 self.root)  # fmt: skip
+            with self._lock:
+                self._used = None  # what we counted went with it: rescan at the next write
+
+    def _write_failed(self, exc: OSError, warn: bool = True) -> bool:
+        reason = "disk_full" if exc.errno in _DISK_FULL else "read_only" if exc.errno == errno.EROFS else "io_error"
+        self._inc("failures", reason=f"write_{reason}")
+        if warn:
+            self._warn_error.warn("kvport: local_disk tier %s: a chunk write failed: %s", self.root, exc)
+        return False
 
     def delete_one(self, key: str) -> None:
         try:
             os.unlink(self.path(key))
         except FileNotFoundError:
             pass
+
+    def _inc(self, name: str, **labels: str) -> None:
+        if self.metrics is not None:
+            self.metrics.inc(name, tier=self.kind, **labels)
 
     # ---- capacity ----------------------------------------------------------------------------------------
     def _account(self, nbytes: int) -> None:
@@ -220,59 +347,81 @@ class LocalDiskTier(ThreadedTier):
             self.enforce_capacity()
 
     def usage(self) -> int:
-        """Bytes of chunk files (and live temp files) under root, from a fresh scan."""
+        """Bytes of chunk files and live writers' temp files under root, from a fresh scan (debris reclaimed)."""
         return sum(size for _, size, _ in self._scan())
 
     def enforce_capacity(self) -> int:
-        """Rescan the directory and delete least recently used chunks down to the low watermark; returns how
-        many were evicted. Only one process evicts at a time (advisory lock); the others skip and rescan later."""
-        lock_path = self.root / ".evict.lock"
-        with open(lock_path, "a") as lock_file:
+        """Rescan the directory, reclaim temp files of dead writers and, over capacity, delete least recently used
+        chunks down to the low watermark; returns how many chunks were evicted. Only one process evicts at a time
+        (advisory lock); the others skip and rescan later."""
+        return self._evict(free_bytes=0)
+
+    def _evict(self, free_bytes: int) -> int:
+        """``enforce_capacity``; with ``free_bytes``, the device is full below capacity: evict at least that much
+        and a tenth of the usage, so the next writes fit too."""
+        if self.read_only:
+            return 0
+        try:
+            lock_fd = os.open(self.root / ".evict.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.file_mode)
+        except OSError:  # the directory was removed (nothing to evict) or cannot be written now
+            with self._lock:
+                self._used, self._written_since_scan = 0, 0
+            return 0
+        try:
             try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return 0
             entries = self._scan()
             total = sum(size for _, size, _ in entries)
+            if free_bytes:
+                target = total - max(free_bytes, (1 - LOW_WATERMARK) * min(total, self.capacity))
+            else:
+                target = LOW_WATERMARK * self.capacity if total > self.capacity else total
             evicted = 0
-            if total > self.capacity:
-                target = LOW_WATERMARK * self.capacity
-                for _, size, path in sorted(entries, key=lambda e: e[0]):
-                    if total <= target:
-                        break
-                    if path.name.startswith(TMP_PREFIX):
-                        continue  # a live writer's file; stale ones were removed by _scan
-                    try:
-                        os.unlink(path)
-                    except FileNotFoundError:
-                        pass  # evicted or replaced by the other process
-                    total -= size
-                    evicted += 1
+            for _, size, path in sorted(entries, key=lambda e: e[0]):
+                if total <= target:
+                    break
+                if path.name.startswith(TMP_PREFIX):
+                    continue  # a live writer's file (dead writers' ones were reclaimed by the scan)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass  # evicted or replaced by the other process
+                total -= size
+                evicted += 1
             with self._lock:
                 self._used = total
                 self._written_since_scan = 0
+        finally:
+            os.close(lock_fd)
         if evicted and self.metrics is not None:
             self.metrics.inc("evictions", evicted, tier=self.kind)
         return evicted
 
     def _scan(self) -> list[tuple[float, int, Path]]:
-        """(mtime, size, path) of every chunk and live temp file; removes temp files of dead writers."""
+        """(mtime, size, path) of every chunk and live writer's temp file. A temp file no live writer holds is
+        debris (its writer died): deleted here, so it neither counts toward capacity nor waits to age."""
         now = time.time()
         found = []
-        for sub in os.scandir(self.root):
+        try:
+            subs = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return found
+        for sub in subs:
             if not sub.is_dir(follow_symlinks=False):
                 continue
-            for entry in os.scandir(sub.path):
+            try:
+                entries = list(os.scandir(sub.path))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
                 if entry.name.startswith(TMP_PREFIX):
-                    if now - st.st_mtime > STALE_TMP_S:
-                        try:
-                            os.unlink(entry.path)
-                        except FileNotFoundError:
-                            pass
+                    if self.read_only or reclaim_if_debris(entry.path, st.st_mtime, now):
                         continue
                 elif not entry.name.endswith(SUFFIX):
                     continue
@@ -286,6 +435,13 @@ def write_all(fd: int, buffers: list[memoryview]) -> None:
         done = 0
         while done < len(buf):
             done += os.write(fd, buf[done:])
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:

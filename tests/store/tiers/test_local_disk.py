@@ -1,10 +1,10 @@
-"""Tests for kvport.cache.l2.local_disk: format validation (checksum, truncation, fingerprint), deletion of bad
-chunks, capacity eviction and stale temp files, on real files."""
+"""Tests for kvport.store.tiers.local_disk: format validation (checksum, truncation, fingerprint), deletion of bad
+chunks, capacity eviction and temp files of dead writers, on real files."""
 
 from __future__ import annotations
 
+import fcntl
 import os
-import time
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from kvport.errors import UserError
 from kvport.store.keys import chunk_keys
 from kvport.store.metrics import CacheMetrics
 from kvport.store.tiers.base import ReadResult
-from kvport.store.tiers.local_disk import HEADER_BYTES, STALE_TMP_S, TMP_PREFIX, LocalDiskTier
+from kvport.store.tiers.local_disk import HEADER_BYTES, TMP_PREFIX, LocalDiskTier
 
 FP = "layout-fp-1"
 N = 64 * 1024
@@ -156,17 +156,19 @@ def test_read_refreshes_recency(tmp_path):
     assert tier.contains_one(ks[0]) and not tier.contains_one(ks[1])
 
 
-def test_stale_temp_files_removed_live_ones_kept(tier):
+def test_temp_files_no_writer_holds_are_removed_at_once_held_ones_kept(tier):
     key = keys(1)[0]
     tier.put_one(key, FP, payload(6))
-    stale = tier.path(key).parent / f"{TMP_PREFIX}{key}.1.dead"
+    dead = tier.path(key).parent / f"{TMP_PREFIX}{key}.1.dead"
     live = tier.path(key).parent / f"{TMP_PREFIX}{key}.2.live"
-    stale.write_bytes(b"partial")
+    dead.write_bytes(b"partial")  # fresh: nobody waits for it to age
     live.write_bytes(b"partial")
-    old = time.time() - STALE_TMP_S - 10
-    os.utime(stale, (old, old))
+    with open(live, "rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)  # what a writer holds on its temp file until it links or unlinks it
+        tier.enforce_capacity()
+        assert not dead.exists() and live.exists() and tier.contains_one(key)
     tier.enforce_capacity()
-    assert not stale.exists() and live.exists() and tier.contains_one(key)
+    assert not live.exists() and tier.contains_one(key)
 
 
 def test_unwritable_root_is_a_user_error(tmp_path):
