@@ -50,7 +50,7 @@ class RemoteCache:
 
         self.config, self.namespace, self.chunk_tokens = config, namespace, config.chunk_tokens
         self.metrics = CacheMetrics(_metrics_label(namespace))
-        self.keys = KeyCache(config.chunk_tokens, namespace, config.salt)
+        self.keys = KeyCache(config.chunk_tokens, namespace, config.salt, scheme=config.key_scheme)
         self.mover: ChunkMover | None = None
         self._chunk_bytes = 0
         self._fingerprint = ""

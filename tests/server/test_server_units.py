@@ -100,3 +100,15 @@ def test_key_cache_clear_forgets_everything_and_caches_again() -> None:
     derived = cache.derived
     cache.keys(tokens)
     assert cache.derived == derived and cache.hits >= 1
+
+
+def test_key_cache_follows_the_key_scheme() -> None:
+    from kvport.cache.config import load_config
+    from kvport.store.chunk_store import ChunkStore
+
+    tokens = list(range(40))
+    for scheme in ("kvport", "sglang"):
+        config = load_config(overrides={"chunk_tokens": 8, "key_scheme": scheme}, environ={})
+        expected = ChunkStore(config, "ns").keys(tokens)  # what an in-process cache derives
+        cache = KeyCache(8, "ns", scheme=scheme)
+        assert cache.keys(tokens) == expected and cache.keys(tuple(tokens)) == expected
