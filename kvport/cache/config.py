@@ -66,6 +66,18 @@ class CacheConfig:
     metrics_port: int | None = None
     # Address the metrics port binds to: loopback by default, so KV statistics are not exposed to the network.
     metrics_host: str = "127.0.0.1"
+    # Use a node's `kvport server` instead of an in-process cache (docs/server.md): its address, ipc:///path/to.sock
+    # or tcp://127.0.0.1:PORT (loopback only). None: the in-process cache (the default).
+    server: str | None = None
+    # The server's access token if it requires one (better set through KVPORT_SERVER_TOKEN than in an engine's
+    # config, which engines log).
+    server_token: str | None = dataclasses.field(default=None, repr=False)
+    # shm: KV bytes move through the server's shared memory (the client maps it); copy: over the socket, only for a
+    # client that cannot map it (another container or mount namespace). Never chosen silently.
+    server_transport: str = "shm"
+    # Longest wait for a server reply; past it the server counts as down (misses, stores skipped) until a
+    # background reconnect succeeds. A reply takes well under 1 ms on loopback.
+    server_timeout_ms: int = 1000
 
     def __post_init__(self) -> None:
         checks = [
@@ -83,6 +95,8 @@ class CacheConfig:
                 "auto, dma, staged or zero-copy",
             ),
             ("key_scheme", self.key_scheme in KEY_SCHEMES, " or ".join(KEY_SCHEMES)),
+            ("server_transport", self.server_transport in ("shm", "copy"), "shm or copy"),
+            ("server_timeout_ms", self.server_timeout_ms >= 1, "at least 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -219,6 +233,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             text = os.path.expanduser(text)  # `~/cache` means the home directory, not a directory named `~`
         if name == "backend":
             _check_backend(text, where)
+        if name == "server":
+            from kvport.server.address import check_address  # noqa: PLC0415 - only when a server is configured
+
+            check_address(text, where)
         return text
     raise AssertionError(f"unhandled config field type {kind}")  # a new field type needs a case above
 

@@ -76,6 +76,34 @@ class ChunkMover:
             return all_of(done)
 
 
+def build_mover(
+    descriptor: CopyDescriptor, chunk_tokens: int, backend_name: str | None = None, backend: Backend | None = None
+) -> ChunkMover:
+    """The mover for an engine's KV memory: checks the chunk size against every group's block size, picks the
+    platform from the device and the backend from the registry (``backend_name`` / KVPORT_BACKEND) unless given."""
+    from kvport.errors import UserError
+    from kvport.hal.platform import detect_platform
+    from kvport.hal.platforms import platform_for_device
+
+    for group in descriptor.groups:
+        if chunk_tokens % group.tokens_per_block:
+            raise UserError(
+                f"cache config: chunk_tokens={chunk_tokens} is not a multiple of layout {descriptor.layout} group "
+                f"{group.name!r} tokens_per_block={group.tokens_per_block}"
+            )
+    info = detect_platform()
+    platform = platform_for_device(descriptor.streams[0].buffer.device, info)
+    if backend is None:
+        from kvport.hal.registry import BackendError, select_backend
+
+        environ = {"KVPORT_BACKEND": backend_name} if backend_name else None
+        try:
+            backend = select_backend(info, descriptor, environ=environ)
+        except BackendError as exc:
+            raise UserError(f"cache config: {exc}") from None
+    return ChunkMover(descriptor, backend, platform)
+
+
 def _copy_engine(backend: Backend, platform: Platform):
     """The native backend whose memcpy_batch drives the copy engines (the DMA path), or None where there is none."""
     if hasattr(backend, "memcpy_regions"):

@@ -13,6 +13,7 @@ BENCHES = {
     "cache": "the cache engine's store and load of GPU KV through L1 vs pinned memcpy and vs the bare transfer",
     "storage": "store/lookup/load throughput and latency of a storage tier vs raw sequential I/O",
     "e2e": "time to first token with and without kvport on a real vLLM engine",
+    "server": "lookup latency and store/load throughput through a kvport server process vs the in-process cache",
 }
 
 

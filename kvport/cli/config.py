@@ -30,5 +30,6 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(config, field.name)
         if field.name == "tiers":  # never print a password
             value = tuple(shown_spec(spec) for spec in value)
-        print(f"{field.name:20} {value!r}")
+        shown = "<set>" if not field.repr and value is not None else repr(value)  # secrets (server_token)
+        print(f"{field.name:20} {shown}")
     return 0

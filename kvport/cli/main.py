@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "selftest": ("kvport.cli.selftest", "round-trip every layout through a backend and compare bytes"),
     "bench": ("kvport.cli.bench", "benchmarks: kernels, storage, e2e"),
     "demo": ("kvport.cli.demo", "run a real vLLM engine with kvport and show what the cache saves"),
+    "server": ("kvport.cli.server", "the node cache server shared by every engine process: run, status"),
 }
 
 

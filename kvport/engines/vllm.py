@@ -64,7 +64,8 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        from kvport.cache import CacheEngine, load_config
+        from kvport.cache import load_config
+        from kvport.cache.factory import open_cache
 
         options, overrides = split_extra_config(self._kv_transfer_config.kv_connector_extra_config)
         self._options = options
@@ -79,13 +80,14 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
         self._block_size = groups[0].kv_cache_spec.block_size if groups else vllm_config.cache_config.block_size
         self._rank = rank
-        self._engine = CacheEngine(self._cache_config, _namespace(vllm_config, options, rank, world))
+        # The in-process cache, or the node's `kvport server` when the config names one (server: ipc:///...).
+        self._engine = open_cache(self._cache_config, _namespace(vllm_config, options, rank, world))
         self._stats_dir = options.get("stats_dir")
         self._plan: SchedulerPlan | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._plan = SchedulerPlan(self._lookup, self._cache_config.chunk_tokens, self._block_size)
-            if not self._cache_config.tier_specs():
+            if not self._cache_config.tier_specs() and not self._cache_config.server:
                 log.warning(
                     "kvport: no tiers (l2_path or tiers): only a worker in this process can serve hits (from its L1); "
                     "engines in "
@@ -155,7 +157,8 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
 
     # ==== scheduler side =======================================================================================
     def _lookup(self, tokens) -> int:
-        engine = _LOCAL_WORKERS.get(self._engine.namespace, self._engine)
+        # Through the server every process sees every other's chunks; in-process, this process's worker's L1.
+        engine = self._engine if self._cache_config.server else _LOCAL_WORKERS.get(self._engine.namespace, self._engine)
         return engine.lookup(tokens)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:

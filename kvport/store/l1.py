@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -94,6 +94,17 @@ class L1Pool:
         with self._lock:
             entry = self._entries.get(key)
             return entry is not None and entry.visible
+
+    def count_prefix(self, keys: Iterable[str]) -> int:
+        """How many of ``keys``, from the first, are visible here (one lock for the whole run)."""
+        count = 0
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or not entry.visible:
+                    break
+                count += 1
+        return count
 
     def acquire(self, key: str, wait_fill: float = 0.0) -> Lease | None:
         """Pin a visible chunk for reading and mark it most recently used; None when absent. With ``wait_fill``,

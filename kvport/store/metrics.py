@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kvport.errors import UserError
@@ -167,16 +167,46 @@ def _ensure_registered() -> None:
 _served_ports: set[int] = set()
 
 
-def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
+def serve_metrics(port: int, addr: str = "127.0.0.1", health: Callable[[], tuple[bool, dict]] | None = None) -> None:
     """Serve every engine's metrics over HTTP (``/metrics``) on ``addr`` (loopback unless the operator widens it);
-    once per port per process. Called by host processes (engine adapters, servers), never by the cache itself."""
+    once per port per process. Called by host processes (engine adapters, servers), never by the cache itself.
+    With ``health``, ``/health`` answers its dict as JSON, 200 when it says ok and 503 otherwise."""
     from prometheus_client import start_http_server
 
     with _register_lock:
         if port in _served_ports:
             return
         try:
-            start_http_server(port, addr=addr)
+            if health is None:
+                start_http_server(port, addr=addr)
+            else:
+                _serve_with_health(port, addr, health)
         except OSError as exc:  # port taken or not ours to bind: a config problem, not a crash
             raise UserError(f"cache config: metrics_port={port}: cannot serve metrics ({exc.strerror})") from None
         _served_ports.add(port)
+
+
+def _serve_with_health(port: int, addr: str, health: Callable[[], tuple[bool, dict]]) -> None:
+    import json
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    metrics_app = make_wsgi_app()
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") != "/health":
+            return metrics_app(environ, start_response)
+        ok, body = health()
+        data = json.dumps(body, default=str).encode()
+        status = "200 OK" if ok else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        return [data]
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # one line per scrape would flood the server's log
+            return None
+
+    httpd = make_server(addr, port, app, ThreadingWSGIServer, handler_class=Quiet)
+    threading.Thread(target=httpd.serve_forever, name="kvport-metrics", daemon=True).start()

@@ -33,6 +33,15 @@ class Platform:
 
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned_host)
 
+    def register_host(self, tensor: torch.Tensor) -> bool:
+        """Page-lock host memory allocated elsewhere (a mapped shared-memory file) so copy engines can address it;
+        True when registered. Only CUDA and ROCm implement it; here it does nothing and says so with False (the
+        server client then stages through pinned memory where ``pinned_host`` says the platform needs it: XPU)."""
+        return False
+
+    def unregister_host(self, tensor: torch.Tensor) -> None:
+        return None
+
     def is_host_ready(self, tensor: torch.Tensor) -> bool:
         """Whether a host tensor can be the host side of an asynchronous copy on this platform."""
         return tensor.device.type == "cpu" and (not self.pinned_host or tensor.is_pinned())

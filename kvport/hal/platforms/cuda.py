@@ -19,6 +19,24 @@ class CudaPlatform(StreamPlatform):
 
         return torch.cuda
 
+    def register_host(self, tensor) -> bool:
+        """cudaHostRegister (hipHostRegister on ROCm, through torch's cudart binding) of the tensor's pages, so
+        copy engines and mapped-host kernels address them like cudaHostAlloc memory. Raises if the runtime refuses
+        (e.g. a limit on locked memory): a silent unpinned fallback would halve transfer speed unnoticed."""
+        if tensor.is_pinned():
+            return True
+        cudart = self._api().cudart()
+        nbytes = tensor.numel() * tensor.element_size()
+        # flags 0 = cudaHostRegisterDefault; mapped and portable by default under UVA.
+        err = cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+        code = int(getattr(err, "value", err))
+        if code != 0:
+            raise RuntimeError(f"{self.name}: host register of {nbytes} bytes failed with error {code}")
+        return True
+
+    def unregister_host(self, tensor) -> None:
+        self._api().cudart().cudaHostUnregister(tensor.data_ptr())
+
 
 class RocmPlatform(CudaPlatform):
     """ROCm torch exposes HIP through the torch.cuda API; the native target is the HIP build of the same kernels."""
