@@ -18,11 +18,15 @@ pytestmark = [
 pytest.importorskip("zmq", reason="pyzmq is not installed")
 
 
-def test_shared_memory_is_registered_page_locked(tmp_path) -> None:
+def test_shared_memory_is_registered_page_locked() -> None:
+    import tempfile
+
     from kvport.hal.platforms import platform_for_device
     from kvport.server.shm import SharedArena
 
-    arena = SharedArena.create(tmp_path, "gpu.l1", 64 << 20, 0o600)
+    # In /dev/shm, as the server creates it: on the H200 machine the runtime refused to register the same mapping of
+    # a file on the disk-backed /tmp (cudaErrorInvalidValue).
+    arena = SharedArena.create(tempfile.mkdtemp(dir="/dev/shm"), "gpu.l1", 64 << 20, 0o600)
     try:
         view = SharedArena.attach(arena.path, arena.nbytes)
         platform = platform_for_device(torch.device("cuda"))
