@@ -31,17 +31,14 @@ class CudaPlatform(StreamPlatform):
         err = cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
         code = int(getattr(err, "value", err))
         if code != 0:
-            # Consume the runtime's last error: left set, torch's next kernel-launch check reports it against an
-            # unrelated kernel (seen on the H200: a later gather failed with "invalid argument").
-            cudart.cudaGetLastError()
+            # The runtime keeps this as its last error, and torch's next kernel-launch check reports it against an
+            # unrelated kernel (seen on the H200): a refused registration must end the caller's setup, not be caught
+            # and carried on from (torch's cudart binding has no cudaGetLastError to clear it).
             raise RuntimeError(f"{self.name}: host register of {nbytes} bytes failed with error {code}")
         return True
 
     def unregister_host(self, tensor) -> None:
-        cudart = self._api().cudart()
-        err = cudart.cudaHostUnregister(tensor.data_ptr())
-        if int(getattr(err, "value", err)) != 0:
-            cudart.cudaGetLastError()  # as above: never leave a stale error for torch's next launch check
+        self._api().cudart().cudaHostUnregister(tensor.data_ptr())
 
 
 class RocmPlatform(CudaPlatform):
