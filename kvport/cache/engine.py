@@ -179,9 +179,7 @@ class CacheEngine:
         completion.add_done_callback(settle)
         return ticket
 
-    def store(
-        self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0, extra: bytes = b""
-    ) -> int:
+    def store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0, extra: bytes = b"") -> int:
         """``submit_store`` and wait until the chunks are in L1 (and, without ``async_store``, in every tier).
         Returns the tokens stored; the blocks may be reused when it returns."""
         return self.submit_store(tokens, block_ids, num_tokens, skip_tokens, extra).wait()

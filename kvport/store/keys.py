@@ -1,5 +1,5 @@
-"""Chunk keys: a blake2b hash chain over token chunks, rooted in a namespace (model shard identity), a user salt and a
-per-request extra (what the engine's own prefix hashes carry beyond token ids). Owns key derivation only; must not use Python's ``hash`` (salted per process) or know where chunks are stored."""
+"""Chunk keys: a blake2b hash chain over token chunks, rooted in a namespace (model shard), a salt and a request extra.
+Owns key derivation only; must not use Python's ``hash`` (salted per process) or know where chunks are stored."""
 
 from __future__ import annotations
 
