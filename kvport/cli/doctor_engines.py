@@ -48,7 +48,7 @@ def _version(dists: tuple[str, ...]) -> str | None:
 
 
 def _imports(module: str) -> str:
-    """"ok" or the last line of the error, from a fresh interpreter (an import can take seconds or crash)."""
+    """ "ok" or the last line of the error, from a fresh interpreter (an import can take seconds or crash)."""
     try:
         done = subprocess.run(
             [sys.executable, "-c", f"import {module}"],

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,6 +92,7 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         self._engines: list[Any] = []  # scheduler: one per worker shard, all must hold a chunk for a hit
         self._owned: list[Any] = []  # engines this connector built (and closes)
         self._stats_dir = options.get("stats_dir")
+        self._stats_swept = False
         self._extras: dict[str, bytes] = {}
         self._plan: SchedulerPlan | None = None
         self._worker: WorkerSide | None = None
@@ -307,23 +307,45 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
 
     def _write_stats(self) -> None:
         """Atomically write this side's counters to ``stats_dir`` (for tests, the demo and dashboards): the JSON is
-        made first, then written to a temp name and renamed; the temp file never outlives a failed write."""
+        made first, then written to ``.<name>.<pid>.tmp`` and renamed. The temp name is fixed per process, so a
+        process killed mid-write (vLLM stops its workers at shutdown) leaves at most one, which the next writer of
+        that file removes once its process is gone; a failed write removes its own."""
         if not self._stats_dir:
             return
         text = json.dumps(self.stats(), default=str)
         directory = Path(self._stats_dir)
         name = "scheduler.json" if self._plan is not None else f"worker{self._rank}.json"
+        tmp = directory / f".{name}.{os.getpid()}.tmp"
         with _STATS_LOCK:
             directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+            if not self._stats_swept:
+                _remove_dead_temps(directory, name)
+                self._stats_swept = True
             try:
-                with os.fdopen(fd, "w") as out:
-                    out.write(text)
+                tmp.write_text(text)
                 os.replace(tmp, directory / name)
             except BaseException:
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                    tmp.unlink()
                 raise
+
+
+def _remove_dead_temps(directory: Path, name: str) -> None:
+    for path in directory.glob(f".{name}.*.tmp"):
+        pid = path.name[len(name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def route_logs_to_vllm() -> None:

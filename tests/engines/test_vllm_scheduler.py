@@ -101,3 +101,18 @@ def test_prompt_embeddings_are_part_of_the_key(model, extra):
     assert _hit(model, extra, request(None, prompt_embeds=embeds_a.clone())) == 768
     assert _hit(model, extra, request(None, prompt_embeds=embeds_b)) == 0
     assert _hit(model, extra, request([0] * 1000)) == 0, "token ids that are the placeholders must not hit"
+
+
+def test_stats_file_is_replaced_whole_and_dead_writers_temps_are_removed(model, extra, tmp_path):
+    import json
+
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    (stats / ".scheduler.json.999999999.tmp").write_text("{")  # a writer killed mid-write (no such pid)
+    extra = {**extra, "stats_dir": str(stats)}
+    prompt = tokens(600, seed=6)
+    fill_cache(extra, prompt)
+    scheduler = make_scheduler(model, extra)
+    schedule(scheduler, request(prompt))
+    assert json.loads((stats / "scheduler.json").read_text())["hit_tokens"] == 512
+    assert sorted(p.name for p in stats.iterdir()) == ["scheduler.json"]
