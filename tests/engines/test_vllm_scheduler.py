@@ -116,3 +116,37 @@ def test_stats_file_is_replaced_whole_and_dead_writers_temps_are_removed(model, 
     schedule(scheduler, request(prompt))
     assert json.loads((stats / "scheduler.json").read_text())["hit_tokens"] == 512
     assert sorted(p.name for p in stats.iterdir()) == ["scheduler.json"]
+
+
+def test_a_hit_needs_every_pipeline_stage_and_tp_rank(model, extra):
+    """Two pipeline stages x two TP ranks report four namespaces; a chunk counts only when all four hold it."""
+    from kvport.engines.vllm_layouts import namespace_for
+
+    shards = {
+        (pp, tp): namespace_for(
+            "m", None, "bfloat16", tp, 2, pp_rank=pp, pp_world=2, layers=f"{16 * pp}-{16 * pp + 15}"
+        )
+        for pp in (0, 1)
+        for tp in (0, 1)
+    }
+    prompt = tokens(1000, seed=7)
+    for (pp, tp), namespace in shards.items():
+        fill_cache(extra, prompt if (pp, tp) != (1, 1) else prompt[:512], namespace=namespace)
+    assert _hit_in(make_scheduler(model, extra, shards=shards), request(prompt)) == 512  # stage 1 rank 1 holds 2
+    fill_cache(extra, prompt, namespace=shards[(1, 1)])
+    assert _hit_in(make_scheduler(model, extra, shards=shards), request(prompt)) == 768
+
+
+def _hit_in(scheduler, req) -> int:
+    computed, _ = schedule(scheduler, req)
+    return computed
+
+
+def test_a_config_typo_is_refused_where_vllm_asks_first(model, tmp_path):
+    from kvport.engines.vllm import KVPortConnector
+    from kvport.errors import UserError
+
+    with pytest.raises(UserError, match=r"unknown key 'l2_pth' \(adapter keys: config, layout, namespace, stats_dir"):
+        KVPortConnector.requires_piecewise_for_cudagraph({"l2_pth": str(tmp_path)})
+    with pytest.raises(UserError, match="unknown key 'l2_pth'"):
+        make_scheduler(model, {"l2_pth": str(tmp_path)})

@@ -29,9 +29,12 @@ _ids = itertools.count()
 init_none_hash(sha256)
 
 
-def make_scheduler(model: Path, extra: dict[str, Any], num_blocks: int = 1000) -> Scheduler:
+def make_scheduler(
+    model: Path, extra: dict[str, Any], num_blocks: int = 1000, shards: dict[tuple[int, int], str] | None = None
+) -> Scheduler:
     """vLLM's Scheduler with prefix caching on, chunked prefill, the kvport connector, one full-attention group; the
-    workers' namespace handshake is delivered as vLLM's engine core does after KV cache registration."""
+    workers' namespace handshake (``shards``: (pp stage, tp rank) -> namespace) is delivered as vLLM's engine core
+    does after KV cache registration."""
     model_config = ModelConfig(model=str(model), dtype="bfloat16", seed=0, enable_prompt_embeds=True)
     vllm_config = VllmConfig(
         model_config=model_config,
@@ -67,15 +70,16 @@ def make_scheduler(model: Path, extra: dict[str, Any], num_blocks: int = 1000) -
         hash_block_size=BLOCK,
         log_stats=True,
     )
-    scheduler.connector.set_xfer_handshake_metadata_pp_aware({(0, 0): KVPortHandshake(NAMESPACE)})
+    shards = shards or {(0, 0): NAMESPACE}
+    scheduler.connector.set_xfer_handshake_metadata_pp_aware({k: KVPortHandshake(v) for k, v in shards.items()})
     return scheduler
 
 
-def fill_cache(extra: dict[str, Any], tokens: list[int], request_extra: bytes = b"") -> int:
-    """Store every full chunk of ``tokens`` under the test namespace (as a worker would), from hand-built KV."""
+def fill_cache(extra: dict[str, Any], tokens: list[int], request_extra: bytes = b"", namespace: str = NAMESPACE) -> int:
+    """Store every full chunk of ``tokens`` under ``namespace`` (as a worker would), from hand-built KV."""
     kv, desc = nhd_kv(num_blocks=len(tokens) // BLOCK + 1, block_size=BLOCK, seed=1)
     config = load_config(overrides={k: v for k, v in extra.items() if k != "stats_dir"}, environ={})
-    with CacheEngine(config, NAMESPACE) as engine:
+    with CacheEngine(config, namespace) as engine:
         engine.bind(desc, TorchBackend())
         stored = engine.store(tokens, list(range(len(tokens) // BLOCK + 1)), extra=request_extra)
         engine.flush()
