@@ -131,7 +131,8 @@ def test_stats_from_a_prometheus_endpoint(tmp_path, capsys):
         def log_message(self, *args):
             return
 
-    with _engine(tmp_path / "l2", NS_B) as engine:
+    namespace = namespace_for("/models/metrics-test", None, layers="0-1")  # no other test's engine shares it
+    with _engine(tmp_path / "l2", namespace) as engine:
         engine.store(list(range(C * 2)), list(range(4)))
         assert engine.lookup(list(range(C * 3))) == 2 * C  # 2 hits and a miss
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -145,6 +146,6 @@ def test_stats_from_a_prometheus_endpoint(tmp_path, capsys):
             server.server_close()
             thread.join(5)
     report = json.loads(capsys.readouterr().out)
-    [label] = [k for k in report if k.startswith(NS_B[:20])]
+    label = engine.metrics.label
     assert report[label]["tokens_stored"] == 2 * C
     assert report[label]["misses_lookup_all"] >= 1
