@@ -117,15 +117,19 @@ class CacheEngine:
         self._check_bound()
         return self.chunks.l1.chunk_bytes
 
-    def chunk_keys(self, tokens) -> list[str]:
-        """One key per full chunk of ``tokens`` (a partial tail chunk has no key and is never stored)."""
-        return self.chunks.keys(tokens)
+    def chunk_keys(self, tokens, extra: bytes = b"") -> list[str]:
+        """One key per full chunk of ``tokens`` (a partial tail chunk has no key and is never stored). ``extra``, here
+        and below, is the request's own key root component (kvport.store.keys.root_digest): b"" for plain text."""
+        return self.chunks.keys(tokens, extra)
 
     # ---- lookup ------------------------------------------------------------------------------------------
-    def lookup(self, tokens) -> int:
-        """Longest cached prefix of ``tokens`` in tokens (a multiple of chunk_tokens), in L1 or any tier."""
+    def lookup(self, tokens, start: int = 0, extra: bytes = b"") -> int:
+        """Where the cached run of ``tokens`` that begins at the chunk holding token ``start`` ends, in tokens (a
+        multiple of chunk_tokens; ``start // chunk_tokens * chunk_tokens`` when that chunk is not cached), in L1 or
+        any tier. With ``start=0`` it is the longest cached prefix."""
         self._check_open()
-        return self.chunks.lookup(tokens) * self.chunk_tokens
+        first = start // self.chunk_tokens
+        return (first + self.chunks.lookup(tokens, first, extra)) * self.chunk_tokens
 
     def lookup_keys(self, keys) -> int:
         """Leading chunks of ``keys`` (derived by the adapter) cached in L1 or any tier, in chunks."""
@@ -133,7 +137,9 @@ class CacheEngine:
         return self.chunks.lookup_keys(keys)
 
     # ---- store -------------------------------------------------------------------------------------------
-    def submit_store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0) -> Ticket:
+    def submit_store(
+        self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0, extra: bytes = b""
+    ) -> Ticket:
         """Gather the full chunks of ``tokens[:num_tokens]`` out of the engine blocks into L1, asynchronously.
 
         Chunks before ``skip_tokens // chunk_tokens`` and chunks already cached are skipped. The gather is ordered
@@ -143,7 +149,7 @@ class CacheEngine:
         evicts this request's own chunks or pins the whole of L1."""
         self._check_bound()
         num_tokens = len(tokens) if num_tokens is None else num_tokens
-        keys = self.chunks.keys(tokens[:num_tokens])
+        keys = self.chunks.keys(tokens[:num_tokens], extra)
         return self.submit_store_keys(keys, block_ids, skip_tokens // self.chunk_tokens)
 
     def submit_store_keys(self, keys, block_ids, skip_chunks: int = 0) -> Ticket:
@@ -201,34 +207,46 @@ class CacheEngine:
         completion.add_done_callback(settle)
         return ticket
 
-    def store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0) -> int:
+    def store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0, extra: bytes = b"") -> int:
         """``submit_store`` and wait until the chunks are in L1 (and, without ``async_store``, in every tier).
         Returns the tokens stored; the blocks may be reused when it returns."""
-        return self.submit_store(tokens, block_ids, num_tokens, skip_tokens).wait()
+        return self.submit_store(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
 
     # ---- load --------------------------------------------------------------------------------------------
-    def submit_load(self, tokens, block_ids, num_tokens: int) -> Ticket:
-        """Scatter the cached full chunks of ``tokens[:num_tokens]`` into the engine blocks, in order.
+    def submit_load(self, tokens, block_ids, num_tokens: int, skip_tokens: int = 0, extra: bytes = b"") -> Ticket:
+        """Scatter the cached full chunks of ``tokens[skip_tokens:num_tokens]`` into the engine blocks, in order.
 
-        Stops at the first chunk that is missing or fails validation; ``ticket.tokens`` is what was loaded (a
-        multiple of chunk_tokens), known when this returns. Every chunk was checksummed before it is scattered. The
-        engine orders its stream after ``ticket.completion`` before it reads the blocks."""
+        Blocks holding tokens before ``skip_tokens`` are never written (the engine computed them and may share them
+        between requests): when ``skip_tokens`` falls inside a chunk, only that chunk's blocks from ``skip_tokens`` on
+        are written (``skip_tokens`` must then be a multiple of every group's tokens_per_block, else nothing is
+        loaded). Stops at the first chunk that is missing or fails validation; ``ticket.tokens`` is how many tokens
+        were loaded from ``skip_tokens`` on, known when this returns. Every chunk was checksummed before it is
+        scattered. The engine orders its stream after ``ticket.completion`` before it reads the blocks."""
         self._check_bound()
-        return self.submit_load_keys(self.chunks.keys(tokens[:num_tokens]), block_ids)
+        return self.submit_load_keys(self.chunks.keys(tokens[:num_tokens], extra), block_ids, skip_tokens)
 
-    def submit_load_keys(self, keys, block_ids) -> Ticket:
+    def submit_load_keys(self, keys, block_ids, skip_tokens: int = 0) -> Ticket:
         """``submit_load`` for chunk keys the engine adapter derived itself (one per full chunk, in token order)."""
         self._check_bound()
         keys = list(keys)
+        first, offset = divmod(skip_tokens, self.chunk_tokens)
+        if offset and any(offset % group.tokens_per_block for group in self.descriptor.groups):
+            self.metrics.inc("skipped", reason="unaligned_skip")
+            return Ticket.settled(0)
         tables = self.descriptor.normalize_block_ids(block_ids)
         completions = []
         batch: list[tuple[int, Lease]] = []
         loaded = 0
-        fetches = self.chunks.fetch(keys)
+        fetches = self.chunks.fetch(keys[first:])
         try:
-            for index, got in enumerate(fetches):
+            for index, got in enumerate(fetches, first):
                 if got is None:
                     break
+                if index == first and offset:
+                    if not self._load_tail(got, keys[index], tables, index, offset):
+                        break
+                    loaded += self.chunk_tokens - offset
+                    continue
                 if got is NO_SLOT:
                     completions.append(self._flush(batch, tables))
                     if not self._load_via_scratch(keys[index], tables, index):
@@ -252,9 +270,9 @@ class CacheEngine:
         completion.add_done_callback(ticket.settle)
         return ticket
 
-    def load(self, tokens, block_ids, num_tokens: int) -> int:
+    def load(self, tokens, block_ids, num_tokens: int, skip_tokens: int = 0, extra: bytes = b"") -> int:
         """``submit_load`` and wait until the blocks hold the loaded KV; returns the tokens loaded."""
-        return self.submit_load(tokens, block_ids, num_tokens).wait()
+        return self.submit_load(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
 
     def _flush(self, batch: list[tuple[int, Lease]], tables: list):
         """One transfer for the leased chunks in ``batch``; the leases are released when it finished (a read-ahead
@@ -285,6 +303,40 @@ class CacheEngine:
             # The scratch buffer is reused by the next chunk: wait for this scatter before giving it back.
             self.mover.from_host([self._scratch], [self._chunk_tables(tables, index)], self.chunk_tokens).wait()
             return True
+
+    def _load_tail(self, got, key: str, tables: list, index: int, offset: int) -> bool:
+        """Scatter tokens [offset, chunk_tokens) of chunk ``index`` (an L1 lease, or NO_SLOT: read from a tier) and
+        wait for it. The canonical chunk of n tokens is each stream's first slot_count(n) slots in stream order, so
+        the tail is each stream's slots from slot_count(offset) on, packed into the scratch buffer."""
+        import torch
+
+        descriptor, chunk = self.descriptor, self.chunk_tokens
+        tail = chunk - offset
+        with self._scratch_lock:
+            if got is NO_SLOT:
+                if not self.chunks.read_into(key, self._scratch):
+                    return False
+                source = self._scratch
+            else:
+                source = got.buffer
+            try:
+                parts = []
+                for stream, start in zip(descriptor.streams, descriptor.stream_offsets(chunk)):
+                    skip = descriptor.groups[stream.group].slot_count(offset) * stream.slot_bytes
+                    size = descriptor.stream_bytes(stream, tail)
+                    parts.append(source[start + skip : start + skip + size])
+                packed = torch.cat(parts)  # a copy: ``source`` may be the scratch buffer it is written back to
+            finally:
+                if got is not NO_SLOT:
+                    got.release()
+            self._scratch[: packed.numel()].copy_(packed)
+            tail_tables = [
+                ids[offset // group.tokens_per_block :]
+                for group, ids in zip(descriptor.groups, self._chunk_tables(tables, index))
+            ]
+            # The scratch buffer is reused by the next partial or scratch load: wait for this scatter.
+            self.mover.from_host([self._scratch[: packed.numel()]], [tail_tables], tail).wait()
+        return True
 
     def prefetch(self, tokens) -> Handle:
         """Pull the cached prefix of ``tokens`` from the tiers into L1 in the background; ``wait()`` returns the

@@ -1,4 +1,4 @@
-"""`kvport doctor`: what this machine can do — platform, device, versions, native module, backends and reasons.
+"""`kvport doctor`: what this machine can do — platform, device, versions, native module, backends, engines, config.
 Owns only gathering and printing the report; must not change any state or pick a backend for real work."""
 
 from __future__ import annotations
@@ -8,12 +8,16 @@ import json
 import sys
 from typing import Any
 
+from kvport.cli import doctor_engines
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--config", help="cache config YAML to report (default: $KVPORT_CONFIG, then KVPORT_* env)")
+    parser.add_argument("--no-engine-imports", action="store_true", help="skip importing each engine's adapter")
 
 
-def collect() -> dict[str, Any]:
+def collect(config: str | None = None, engine_imports: bool = True) -> dict[str, Any]:
     from kvport import __version__
     from kvport.hal.native import native_status
     from kvport.hal.platform import detect_platform
@@ -39,6 +43,8 @@ def collect() -> dict[str, Any]:
         ],
         "selected_backend": selected,
         "selection_error": selection_error,
+        "engines": doctor_engines.engines(engine_imports),
+        "cache_config": doctor_engines.cache_config(config),
     }
 
 
@@ -73,10 +79,11 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"selected   {report['selected_backend']}")
     else:
         lines.append(f"selected   none: {report['selection_error']}")
+    lines.extend(doctor_engines.render(report))
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = collect()
+    report = collect(args.config, not args.no_engine_imports)
     print(json.dumps(report, indent=2) if args.json else render(report))
-    return 0 if report["selected_backend"] else 1
+    return 0 if report["selected_backend"] and not report["cache_config"].get("error") else 1

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("kvport.cli.doctor", "show the platform, the native module and the copy backends with their reasons"),
     "layout": ("kvport.cli.layout", "list, show and check KV layout specs"),
     "config": ("kvport.cli.config", "check a cache config file against this machine and print its settings"),
+    "cache": ("kvport.cli.cache", "list, count and clear what the cache tiers hold, per namespace"),
     "selftest": ("kvport.cli.selftest", "round-trip every layout through a backend and compare bytes"),
     "bench": ("kvport.cli.bench", "benchmarks: kernels, storage, e2e"),
     "demo": ("kvport.cli.demo", "run a real vLLM engine with kvport and show what the cache saves"),

@@ -44,8 +44,9 @@ def run_session(request: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(
         request["model"],
         enforce_eager=request.get("enforce_eager", True),
-        # vLLM's own prefix cache would serve repeated prefixes itself and hide what kvport does.
-        enable_prefix_caching=False,
+        # vLLM's own prefix cache would serve repeated prefixes itself and hide what kvport does (tests of loads
+        # past vLLM's own hit turn it on).
+        enable_prefix_caching=bool(request.get("enable_prefix_caching", False)),
         max_model_len=request.get("max_model_len", 8192),
         max_num_batched_tokens=request.get("max_num_batched_tokens", 8192),
         disable_log_stats=False,

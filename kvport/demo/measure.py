@@ -4,7 +4,9 @@ Owns the prompt construction and the numbers derived from the runs; must not pri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import shutil
 import statistics
 import time
@@ -67,6 +69,34 @@ def measure(params: Params, progress=None) -> dict[str, Any]:
     say = progress or (lambda _msg: None)
     work = Path(params.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    with workdir_lock(work):  # the disk cache below is wiped at start: never under another run's feet
+        return _measure(params, work, say, run_engine)
+
+
+@contextlib.contextmanager
+def workdir_lock(work: Path):
+    """Hold an exclusive lock on ``work`` for one run; a second run on the same directory stops with one line."""
+    import fcntl
+
+    from kvport.errors import UserError
+
+    with open(work / ".kvport-demo.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise UserError(
+                f"{work} is in use by another kvport demo or bench run ({holder}); wait for it or pass --workdir DIR"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        yield
+
+
+def _measure(params: Params, work: Path, say, run_engine) -> dict[str, Any]:
     t0 = time.perf_counter()
     say(f"building the demo model ({params.dims.tag()}) in {work / 'model'}")
     model_dir = build_model(work / "model" / params.dims.tag(), params.dims)

@@ -76,7 +76,8 @@ def build_model(dest: str | os.PathLike, dims: ModelDims | None = None) -> Path:
     dims = dims or ModelDims()
     dest = Path(dest)
     stamp = dest / "kvport-demo.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == dataclasses.asdict(dims):
+    wanted = {**dataclasses.asdict(dims), "chat_template": chat_template()}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return dest
     words = vocabulary()
     if dims.vocab < len(words):
@@ -86,7 +87,7 @@ def build_model(dest: str | os.PathLike, dims: ModelDims | None = None) -> Path:
     try:
         _write_tokenizer(tmp, words)
         _write_weights(tmp, dims)
-        (tmp / "kvport-demo.json").write_text(json.dumps(dataclasses.asdict(dims)))
+        (tmp / "kvport-demo.json").write_text(json.dumps(wanted))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -107,7 +108,18 @@ def _write_tokenizer(dest: Path, words: list[str]) -> None:
     tok.decoder = decoders.WordPiece(prefix="##")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.model_max_length = 1 << 20
+    # Saved into tokenizer_config.json, so vLLM's /v1/chat/completions works without --chat-template.
+    fast.chat_template = chat_template()
     fast.save_pretrained(str(dest))
+
+
+def chat_template_path() -> Path:
+    """The demo model's chat template (Jinja), also usable with vLLM's ``--chat-template``."""
+    return Path(__file__).with_name("chat_template.jinja")
+
+
+def chat_template() -> str:
+    return chat_template_path().read_text()
 
 
 def _write_weights(dest: Path, dims: ModelDims) -> None:

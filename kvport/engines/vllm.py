@@ -3,24 +3,28 @@ kv_connector_module_path="kvport.engines.vllm"). Owns only the glue to vLLM's ho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import logging
 import os
-import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
     SupportsHMA,
 )
 
-from kvport.engines.vllm_layouts import AttentionInfo, info_from_spec, namespace_for, spec_for, tensors_in_order
+from kvport.engines.vllm_identity import prompt_of, request_extra, tp_rank_world, worker_namespace
+from kvport.engines.vllm_layouts import AttentionInfo, info_from_spec, spec_for, tensors_in_order
+from kvport.engines.vllm_options import check_extra_config
 from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, TransferSpec, metrics_port_for
 from kvport.engines.vllm_worker import WorkerSide
 from kvport.errors import UserError
@@ -37,11 +41,10 @@ log = logging.getLogger("kvport.vllm")
 
 # Bound worker-side engines of this process by namespace. When vLLM runs the scheduler and the worker in one process
 # (one device: engine core with the in-process executor), the scheduler looks up through the worker's engine and so
-# also sees its L1; across processes it sees the shared L2 only.
+# also sees its L1; across processes it sees the shared tiers only.
 _LOCAL_WORKERS: dict[str, Any] = {}
-
-# kv_connector_extra_config keys the adapter itself reads; every other key is a cache setting (kvport.cache.config).
-ADAPTER_KEYS = ("config", "layout", "namespace", "stats_dir", "debug_random_load")
+# One stats file writer at a time per process (the scheduler and a worker may share the process).
+_STATS_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -52,11 +55,12 @@ class KVPortMetadata(KVConnectorMetadata):
     stores: list[TransferSpec] = dataclasses.field(default_factory=list)
 
 
-def split_extra_config(extra: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(adapter options, cache-config overrides) from kv_connector_extra_config."""
-    extra = dict(extra or {})
-    options = {k: extra.pop(k) for k in ADAPTER_KEYS if k in extra}
-    return options, extra
+@dataclasses.dataclass
+class KVPortHandshake(KVConnectorHandshakeMetadata):
+    """Worker -> scheduler, once after the KV caches are registered: the shard's key namespace. Only the worker
+    knows everything the namespace holds (the layout fingerprint, the pipeline stage and its layers, the weights)."""
+
+    namespace: str
 
 
 class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
@@ -64,13 +68,15 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        from kvport.cache import load_config
-        from kvport.cache.factory import open_cache
-
-        options, overrides = split_extra_config(self._kv_transfer_config.kv_connector_extra_config)
+        route_logs_to_vllm()
+        try:
+            options, _, config = check_extra_config(self._kv_transfer_config.kv_connector_extra_config)
+            _check_parallelism(vllm_config)
+        except UserError as exc:
+            log.error("kvport: %s", exc)  # one line to find in a long multi-process traceback
+            raise
         self._options = options
-        rank, world = _tp_rank_world(role)
-        config = load_config(options.get("config"), overrides)
+        rank, _ = tp_rank_world(role == KVConnectorRole.WORKER)
         port = metrics_port_for(config.metrics_port, role == KVConnectorRole.WORKER, rank)
         self._cache_config = dataclasses.replace(config, metrics_port=port)
         if port is not None:  # serving metrics is the host process's job, not the cache's
@@ -80,9 +86,14 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
         self._block_size = groups[0].kv_cache_spec.block_size if groups else vllm_config.cache_config.block_size
         self._rank = rank
-        # The in-process cache, or the node's `kvport server` when the config names one (server: ipc:///...).
-        self._engine = open_cache(self._cache_config, _namespace(vllm_config, options, rank, world))
+        # The cache engine is built once its namespace is known: by the worker when vLLM registers the KV caches
+        # (the layout is known then), by the scheduler when the workers report their namespaces (handshake).
+        self._engine: Any = None
+        self._engines: list[Any] = []  # scheduler: one per worker shard, all must hold a chunk for a hit
+        self._owned: list[Any] = []  # engines this connector built (and closes)
         self._stats_dir = options.get("stats_dir")
+        self._stats_swept = False
+        self._extras: dict[str, bytes] = {}
         self._plan: SchedulerPlan | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -100,6 +111,32 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
                     self._kv_transfer_config.kv_load_failure_policy,
                 )
 
+    def _make_engine(self, namespace: str):
+        """The one place a connector constructs its cache: the in-process CacheEngine, or the node's `kvport server`
+        when the config names one (server: ipc:///...)."""
+        from kvport.cache.factory import open_cache
+
+        engine = open_cache(self._cache_config, namespace)
+        self._owned.append(engine)
+        return engine
+
+    # ==== checks vLLM runs before it starts the engine ======================================================
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """vLLM asks this while it builds its config (GPU, compiled): the earliest point the extra config can be
+        refused, before any model is loaded. Loads and stores run outside the forward: no piecewise graphs needed."""
+        check_extra_config(extra_config)
+        return False
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """vLLM asks this when it resolves the KV cache layout, before memory profiling (every mode): the extra
+        config is refused there at the latest. kvport serves every layout vLLM picks (or refuses it at bind)."""
+        if vllm_config.kv_transfer_config is not None:
+            check_extra_config(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        _check_parallelism(vllm_config)
+        return None
+
     # ==== worker side ==========================================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from kvport.layouts import compile_descriptor
@@ -110,21 +147,31 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         spec = spec_for(infos, self._options.get("layout"))
         per_group = [tensors_in_order(kv_caches, info.layer_names) for info in infos]
         descriptor = compile_descriptor(spec, per_group[0] if len(per_group) == 1 else per_group)
+        layers = [name for info in infos for name in info.layer_names]
+        namespace = worker_namespace(self._vllm_config, self._options, descriptor.fingerprint, layers)
+        self._engine = self._make_engine(namespace)
         self._engine.bind(descriptor)
-        _LOCAL_WORKERS[self._engine.namespace] = self._engine
+        _LOCAL_WORKERS[namespace] = self._engine
         self._worker = WorkerSide(self._engine, self._block_size, bool(self._options.get("debug_random_load")))
         if self._worker.debug_random_load:
             log.warning("kvport: debug_random_load is ON: loaded KV is replaced by random bytes (test only)")
         log.info(
-            "kvport: bound %d layers in %d group(s), backend %s, layout %s -> %s, copy backend %s, chunk %d tokens",
-            sum(len(info.layer_names) for info in infos),
+            "kvport: bound %d layers in %d group(s), attention %s (%s) -> layout %s, copy backend %s, "
+            "chunk %d tokens, L1 %s, tiers: %s, namespace %s",
+            len(layers),
             len(infos),
             "/".join(sorted({info.backend for info in infos})),
             infos[0].layout,
             spec.name,
             self._engine.backend.name,
             self._cache_config.chunk_tokens,
+            _size(self._cache_config.l1_bytes),
+            _tiers(self._engine),
+            namespace,
         )
+
+    def get_handshake_metadata(self) -> KVPortHandshake | None:
+        return KVPortHandshake(self._engine.namespace) if self._engine is not None else None
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -149,27 +196,69 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         return self._worker.take_invalid_blocks() if self._worker is not None else set()
 
     def shutdown(self) -> None:
-        if self._engine is not None:
-            if _LOCAL_WORKERS.get(self._engine.namespace) is self._engine:
-                del _LOCAL_WORKERS[self._engine.namespace]
-            self._engine.close(drain=True)
+        if self._engine is not None and _LOCAL_WORKERS.get(self._engine.namespace) is self._engine:
+            del _LOCAL_WORKERS[self._engine.namespace]
+        owned, self._owned = self._owned, []
+        for engine in owned:
+            engine.close(drain=True)
+        if owned:
             self._write_stats()
 
     # ==== scheduler side =======================================================================================
-    def _lookup(self, tokens) -> int:
-        # Through the server every process sees every other's chunks; in-process, this process's worker's L1.
-        engine = self._engine if self._cache_config.server else _LOCAL_WORKERS.get(self._engine.namespace, self._engine)
-        return engine.lookup(tokens)
+    def set_xfer_handshake_metadata_pp_aware(self, metadata: dict[tuple[int, int], Any]) -> None:
+        """Every worker's namespace, keyed by (pipeline stage, TP rank): the scheduler looks up all of them (a
+        chunk is a hit only when every shard holds it)."""
+        if self._plan is None:
+            return
+        names = list(dict.fromkeys(m.namespace for _, m in sorted(metadata.items()) if isinstance(m, KVPortHandshake)))
+        self._engines = [_LOCAL_WORKERS.get(ns) or self._make_engine(ns) for ns in names]
+        if not self._engines:
+            return
+        log.info(
+            "kvport: scheduler looks up %d shard namespace(s), chunk %d tokens, tiers: %s, namespace %s%s",
+            len(names),
+            self._cache_config.chunk_tokens,
+            _tiers(self._engines[0]),
+            names[0],
+            f" (+{len(names) - 1} more)" if len(names) > 1 else "",
+        )
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
+        self.set_xfer_handshake_metadata_pp_aware({(0, rank): m for rank, m in metadata.items()})
+
+    def _lookup(self, tokens, start: int, extra: bytes) -> int:
+        if not self._engines:
+            raise RuntimeError(
+                "kvport: the vLLM workers did not report their key namespaces (KV connector handshake metadata); "
+                "this vLLM version or executor is not supported by kvport"
+            )
+        end = None
+        for engine in self._engines:  # every shard must hold the chunk: narrow the run shard by shard
+            found = engine.lookup(tokens if end is None else tokens[:end], start, extra)
+            end = found if end is None else min(end, found)
+            if end <= start:
+                break
+        return end
+
+    def _extra(self, request: Request) -> bytes:
+        extra = self._extras.get(request.request_id)
+        if extra is None:
+            extra = self._extras[request.request_id] = request_extra(request)
+        return extra
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        prompt = request.prompt_token_ids
+        prompt = prompt_of(request)
         if not prompt:
             return 0, False
-        return self._plan.match(request.request_id, prompt, num_computed_tokens), False
+        hit = self._plan.match(
+            request.request_id, prompt, num_computed_tokens, request.num_tokens, self._extra(request)
+        )
+        return hit, False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        if request.prompt_token_ids:
-            self._plan.after_alloc(request.request_id, request.prompt_token_ids, num_external_tokens)
+        prompt = prompt_of(request)
+        if prompt:
+            self._plan.after_alloc(request.request_id, prompt, num_external_tokens, self._extra(request))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         scheduled = scheduler_output.num_scheduled_tokens
@@ -192,13 +281,13 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Stores ran after the steps that computed each chunk, so nothing is left to save: free the blocks now.
         self._plan.finished(request.request_id)
+        self._extras.pop(request.request_id, None)
         return False, None
 
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
-        self._plan.finished(request.request_id)
-        return False, None
+        return self.request_finished(request, [])
 
     # ==== stats ================================================================================================
     def stats(self) -> dict[str, Any]:
@@ -210,40 +299,86 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
                 "hit_requests": p.hit_requests,
                 "hit_tokens": p.hit_tokens,
                 "prompt_tokens": p.prompt_tokens,
+                "namespaces": [e.namespace for e in self._engines],
             }
-        out = {"role": "worker", "rank": self._rank}
+        out: dict[str, Any] = {"role": "worker", "rank": self._rank}
         if self._worker is not None:
-            out |= self._worker.stats()
+            out |= self._worker.stats() | {"namespace": self._engine.namespace}
         return out
 
     def _write_stats(self) -> None:
-        """Atomically write this side's counters to ``stats_dir`` (for tests, the demo and dashboards)."""
+        """Atomically write this side's counters to ``stats_dir`` (for tests, the demo and dashboards): the JSON is
+        made first, then written to ``.<name>.<pid>.tmp`` and renamed. The temp name is fixed per process, so a
+        process killed mid-write (vLLM stops its workers at shutdown) leaves at most one, which the next writer of
+        that file removes once its process is gone; a failed write removes its own."""
         if not self._stats_dir:
             return
+        text = json.dumps(self.stats(), default=str)
         directory = Path(self._stats_dir)
-        directory.mkdir(parents=True, exist_ok=True)
         name = "scheduler.json" if self._plan is not None else f"worker{self._rank}.json"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-        with os.fdopen(fd, "w") as out:
-            json.dump(self.stats(), out, default=str)
-        os.replace(tmp, directory / name)
+        tmp = directory / f".{name}.{os.getpid()}.tmp"
+        with _STATS_LOCK:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not self._stats_swept:
+                _remove_dead_temps(directory, name)
+                self._stats_swept = True
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, directory / name)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
 
 
-def _tp_rank_world(role: KVConnectorRole) -> tuple[int, int]:
-    if role != KVConnectorRole.WORKER:
-        return 0, 1  # every rank stores the same chunks (per its shard); rank 0's presence stands for all
-    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+def _remove_dead_temps(directory: Path, name: str) -> None:
+    for path in directory.glob(f".{name}.*.tmp"):
+        pid = path.name[len(name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
-    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def _namespace(vllm_config: VllmConfig, options: dict[str, Any], rank: int, world: int) -> str:
-    model = vllm_config.model_config
-    dtype = vllm_config.cache_config.cache_dtype
-    if dtype == "auto":
-        dtype = str(model.dtype).removeprefix("torch.")
-    world = max(world, vllm_config.parallel_config.tensor_parallel_size)
-    return namespace_for(model.model, model.revision, dtype, rank, world, options.get("namespace"))
+def route_logs_to_vllm() -> None:
+    """vLLM configures handlers for its own ``vllm`` logger only (vllm/logger.py: ``propagate: False``), so kvport's
+    INFO records never reached the server log (Python's last-resort handler prints WARNING and up, unformatted).
+    Once per process, kvport's loggers write through vLLM's handlers, in vLLM's format and at its level. Nothing
+    changes when vLLM's logging is off (VLLM_CONFIGURE_LOGGING=0: the application configures logging)."""
+    ours, theirs = logging.getLogger("kvport"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
+
+
+def _check_parallelism(vllm_config: VllmConfig) -> None:
+    """Refuse what kvport's chunks cannot describe: with decode/prefill context parallelism the KV of one token
+    sequence is spread over ranks by token, and no rank's blocks hold a whole chunk."""
+    parallel = vllm_config.parallel_config
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(parallel, name, 1) > 1:
+            raise UserError(f"kvport does not support {name}={getattr(parallel, name)} (KV spread over ranks by token)")
+
+
+def _tiers(engine: Any) -> str:
+    tiers = getattr(getattr(engine, "chunks", None), "tiers", None) or []
+    return ", ".join(t.describe() for t in tiers) or "none (L1 only)"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
 def _attention_infos(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> list[AttentionInfo]:

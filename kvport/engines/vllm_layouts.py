@@ -4,6 +4,7 @@ KV tensors to that layout's compiled descriptor. Must not import vLLM or guess N
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -241,12 +242,34 @@ def spec_for(infos: Sequence[AttentionInfo], override: str | None = None):
 
 
 def namespace_for(
-    model: str, revision: str | None, kv_dtype: str, rank: int, world: int, base: str | None = None
+    model: str,
+    revision: str | None,
+    kv_dtype: str = "auto",
+    rank: int = 0,
+    world: int = 1,
+    base: str | None = None,
+    *,
+    weights: str = "",
+    config: str = "",
+    layout: str = "",
+    pp_rank: int = 0,
+    pp_world: int = 1,
+    layers: str = "",
 ) -> str:
-    """Model identity + KV dtype + shard, so chunks of different models or shards never share a key.
-    ``base`` (kv_connector_extra_config.namespace) replaces the model identity, e.g. to share across paths."""
-    ident = base or f"vllm:{model}:{revision or ''}"
-    return f"{ident}|kv={kv_dtype}|tp{rank}/{world}"
+    """One vLLM shard's key namespace: every field that makes its KV bytes differ, as a JSON object with fixed keys
+    (so no two field tuples encode alike). ``model``/``revision`` with ``weights`` (kvport.engines.vllm_identity
+    weights_digest) and ``config`` (a digest of the effective model config, dtype and quantization) identify the
+    model; ``base`` (the adapter's ``namespace`` option) replaces all four with an operator-chosen name. Then the KV
+    dtype, the layout fingerprint (the canonical chunk format), the tensor-parallel rank/size, the pipeline stage and
+    the layer indices it holds."""
+    fields: dict[str, Any] = {"engine": "vllm"}
+    if base:
+        fields["name"] = base
+    else:
+        fields |= {"model": model, "revision": revision, "weights": weights, "config": config}
+    fields |= {"kv_dtype": kv_dtype, "layout": layout, "tp": [rank, world], "pp": [pp_rank, pp_world]}
+    fields["layers"] = layers
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")

@@ -19,7 +19,9 @@ def metrics_port_for(base: int | None, worker: bool, rank: int) -> int | None:
 
 @dataclasses.dataclass
 class TransferSpec:
-    """One load or store the worker runs this step (all token counts are multiples of the chunk size)."""
+    """One load or store the worker runs this step: chunks of ``tokens[:num_tokens]`` (a multiple of the chunk size),
+    from ``skip_tokens`` on. A load never writes the blocks of tokens before ``skip_tokens`` (vLLM computed them
+    itself and may share them); ``skip_tokens`` of a load is a multiple of vLLM's block size, maybe inside a chunk."""
 
     req_id: str
     tokens: list[int]
@@ -27,11 +29,14 @@ class TransferSpec:
     block_ids: list[list[int]]
     num_tokens: int
     skip_tokens: int = 0
+    # The request's own key root component (kvport.engines.vllm_identity.request_extra): LoRA, cache_salt, ...
+    extra: bytes = b""
 
 
 @dataclasses.dataclass
 class _ReqState:
     prompt: list[int]
+    extra: bytes = b""
     stored_upto: int = 0  # tokens [0, stored_upto) are known to be in the cache (loaded or stored)
     pending_load: int = 0  # tokens to load before this request's first forward (set after allocation)
     last_computed: int = 0
@@ -48,13 +53,16 @@ class StepRequest:
 
 
 class SchedulerPlan:
-    """Longest cached prefix per request (via ``lookup``) and the load/store specs for each step.
+    """Cached chunks past vLLM's own prefix hit per request (via ``lookup``) and the load/store specs for each step.
 
-    A hit is used only when vLLM's own prefix cache had none for the request (``num_computed == 0``): the cache
-    engine loads from the first chunk, and rewriting blocks that vLLM shares between requests is not safe.
+    ``lookup(tokens, start, extra)`` returns where the cached run of ``tokens`` that begins at the chunk holding token
+    ``start`` ends (a multiple of the chunk size). A load starts where vLLM's own hit ends, also inside a chunk (the
+    worker then writes only that chunk's remaining blocks), and leaves the prompt's last token to vLLM: vLLM needs
+    at least one token to compute, so a prompt of exactly N cached chunks loads N chunks and reports all but its last
+    token (vLLM recomputes that token into the block the load filled), as LMCache's connector does.
     """
 
-    def __init__(self, lookup: Callable[[Sequence[int]], int], chunk_tokens: int, block_size: int) -> None:
+    def __init__(self, lookup: Callable[[Sequence[int], int, bytes], int], chunk_tokens: int, block_size: int) -> None:
         if chunk_tokens % block_size:
             raise ValueError(f"chunk_tokens={chunk_tokens} must be a multiple of vLLM's block_size={block_size}")
         self._lookup = lookup
@@ -67,20 +75,27 @@ class SchedulerPlan:
         self.prompt_tokens = 0  # prompt tokens of the requests seen
 
     # ---- vLLM hooks, in the order vLLM calls them ----------------------------------------------------------
-    def match(self, req_id: str, prompt: Sequence[int], num_computed: int) -> int:
-        """Tokens beyond ``num_computed`` that can be loaded (none once vLLM computed any itself). Side-effect
+    def match(
+        self,
+        req_id: str,
+        prompt: Sequence[int],
+        num_computed: int,
+        num_tokens: int | None = None,
+        extra: bytes = b"",
+    ) -> int:
+        """Tokens beyond ``num_computed`` (vLLM's own hit, a multiple of its block size) that can be loaded, leaving
+        at least the last of the request's ``num_tokens`` tokens (default: the prompt's) to compute. Side-effect
         free: vLLM may call it several times for one request."""
-        if num_computed > 0 or len(prompt) <= self.chunk:
+        num_tokens = len(prompt) if num_tokens is None else num_tokens
+        limit = min(len(prompt), num_tokens - 1)
+        if limit - num_computed <= 0 or len(prompt) < self.chunk or num_computed % self.block_size:
             return 0
-        # vLLM must compute at least the last prompt token to sample from it.
-        cap = (len(prompt) - 1) // self.chunk * self.chunk
-        return min(self._lookup(prompt), cap)
+        end = min(self._lookup(prompt, num_computed, extra), limit)
+        return max(0, end - num_computed)
 
-    def after_alloc(self, req_id: str, prompt: Sequence[int], num_external: int) -> None:
-        state = self._reqs.get(req_id) or self._track(req_id, prompt)
+    def after_alloc(self, req_id: str, prompt: Sequence[int], num_external: int, extra: bytes = b"") -> None:
+        state = self._reqs.get(req_id) or self._track(req_id, prompt, extra)
         state.pending_load = num_external
-        if num_external:
-            state.stored_upto = max(state.stored_upto, num_external)
 
     def build(self, steps: Sequence[StepRequest], prompts: dict[str, Sequence[int]]) -> tuple[list, list]:
         """Load specs for requests scheduled for the first time after a hit, store specs for every request
@@ -96,10 +111,17 @@ class SchedulerPlan:
                 state = self._track(step.req_id, prompt)
             blocks = [list(ids) for ids in step.block_ids]
             if state.pending_load:
-                loads.append(TransferSpec(step.req_id, state.prompt, blocks, state.pending_load))
+                # A new request: vLLM counts its own hit plus ours as computed; whole chunks up to the end.
+                local = step.num_computed_before - state.pending_load
+                end = -(-step.num_computed_before // self.chunk) * self.chunk
+                loads.append(TransferSpec(step.req_id, state.prompt, blocks, end, local, state.extra))
                 self.hit_requests += 1
                 self.hit_tokens += state.pending_load
                 state.pending_load = 0
+                if local < self.chunk:
+                    # Chunks [0, end) are all known to be cached. After a longer vLLM hit the chunks of that hit
+                    # are not known to be: the store path checks them (a present chunk costs a lookup, no copy).
+                    state.stored_upto = max(state.stored_upto, end)
             before = step.num_computed_before
             if before < state.last_computed:
                 # vLLM rolled the request back (preemption, or a failed load it now recomputes): chunks past
@@ -109,15 +131,15 @@ class SchedulerPlan:
             state.last_computed = after
             store_to = min(after, len(state.prompt)) // self.chunk * self.chunk
             if store_to > state.stored_upto:
-                stores.append(TransferSpec(step.req_id, state.prompt, blocks, store_to, state.stored_upto))
+                stores.append(TransferSpec(step.req_id, state.prompt, blocks, store_to, state.stored_upto, state.extra))
                 state.stored_upto = store_to
         return loads, stores
 
     def finished(self, req_id: str) -> None:
         self._reqs.pop(req_id, None)
 
-    def _track(self, req_id: str, prompt: Sequence[int]) -> _ReqState:
-        state = self._reqs[req_id] = _ReqState(list(prompt))
+    def _track(self, req_id: str, prompt: Sequence[int], extra: bytes = b"") -> _ReqState:
+        state = self._reqs[req_id] = _ReqState(list(prompt), extra)
         self.requests += 1
         self.prompt_tokens += len(state.prompt)
         return state

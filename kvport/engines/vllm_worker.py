@@ -43,24 +43,24 @@ class WorkerSide:
         (``take_invalid_blocks``), which then recomputes them."""
         for spec in specs:
             start = time.perf_counter()
-            ticket = self.engine.submit_load(spec.tokens, spec.block_ids, spec.num_tokens)
+            ticket = self.engine.submit_load(spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens, spec.extra)
             # The forward that reads these blocks is issued on this stream after us: it waits for the scatter.
             ticket.completion.wait_on()
-            loaded = ticket.tokens
+            loaded, planned = ticket.tokens, spec.num_tokens - spec.skip_tokens
             self.counters["load_seconds"] += time.perf_counter() - start
             self.counters["load_requests"] += 1
-            self.counters["tokens_load_planned"] += spec.num_tokens
+            self.counters["tokens_load_planned"] += planned
             self.counters["tokens_loaded"] += loaded
-            if loaded < spec.num_tokens:
+            if loaded < planned:
                 self.counters["load_failures"] += 1
-                self.counters["tokens_load_failed"] += spec.num_tokens - loaded
-                self._invalid_blocks.update(self._blocks_from(spec, loaded))
+                self.counters["tokens_load_failed"] += planned - loaded
+                self._invalid_blocks.update(self._blocks_from(spec, spec.skip_tokens + loaded))
                 log.warning(
                     "kvport: request %s loaded %d of %d cached tokens (chunk missing or failed its checksum); "
                     "vLLM recomputes the rest",
                     spec.req_id,
                     loaded,
-                    spec.num_tokens,
+                    planned,
                 )
             if self.debug_random_load and loaded:
                 self._scatter_random(spec, loaded)
@@ -71,19 +71,21 @@ class WorkerSide:
         later forward cannot overwrite blocks it still reads); the host does not wait."""
         for spec in specs:
             start = time.perf_counter()
-            ticket = self.engine.submit_store(spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens)
+            ticket = self.engine.submit_store(
+                spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens, spec.extra
+            )
             ticket.completion.wait_on()
             self.counters["store_seconds"] += time.perf_counter() - start
             self.counters["store_requests"] += 1
             self.counters["tokens_stored"] += ticket.tokens
 
-    def _blocks_from(self, spec: TransferSpec, loaded: int) -> set[int]:
-        """Every group's blocks that hold tokens [loaded, num_tokens): what vLLM must recompute."""
+    def _blocks_from(self, spec: TransferSpec, end: int) -> set[int]:
+        """Every group's blocks that hold tokens [end, num_tokens): what vLLM must recompute."""
         out: set[int] = set()
         groups = self.engine.descriptor.groups
         for group, ids in zip(groups, spec.block_ids):
             per_block = group.tokens_per_block
-            out.update(ids[loaded // per_block : -(-spec.num_tokens // per_block)])
+            out.update(ids[end // per_block : -(-spec.num_tokens // per_block)])
         return out
 
     def take_invalid_blocks(self) -> set[int]:
@@ -104,5 +106,9 @@ class WorkerSide:
         # Random bytes can be NaN/inf patterns in bf16; keep them finite so the change shows up as different
         # tokens rather than a crash: clear the exponent's top bit of every high byte (little-endian bf16/fp16).
         noise[1::2] &= 0xBF
-        mover.from_host([noise], [spec.block_ids], num_tokens).wait()
+        # Only the blocks the load wrote (from skip_tokens, a multiple of every group's block size): the blocks
+        # before it are vLLM's own and may be shared with other requests.
+        groups = mover.descriptor.groups
+        tables = [ids[spec.skip_tokens // g.tokens_per_block :] for g, ids in zip(groups, spec.block_ids)]
+        mover.from_host([noise], [tables], num_tokens).wait()
         self.counters["random_loads"] += 1

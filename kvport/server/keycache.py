@@ -35,27 +35,29 @@ class KeyCache:
         self.hits = 0
         self.derived = 0
 
-    def _derive(self, tokens) -> list[str]:
-        if self.scheme == "sglang":
+    def _derive(self, tokens, extra: bytes = b"") -> list[str]:
+        # The same rule as ChunkStore.iter_keys: SGLang page keys carry no per-request component.
+        if self.scheme == "sglang" and not extra:
             from kvport.store.page_keys import iter_page_keys
 
             return list(iter_page_keys(tokens, self.chunk_tokens, self.namespace, self.salt))
-        return chunk_keys(tokens, self.chunk_tokens, self.namespace, self.salt)
+        return chunk_keys(tokens, self.chunk_tokens, self.namespace, self.salt, extra)
 
     def clear(self) -> None:
         with self._lock:
             self._lru.clear()
             self._tokens = 0
 
-    def keys(self, tokens: Sequence[int], num_tokens: int | None = None) -> list[str]:
+    def keys(self, tokens: Sequence[int], num_tokens: int | None = None, extra: bytes = b"") -> list[str]:
+        """``extra``: the request's own key-root component (LoRA, cache_salt, ...; kvport.store.keys)."""
         num_tokens = len(tokens) if num_tokens is None else min(num_tokens, len(tokens))
         chunks = num_tokens // self.chunk_tokens
         if chunks == 0:
             return []
         if type(tokens) is not list:
             self.derived += 1
-            return self._derive(tokens[: chunks * self.chunk_tokens])
-        probe = (len(tokens), tokens[0], tokens[len(tokens) // 2], tokens[-1])
+            return self._derive(tokens[: chunks * self.chunk_tokens], extra)
+        probe = (len(tokens), tokens[0], tokens[len(tokens) // 2], tokens[-1], extra)
         with self._lock:
             entry = self._lru.get(probe)
             if entry is not None:
@@ -64,7 +66,7 @@ class KeyCache:
             self.hits += 1
             return entry[1][:chunks]
         self.derived += 1
-        keys = self._derive(tokens)
+        keys = self._derive(tokens, extra)
         if len(tokens) > MAX_TOKENS:
             return keys[:chunks]
         with self._lock:

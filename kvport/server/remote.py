@@ -137,11 +137,15 @@ class RemoteCache:
         return self.keys.keys(tokens)
 
     # ---- lookup ------------------------------------------------------------------------------------------
-    def lookup(self, tokens) -> int:
-        """Longest prefix of ``tokens`` the server holds (L1 or a tier), in tokens; 0 while it is down."""
+    def lookup(self, tokens, start: int = 0, extra: bytes = b"") -> int:
+        """As CacheEngine.lookup: where the run the server holds (L1 or a tier) from the chunk holding token
+        ``start`` ends, in tokens; that chunk's start while the server is down."""
         self._check_open()
+        first = start // self.chunk_tokens
+        return (first + self._lookup_chunks(self.keys.keys(tokens, extra=extra)[first:])) * self.chunk_tokens
+
+    def _lookup_chunks(self, keys: list[str]) -> int:
         start = time.perf_counter()
-        keys = self.keys.keys(tokens)
         if not keys:
             return 0
         reply = self._call("lookup", {"ns": self.namespace}, [P.keys_frame(keys)])
@@ -153,15 +157,17 @@ class RemoteCache:
         if hits < len(keys):
             self.metrics.inc("misses", op="lookup", tier="all")
         self.metrics.observe("latency", time.perf_counter() - start, op="lookup")
-        return hits * self.chunk_tokens
+        return hits
 
     # ---- store -------------------------------------------------------------------------------------------
-    def submit_store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0) -> Ticket:
+    def submit_store(
+        self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0, extra: bytes = b""
+    ) -> Ticket:
         """As CacheEngine.submit_store: the server reserves slots for the absent chunks, this process gathers into
         them, and commits once the gather's completion fired (a failed gather aborts: nothing half-written is
         ever visible). The ticket settles after the commit."""
         self._check_bound()
-        keys = self.keys.keys(tokens, num_tokens)
+        keys = self.keys.keys(tokens, num_tokens, extra)
         first = skip_tokens // self.chunk_tokens
         if first >= len(keys):
             return Ticket.settled(0)
@@ -205,16 +211,22 @@ class RemoteCache:
         completion.add_done_callback(settle)
         return ticket
 
-    def store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0) -> int:
-        return self.submit_store(tokens, block_ids, num_tokens, skip_tokens).wait()
+    def store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0, extra: bytes = b"") -> int:
+        return self.submit_store(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
 
     # ---- load --------------------------------------------------------------------------------------------
-    def submit_load(self, tokens, block_ids, num_tokens: int) -> Ticket:
-        """As CacheEngine.submit_load: the server pins the leading run of cached chunks (reading tiers into its L1
-        as needed), this process scatters them straight out of the shared slots and releases the pin once the
-        scatter's completion fired. ``ticket.tokens`` is what was pinned (known when this returns)."""
+    def submit_load(self, tokens, block_ids, num_tokens: int, skip_tokens: int = 0, extra: bytes = b"") -> Ticket:
+        """As CacheEngine.submit_load: the server pins the leading run of cached chunks from chunk
+        ``skip_tokens // chunk_tokens`` (reading tiers into its L1 as needed), this process scatters them straight
+        out of the shared slots and releases the pin once the scatter's completion fired. ``ticket.tokens`` is what
+        was pinned (known when this returns). A ``skip_tokens`` inside a chunk (vLLM's own hit ending mid-chunk)
+        loads nothing through the server (counted): vLLM recomputes, never a block it shares is overwritten."""
         self._check_bound()
-        keys = self.keys.keys(tokens, num_tokens)
+        first, offset = divmod(skip_tokens, self.chunk_tokens)
+        if offset:
+            self.metrics.inc("skipped", reason="unaligned_skip")
+            return Ticket.settled(0)
+        keys = self.keys.keys(tokens, num_tokens, extra)[first:]
         if not keys:
             return Ticket.settled(0)
         reply = self._call("pin", {"ns": self.namespace}, [P.keys_frame(keys)])
@@ -239,7 +251,7 @@ class RemoteCache:
                 buffers = self._views(header["off"])
             start = time.perf_counter()
             completion = self.mover.from_host(
-                buffers, [self._chunk_tables(tables, i) for i in range(count)], self.chunk_tokens
+                buffers, [self._chunk_tables(tables, first + i) for i in range(count)], self.chunk_tokens
             )
         except BaseException:
             if pin:
@@ -260,8 +272,8 @@ class RemoteCache:
         completion.add_done_callback(settle)
         return ticket
 
-    def load(self, tokens, block_ids, num_tokens: int) -> int:
-        return self.submit_load(tokens, block_ids, num_tokens).wait()
+    def load(self, tokens, block_ids, num_tokens: int, skip_tokens: int = 0, extra: bytes = b"") -> int:
+        return self.submit_load(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
 
     # ---- helpers -----------------------------------------------------------------------------------------
     def _call(self, op: str, fields: dict, frames=()) -> tuple[dict, list] | None:

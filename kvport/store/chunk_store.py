@@ -5,6 +5,7 @@ the store's metrics; must not know devices, descriptors, backends or engines (th
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import logging
 import threading
 import time
@@ -54,7 +55,9 @@ class ChunkStore:
         self._owns_tiers = tiers is None
         try:
             for i, spec in enumerate(config.tier_specs() if tiers is None else ()):
-                self.tiers.append(build_tier(spec, f"cache config: tiers[{i}] ({spec.get('type')})", self.metrics))
+                tier = build_tier(spec, f"cache config: tiers[{i}] ({spec.get('type')})", self.metrics)
+                self.tiers.append(tier)
+                tier.use_namespace(namespace)  # tiers shared by several stores (the server's) record none
         except BaseException:
             self.close(drain=False)
             raise
@@ -89,27 +92,29 @@ class ChunkStore:
         self.l1, self.fingerprint = l1, fingerprint
 
     # ---- keys and lookup -------------------------------------------------------------------------------------
-    def iter_keys(self, tokens) -> Iterator[str]:
-        """One key per full chunk of ``tokens``, derived as asked for (a lookup that stops early hashes no further)."""
-        if self.config.key_scheme == "sglang":
+    def iter_keys(self, tokens, extra: bytes = b"") -> Iterator[str]:
+        """One key per full chunk of ``tokens``, derived as asked for (a lookup that stops early hashes no further).
+        ``extra``: the request's own root component (kvport.store.keys.root_digest). SGLang-compatible page keys
+        carry no per-request component: a request with one gets kvport's own chain, isolated but not shareable."""
+        if self.config.key_scheme == "sglang" and not extra:
             from kvport.store.page_keys import iter_page_keys
 
             return iter_page_keys(tokens, self.chunk_tokens, self.namespace, self.config.salt)
-        return iter_chunk_keys(tokens, self.chunk_tokens, self.namespace, self.config.salt)
+        return iter_chunk_keys(tokens, self.chunk_tokens, self.namespace, self.config.salt, extra)
 
-    def keys(self, tokens) -> list[str]:
-        return list(self.iter_keys(tokens))
+    def keys(self, tokens, extra: bytes = b"") -> list[str]:
+        return list(self.iter_keys(tokens, extra))
 
-    def lookup(self, tokens) -> int:
-        """Leading chunks of ``tokens`` present in L1 or any tier (a promise a load keeps unless a chunk is evicted
-        or found corrupt meanwhile). Tiers are asked in batches that grow 1, 8, 64...: a miss costs one key, a long
-        hit a few round trips per tier, never one per chunk."""
-        return self.lookup_keys(self.iter_keys(tokens))
+    def lookup(self, tokens, start: int = 0, extra: bytes = b"") -> int:
+        """Consecutive chunks of ``tokens`` present in L1 or any tier, counted from chunk ``start`` (a promise a load
+        keeps unless a chunk is evicted or found corrupt meanwhile). Tiers are asked in batches that grow 1, 8,
+        64...: a miss costs one key, a long hit a few round trips per tier, never one per chunk."""
+        return self.lookup_keys(itertools.islice(self.iter_keys(tokens, extra), start, None))
 
     def lookup_keys(self, keys: Iterator[str] | Sequence[str]) -> int:
         """``lookup`` for keys the engine derived itself (SGLang hands page hashes, not tokens)."""
         self._check_open()
-        start = time.perf_counter()
+        begin = time.perf_counter()
         keys = iter(keys)
         found = {"l1": 0}
         pending: deque[str] = deque()
@@ -146,7 +151,7 @@ class ChunkStore:
         for tier, count in found.items():  # one update per tier, not per chunk: lookups sit on the critical path
             if count:
                 self.metrics.inc("hits", count, op="lookup", tier=tier)
-        self.metrics.observe("latency", time.perf_counter() - start, op="lookup")
+        self.metrics.observe("latency", time.perf_counter() - begin, op="lookup")
         return total
 
     # ---- store side ------------------------------------------------------------------------------------------

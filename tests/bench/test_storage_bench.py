@@ -98,11 +98,20 @@ def _in_tmpfs(tmp_path, options: str, *bench_args: str) -> subprocess.CompletedP
 
 
 SMALL = ("--chunk-mb", "1", "--chunks", "8", "--rounds", "1", "--index-chunks", "0")
+PROGRESS = ("kvport bench storage: ", "round ", "writing ", "  ")
+
+
+def _one_error_line(stderr: str) -> str:
+    """The error: the last stderr line; every line before it is a progress line."""
+    *progress, error = stderr.splitlines()
+    assert all(line.startswith(PROGRESS) for line in progress), stderr
+    assert error.startswith("kvport bench: "), stderr
+    return error
 
 
 def test_a_disk_too_small_for_the_run_is_refused_before_writing(tmp_path):
     proc = _in_tmpfs(tmp_path, "size=4m", *SMALL)
-    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr  # refused before the plan line
     assert "the benchmark writes 16.0 MiB, 4.0 MiB is free there" in proc.stderr
 
 
@@ -110,6 +119,31 @@ def test_a_disk_too_small_for_the_run_is_refused_before_writing(tmp_path):
 def test_a_disk_that_fills_during_the_run_is_one_line(tmp_path, inodes):
     # Plenty of bytes, few inodes: the filesystem answers ENOSPC half-way through, as a full disk does.
     proc = _in_tmpfs(tmp_path, f"size=64m,nr_inodes={inodes}", *SMALL)
-    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert "No space left on device" in proc.stderr or "failed under" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = _one_error_line(proc.stderr)
+    assert "No space left on device" in error or "failed under" in error, proc.stderr
+
+
+def test_storage_bench_says_what_it_writes_and_reports_each_round(tmp_path):
+    """Progress goes to stderr even without a terminal: the plan (sizes, directory) first, then one line per round."""
+    proc = kvport(
+        "bench", "storage", "--backend", f"local-disk:{tmp_path}", "--chunk-mb", "0.25", "--chunks", "4",
+        "--rounds", "2", "--index-chunks", "8",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("kvport bench storage: 2 round(s) of 4 chunks of 0.25 MiB under ")
+    assert "(writes 4 MiB, kept until the end)" in lines[0]
+    assert [line.split(" (")[0] for line in lines if line.startswith("round ")] == ["round 1/2", "round 2/2"]
+    assert any(line.startswith("writing 8 index chunks") for line in lines)
+
+
+def test_storage_bench_default_size_is_modest():
+    import argparse
+
+    from kvport.bench.storage import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--backend", "local-disk:/tmp/x"])
+    assert args.rounds * 2 * args.chunks * args.chunk_mb <= 2048  # MiB on disk at most

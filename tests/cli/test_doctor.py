@@ -54,3 +54,28 @@ def test_import_and_parser_build_have_no_heavy_side_effects():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_doctor_reports_engines_and_the_effective_cache_config(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("KVPORT_CONFIG", raising=False)
+    path = tmp_path / "kv.yaml"
+    path.write_text(f"chunk_tokens: 512\nl1_bytes: 64MiB\nl2_path: {tmp_path / 'l2'}\n")
+    assert main(["doctor", "--json", "--config", str(path), "--no-engine-imports"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [e["engine"] for e in report["engines"]] == ["vllm", "sglang", "tensorrt_llm"]
+    for e in report["engines"]:
+        assert e["installed"] == (e["version"] is not None) and e["adapter"]
+    cache = report["cache_config"]
+    assert cache["source"] == str(path) and "error" not in cache
+    assert cache["settings"]["chunk_tokens"] == 512 and cache["settings"]["l2_path"] == str(tmp_path / "l2")
+    assert main(["doctor", "--config", str(path), "--no-engine-imports"]) == 0
+    text = capsys.readouterr().out
+    assert "engines:" in text and f"cache config ({path}):" in text and "chunk_tokens         512" in text
+
+
+def test_doctor_shows_a_bad_cache_config_and_fails(capsys, tmp_path):
+    path = tmp_path / "kv.yaml"
+    path.write_text("l2_pth: /tmp/x\n")
+    assert main(["doctor", "--json", "--config", str(path), "--no-engine-imports"]) == 1
+    error = json.loads(capsys.readouterr().out)["cache_config"]["error"]
+    assert "unknown key 'l2_pth'" in error

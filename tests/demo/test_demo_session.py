@@ -39,3 +39,28 @@ def test_failure_keeps_the_request_for_a_rerun(tmp_path, monkeypatch) -> None:
     with pytest.raises(session.SessionError, match=r"exited with 3[\s\S]*boom"):
         session.run_engine({"prompts": []}, work, timeout=30, log_name="bad")
     assert [p.name for p in work.glob("request-*.json")]
+
+
+def test_a_second_run_on_the_same_workdir_stops_in_one_line(tmp_path) -> None:
+    """The demo wipes its disk cache at start: a concurrent run on the same directory must not, and says why."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import pytest
+
+    from kvport.demo.measure import workdir_lock
+    from kvport.errors import UserError
+
+    with workdir_lock(tmp_path):
+        with pytest.raises(UserError, match=r"in use by another kvport demo or bench run \(pid \d+\)"):
+            with workdir_lock(tmp_path):
+                pass
+        code = "import sys, pathlib, kvport.demo.measure as m; m.workdir_lock(pathlib.Path(sys.argv[1])).__enter__()"
+        root = str(pathlib.Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=root)
+        other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
+        assert other.returncode != 0 and "in use by another kvport demo" in other.stderr
+    with workdir_lock(tmp_path):  # released with the run
+        pass

@@ -123,13 +123,12 @@ def test_fresh_engine_computes_only_the_tail(runs: Runs) -> None:
 
 
 def test_corrupt_chunk_is_detected_recomputed_and_counted(runs: Runs) -> None:
-    from kvport.engines.vllm_layouts import namespace_for
     from kvport.store.keys import chunk_keys
     from kvport.store.tiers.local_disk import LocalDiskTier
 
     l2 = runs.l2_copy("corrupt")
     first = runs.cold["results"][0]
-    namespace = namespace_for(runs.model, None, "bfloat16", 0, 1)
+    namespace = runs.cold["kvport_stats"]["worker0"]["namespace"]
     keys = chunk_keys(first["prompt_ids"], CHUNK, namespace)
     victim = LocalDiskTier(l2, 1 << 40).path(keys[1])  # the second chunk of the shared prefix
     assert victim.is_file(), f"expected the cold run to have stored {victim}"

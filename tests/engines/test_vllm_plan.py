@@ -9,8 +9,16 @@ from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, metrics_port_fo
 CHUNK, BLOCK = 256, 128
 
 
-def _plan(cached_tokens: int) -> SchedulerPlan:
-    return SchedulerPlan(lambda tokens: min(cached_tokens, len(tokens) // CHUNK * CHUNK), CHUNK, BLOCK)
+def _plan(cached_tokens: int, first_cached: int = 0) -> SchedulerPlan:
+    """A plan over a cache holding chunks [first_cached, cached_tokens) of every prompt (in tokens)."""
+
+    def lookup(tokens, start, extra):
+        first = start // CHUNK * CHUNK
+        if first < first_cached:
+            return first
+        return max(first, min(cached_tokens, len(tokens) // CHUNK * CHUNK))
+
+    return SchedulerPlan(lookup, CHUNK, BLOCK)
 
 
 def _blocks(n: int) -> list[list[int]]:
@@ -25,18 +33,51 @@ def test_chunk_must_be_a_multiple_of_the_block_size() -> None:
 def test_match_leaves_the_last_prompt_token_to_compute() -> None:
     plan = _plan(cached_tokens=10_000)
     assert plan.match("r", list(range(1000)), 0) == 768
-    assert plan.match("r", list(range(1024)), 0) == 768  # a full hit would leave nothing to sample from
+    # exactly 4 cached chunks: all but the last token (vLLM must compute one token to sample from)
+    assert plan.match("r", list(range(1024)), 0) == 1023
     assert plan.match("r", list(range(1025)), 0) == 1024
     assert plan.match("r", list(range(200)), 0) == 0
+    # a resumed request (prompt + generated tokens) may load its whole prompt
+    assert plan.match("r", list(range(1024)), 0, num_tokens=1030) == 1024
 
 
-def test_match_defers_to_vllms_own_prefix_cache() -> None:
-    assert _plan(cached_tokens=10_000).match("r", list(range(1000)), 128) == 0
+def test_match_loads_past_vllms_own_hit() -> None:
+    plan = _plan(cached_tokens=10_000)
+    assert plan.match("r", list(range(1000)), 256) == 512  # vLLM holds chunk 0: chunks 1, 2
+    assert plan.match("r", list(range(1000)), 384) == 384  # vLLM's hit ends inside chunk 1: its second half too
+    assert plan.match("r", list(range(1000)), 768) == 0  # nothing past vLLM's hit
+    assert plan.match("r", list(range(1024)), 512) == 511
+    # chunks vLLM holds need not be in kvport (evicted there): the lookup starts at vLLM's hit
+    assert _plan(cached_tokens=10_000, first_cached=256).match("r", list(range(1000)), 384) == 384
+    assert _plan(cached_tokens=10_000, first_cached=512).match("r", list(range(1000)), 384) == 0
 
 
 def test_match_is_the_cached_prefix_only() -> None:
     assert _plan(cached_tokens=256).match("r", list(range(1000)), 0) == 256
     assert _plan(cached_tokens=0).match("r", list(range(1000)), 0) == 0
+
+
+def test_load_after_vllms_hit_skips_its_blocks_and_checks_its_chunks() -> None:
+    plan = _plan(cached_tokens=10_000)
+    prompt = list(range(1000))
+    hit = plan.match("r", prompt, 384)
+    plan.after_alloc("r", prompt, hit, b"extra")
+    # vLLM reports its own 384 tokens plus our 384 as computed when it first schedules the request
+    loads, stores = plan.build([StepRequest("r", 768, 232, _blocks(8))], {})
+    assert [(s.num_tokens, s.skip_tokens, s.extra) for s in loads] == [(768, 384, b"extra")]
+    # chunk 0 (vLLM's) is not known to kvport: stores cover it (present chunks are skipped by the cache)
+    assert [(s.num_tokens, s.skip_tokens, s.extra) for s in stores] == [(768, 0, b"extra")]
+    assert plan.hit_tokens == 384
+
+
+def test_full_prompt_hit_loads_whole_chunks_and_stores_nothing() -> None:
+    plan = _plan(cached_tokens=10_000)
+    prompt = list(range(1024))
+    hit = plan.match("r", prompt, 0)
+    plan.after_alloc("r", prompt, hit)
+    loads, stores = plan.build([StepRequest("r", 1023, 1, _blocks(8))], {})
+    assert [(s.num_tokens, s.skip_tokens) for s in loads] == [(1024, 0)]  # the last token's slot is recomputed
+    assert stores == []
 
 
 def test_load_then_store_only_new_chunks() -> None:

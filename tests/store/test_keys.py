@@ -53,6 +53,19 @@ def test_namespace_and_salt_isolate_every_key():
     assert chunk_keys(tokens, C, "ab", salt="c") != chunk_keys(tokens, C, "a", salt="bc")
 
 
+def test_request_extra_isolates_every_key():
+    """The per-request extra (LoRA, cache_salt, ... digests from the adapter) roots its own chain."""
+    tokens = list(range(C * 3))
+    plain = chunk_keys(tokens, C, "m")
+    assert chunk_keys(tokens, C, "m", extra=b"") == plain
+    lora = chunk_keys(tokens, C, "m", extra=b"lora-a")
+    assert not set(plain) & set(lora)
+    assert not set(lora) & set(chunk_keys(tokens, C, "m", extra=b"lora-b"))
+    # moving bytes between salt and extra, or namespace and extra, gives other keys
+    assert chunk_keys(tokens, C, "m", salt="a", extra=b"b") != chunk_keys(tokens, C, "m", salt="ab", extra=b"")
+    assert chunk_keys(tokens, C, "ma", extra=b"b") != chunk_keys(tokens, C, "m", extra=b"ab")
+
+
 def test_container_types_agree():
     ref = chunk_keys(list(range(C * 2)), C, "m")
     assert chunk_keys(torch.arange(C * 2), C, "m") == ref

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures as cf
+import dataclasses
 import enum
 import re
 import time
@@ -38,6 +39,18 @@ class ReadResult(enum.Enum):
     UNAVAILABLE = "unavailable"  # the tier is not connected right now; a miss
 
 
+@dataclasses.dataclass
+class NamespaceUsage:
+    """What one namespace holds in one tier (``kvport cache list``). ``name`` is the namespace string where the tier
+    knows it ("" when it knows only the digest); ``digest`` is kvport.store.envelope.namespace_digest of it
+    (NO_NAMESPACE for chunks stored before namespaces were recorded)."""
+
+    digest: bytes
+    name: str = ""
+    chunks: int = 0
+    bytes: int = 0
+
+
 def check_keys(keys: Sequence[str]) -> None:
     for key in keys:
         if not isinstance(key, str) or not _KEY.fullmatch(key):
@@ -57,6 +70,9 @@ class Tier(abc.ABC):
     # miss for that request, but the tier may still be writing into its destination until the future is done: the
     # caller must not reuse that buffer before then (ChunkStore keeps such an L1 slot reserved until it finishes).
     timeout_s: float | None = None
+    # The namespace of the chunk store that owns this tier instance (set by ``use_namespace``); tiers that can record
+    # it with each chunk (the envelope has a field for it) make ``namespaces`` and ``clear`` possible.
+    namespace: str = ""
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -91,6 +107,20 @@ class Tier(abc.ABC):
     def register_memory(self, memory: torch.Tensor) -> None:
         """Learn a host buffer that later ``get``/``put`` buffers are slices of (the L1 pool, registered once when it
         is allocated), so a zero-copy tier can register it with its transport. Optional: the default ignores it."""
+        return None
+
+    # ---- administration (optional: `kvport cache`); a tier that cannot answer keeps these defaults ----------------
+    def use_namespace(self, namespace: str) -> None:
+        """Called once by the chunk store that owns this instance: the chunks it puts belong to ``namespace``."""
+        self.namespace = namespace
+
+    def namespaces(self) -> list[NamespaceUsage] | None:
+        """Chunks and bytes held per namespace, or None when this tier cannot list them."""
+        return None
+
+    def clear(self, digests: Sequence[bytes] | None = None) -> int | None:
+        """Delete every chunk of the namespaces with these digests (every chunk when None); how many were deleted,
+        or None when this tier cannot. Chunks being written meanwhile may survive."""
         return None
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import errno
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -17,8 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvport.errors import UserError
-from kvport.store.envelope import HEADER_BYTES, Header, checksum, open_header, seal_header
-from kvport.store.tiers.base import ReadResult, ThreadedTier, check_keys, options_from
+from kvport.store.envelope import (
+    HEADER_BYTES,
+    NO_NAMESPACE,
+    Header,
+    checksum,
+    namespace_digest,
+    open_header,
+    recorded_namespace,
+    seal_header,
+)
+from kvport.store.tiers.base import NamespaceUsage, ReadResult, ThreadedTier, check_keys, options_from
 from kvport.store.tiers.disk_files import (
     ACCESS_MODES,
     STALE_TMP_S,
@@ -52,6 +62,8 @@ OPTIONS = ("path", "bytes", "fsync", "read_threads", "write_threads", "access")
 _NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 __all__ = ["HEADER_BYTES", "STALE_TMP_S", "SUFFIX", "TMP_PREFIX", "LocalDiskTier", "parse_options", "write_all"]
+# Namespace digest -> name files (for `kvport cache list`); chunk files record only the digest.
+NAMES_DIR = ".namespaces"
 
 
 def _as_bytes_view(tensor: torch.Tensor) -> memoryview:
@@ -232,7 +244,7 @@ class LocalDiskTier(ThreadedTier):
             self._inc("skipped", reason="read_only")
             return False
         payload = _as_bytes_view(src)
-        buffers = [memoryview(seal_header(key, fingerprint, payload)), payload]
+        buffers = [memoryview(seal_header(key, fingerprint, payload, namespace=self.namespace)), payload]
         nbytes = HEADER_BYTES + len(payload)
         stored = self._write_recovering(path, key, buffers)
         if stored:
@@ -338,6 +350,78 @@ class LocalDiskTier(ThreadedTier):
     def _inc(self, name: str, **labels: str) -> None:
         if self.metrics is not None:
             self.metrics.inc(name, tier=self.kind, **labels)
+
+    # ---- administration (`kvport cache`) -----------------------------------------------------------------
+    def use_namespace(self, namespace: str) -> None:
+        """Record ``namespace``'s name under its digest once (temp name then rename), for listings."""
+        super().use_namespace(namespace)
+        if not namespace:
+            return
+        names = self.root / NAMES_DIR
+        path = names / (namespace_digest(namespace).hex() + ".json")
+        if path.exists():
+            return
+        try:
+            names.mkdir(exist_ok=True)
+            tmp = names / f"{TMP_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            tmp.write_text(json.dumps({"namespace": namespace}))
+            os.rename(tmp, path)
+        except OSError:
+            pass  # a listing then shows the digest only; storing chunks is unaffected
+
+    def namespaces(self) -> list[NamespaceUsage]:
+        """Chunks and bytes per recorded namespace, from every chunk file's header (one 128-byte read each)."""
+        names = self._names()
+        out: dict[bytes, NamespaceUsage] = {}
+        for digest, size, _ in self._chunks_by_namespace():
+            usage = out.get(digest)
+            if usage is None:
+                usage = out[digest] = NamespaceUsage(digest, names.get(digest, ""))
+            usage.chunks += 1
+            usage.bytes += size
+        return sorted(out.values(), key=lambda u: (-u.bytes, u.name))
+
+    def clear(self, digests=None) -> int:
+        wanted = None if digests is None else set(digests)
+        deleted = 0
+        for digest, _, path in self._chunks_by_namespace():
+            if wanted is None or digest in wanted:
+                try:
+                    os.unlink(path)
+                    deleted += 1
+                except FileNotFoundError:
+                    pass  # evicted meanwhile
+        with self._lock:
+            self._used = None  # rescan on the next write
+        return deleted
+
+    def _names(self) -> dict[bytes, str]:
+        out = {NO_NAMESPACE: ""}
+        try:
+            entries = list(os.scandir(self.root / NAMES_DIR))
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            if not entry.name.endswith(".json"):
+                continue
+            try:
+                out[bytes.fromhex(entry.name[: -len(".json")])] = json.loads(Path(entry.path).read_text())["namespace"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a damaged name file: the listing shows the digest
+        return out
+
+    def _chunks_by_namespace(self):
+        """(namespace digest, size, path) of every chunk file whose header parses."""
+        for _, size, path in self._scan():
+            if path.name.startswith(TMP_PREFIX):
+                continue
+            try:
+                with open(path, "rb") as f:
+                    digest = recorded_namespace(f.read(HEADER_BYTES))
+            except OSError:
+                continue
+            if digest is not None:
+                yield digest, size, path
 
     # ---- capacity ----------------------------------------------------------------------------------------
     def _account(self, nbytes: int) -> None:

@@ -1,0 +1,58 @@
+"""The vLLM connector's ``kv_connector_extra_config``: adapter options plus cache settings, checked as a whole.
+Owns the option names, their checks and the one-line errors; must not import vLLM, start anything or touch storage."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from kvport.errors import UserError
+
+# Keys the adapter itself reads (and their expected types); every other key must be a cache setting
+# (kvport.cache.config.CacheConfig).
+ADAPTER_KEYS: dict[str, type | tuple[type, ...]] = {
+    "config": str,  # path of a cache config YAML; $KVPORT_CONFIG when absent
+    "layout": str,  # a catalog layout name or a spec file, instead of the automatic choice
+    "namespace": str,  # operator-set model identity: replaces model path, revision and weights digest in keys
+    "stats_dir": str,  # the connector writes its counters there as JSON after each step with transfers
+    "debug_random_load": bool,  # TEST ONLY: scatter random bytes instead of the loaded KV
+}
+WHERE = "kv_connector_extra_config"
+
+
+def cache_keys() -> list[str]:
+    from kvport.cache.config import CacheConfig
+
+    return [f.name for f in dataclasses.fields(CacheConfig)]
+
+
+def check_extra_config(extra: Mapping[str, Any] | None):
+    """(adapter options, cache-config overrides, the loaded CacheConfig) for a connector's extra config, or a
+    one-line UserError naming the first problem: an unknown key (listing the adapter keys and the cache keys), an
+    option of the wrong type, a layout that does not load, or any cache setting the cache config refuses."""
+    from kvport.cache.config import load_config
+
+    if extra is not None and not isinstance(extra, Mapping):
+        raise UserError(f"{WHERE}: expected a JSON object, got {type(extra).__name__}")
+    extra = dict(extra or {})
+    known = cache_keys()
+    for key in extra:
+        if key not in ADAPTER_KEYS and key not in known:
+            adapter = ", ".join(ADAPTER_KEYS)
+            raise UserError(f"{WHERE}: unknown key {key!r} (adapter keys: {adapter}; cache keys: {', '.join(known)})")
+    options = {k: extra.pop(k) for k in ADAPTER_KEYS if k in extra}
+    for key, value in options.items():
+        expected = ADAPTER_KEYS[key]
+        if not isinstance(value, expected) or (expected is str and not value.strip()):
+            kind = "true or false" if expected is bool else "a non-empty string"
+            raise UserError(f"{WHERE}: {key}={value!r}, expected {kind}")
+    if "layout" in options:
+        from kvport.layouts import LayoutError, load_layout
+
+        try:
+            load_layout(options["layout"])
+        except LayoutError as exc:
+            raise UserError(f"{WHERE}: layout={options['layout']!r}: {exc}") from None
+    config = load_config(options.get("config"), extra)
+    return options, extra, config
