@@ -363,7 +363,8 @@ class LocalDiskTier(ThreadedTier):
             return
         try:
             names.mkdir(exist_ok=True)
-            tmp = names / f"{TMP_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            # NEW_PREFIX, not TMP_PREFIX: a debris scan would take an unlocked .tmp. file for a dead writer's.
+            tmp = names / f"{NEW_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}"
             tmp.write_text(json.dumps({"namespace": namespace}))
             os.rename(tmp, path)
         except OSError:
