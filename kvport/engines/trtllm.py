@@ -140,15 +140,16 @@ class SchedulerCore:
         self._warned = False
         self.planner = TrtllmPlan(self._lookup, self.config.chunk_tokens, tokens)
 
-    def _lookup(self, tokens) -> int:
-        # TensorRT-LLM runs the scheduler on rank 0 beside rank 0's worker, which registered its pool (and opened the
-        # cache) when the executor started; without it nothing can be loaded anyway.
+    def _lookup(self, tokens, start: int = 0, extra: bytes = b"") -> int:
+        """Where the cached run from token ``start`` ends (SchedulerPlan's lookup contract, as CacheEngine.lookup).
+        TensorRT-LLM runs the scheduler on rank 0 beside rank 0's worker, which registered its pool (and opened the
+        cache) when the executor started; without it nothing can be loaded anyway."""
         if len(_LOCAL_ENGINES) != 1:
             if not self._warned:
                 log.warning("kvport: %d worker caches in this process; every request misses", len(_LOCAL_ENGINES))
                 self._warned = True
-            return 0
-        return next(iter(_LOCAL_ENGINES.values())).lookup(tokens)
+            return start
+        return next(iter(_LOCAL_ENGINES.values())).lookup(tokens, start, extra)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         return self.planner.get_num_new_matched_tokens(request, num_computed_tokens)
