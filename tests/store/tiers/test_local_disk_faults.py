@@ -145,6 +145,7 @@ def test_a_removed_cache_directory_is_re_created(tmp_path, caplog):
     tier = LocalDiskTier(root, capacity_bytes=1 << 30, metrics=CacheMetrics("gone"))
     k1, k2 = chunk_keys([1, 2], 1, "gone")
     assert tier.put_one(k1, FP, payload(4096, 1)) is True
+    tier.ready.result(timeout=30)  # the start-up pass may still be creating its lock file under root
     shutil.rmtree(tmp_path / "cache")  # e.g. a tmp cleaner
     assert tier.get_one(k1, FP, torch.empty(4096, dtype=torch.uint8)) is ReadResult.MISS
     with caplog.at_level(logging.WARNING, logger="kvport.store"):
