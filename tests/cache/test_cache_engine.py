@@ -254,6 +254,7 @@ def test_local_disk_write_failure_is_counted_and_l1_still_serves(tmp_path):
     tokens = list(range(C * 2))
     engine = make_engine(tmp_path, desc=sdesc)
     l2_root = tmp_path / "l2"
+    engine.chunks.tiers[0].ready.result(timeout=30)  # the start-up pass may still be creating its lock file there
     shutil.rmtree(l2_root)  # (holds the namespace name file)
     l2_root.write_text("not a directory any more")  # every chunk write now fails with an OSError
     assert engine.store(tokens, list(range(4))) == 2 * C  # the caller is not failed by a background write
