@@ -5,6 +5,8 @@ is the one stand-in (sgl_kernel is CUDA/ROCm only): see sglang_env.device_to_hos
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytestmark = pytest.mark.sglang
@@ -141,7 +143,7 @@ def test_keys_keep_models_ranks_and_dtypes_apart_and_mla_ranks_together(tmp_path
         build_pools(False, "layer_first", page_size=PAGE, dtype=torch.float16),
         storage_config(extra(tmp_path), model="model-a"),
     )
-    assert half.batch_exists(keys) == 0 and "kv=float16" in half.namespace
+    assert half.batch_exists(keys) == 0 and json.loads(half.namespace)["kv_dtype"] == "float16"
     half.close()
     # Same model and rank through another host layout: the same chunks (the canonical format is layout-free).
     other_layout = attach(
