@@ -159,7 +159,7 @@ def test_keys_keep_models_ranks_and_dtypes_apart_and_mla_ranks_together(tmp_path
         )
         for r in (0, 1)
     ]
-    assert mla[0].namespace == mla[1].namespace and "tp0/1" in mla[0].namespace
+    assert mla[0].namespace == mla[1].namespace and json.loads(mla[0].namespace)["tp"] == [0, 1]
     for backend in mla:
         backend.close()
 
