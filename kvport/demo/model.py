@@ -55,9 +55,13 @@ class ModelDims:
     # 0.1 makes attention sharp enough that outputs depend on the prompt and on the KV actually loaded.
     init_std: float = 0.1
     seed: int = 0
+    # 0: every layer attends to all tokens. N > 0: odd layers attend to the last N tokens only (a hybrid full +
+    # sliding-window model, as Gemma's; vLLM gives it two KV cache groups).
+    sliding_window: int = 0
 
     def tag(self) -> str:
-        return f"l{self.layers}-h{self.hidden}-a{self.heads}-kv{self.kv_heads}-i{self.intermediate}-v{self.vocab}"
+        tag = f"l{self.layers}-h{self.hidden}-a{self.heads}-kv{self.kv_heads}-i{self.intermediate}-v{self.vocab}"
+        return f"{tag}-sw{self.sliding_window}" if self.sliding_window else tag
 
 
 def vocabulary() -> list[str]:
@@ -77,6 +81,8 @@ def build_model(dest: str | os.PathLike, dims: ModelDims | None = None) -> Path:
     dest = Path(dest)
     stamp = dest / "kvport-demo.json"
     wanted = {**dataclasses.asdict(dims), "chat_template": chat_template()}
+    if not dims.sliding_window:  # stamps written before the field existed stay valid
+        del wanted["sliding_window"]
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return dest
     words = vocabulary()
@@ -140,6 +146,9 @@ def _write_weights(dest: Path, dims: ModelDims) -> None:
         initializer_range=dims.init_std,
         torch_dtype="bfloat16",
     )
+    if dims.sliding_window:  # read per layer by vLLM's Llama (layer_types); the weights do not change
+        config.layer_types = ["sliding_attention" if i % 2 else "full_attention" for i in range(dims.layers)]
+        config.sliding_window = dims.sliding_window
     torch.manual_seed(dims.seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(str(dest), safe_serialization=True)

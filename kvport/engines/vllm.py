@@ -22,6 +22,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
+try:  # vLLM >= 0.32: receive failures reported per request (see _load_async)
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+except ImportError:  # pragma: no cover - older vLLM
+    KVConnectorTransferResults = None
+
 from kvport.engines.vllm_identity import prompt_of, request_extra, tp_rank_world, worker_namespace
 from kvport.engines.vllm_layouts import AttentionInfo, info_from_spec, spec_for, tensors_in_order
 from kvport.engines.vllm_options import check_extra_config
@@ -97,7 +102,9 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         self._plan: SchedulerPlan | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._plan = SchedulerPlan(self._lookup, self._cache_config.chunk_tokens, self._block_size)
+            self._plan = SchedulerPlan(
+                self._lookup, self._cache_config.chunk_tokens, self._block_size, _load_async(len(groups))
+            )
             if not self._cache_config.tier_specs() and not self._cache_config.server:
                 log.warning(
                     "kvport: no tiers (l2_path or tiers): only a worker in this process can serve hits (from its L1); "
@@ -195,6 +202,12 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_invalid_blocks() if self._worker is not None else set()
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """Asynchronous loads issued since the last step (models with several KV cache groups): each one finished,
+        the failed ones also in ``failed_recving`` (vLLM recomputes those requests)."""
+        finished, failed = self._worker.take_transfer_results() if self._worker is not None else (set(), set())
+        return KVConnectorTransferResults(finished_recving=finished, failed_recving=failed)
+
     def shutdown(self) -> None:
         if self._engine is not None and _LOCAL_WORKERS.get(self._engine.namespace) is self._engine:
             del _LOCAL_WORKERS[self._engine.namespace]
@@ -253,12 +266,18 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         hit = self._plan.match(
             request.request_id, prompt, num_computed_tokens, request.num_tokens, self._extra(request)
         )
-        return hit, False
+        return hit, bool(hit) and self._plan.load_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         prompt = prompt_of(request)
         if prompt:
-            self._plan.after_alloc(request.request_id, prompt, num_external_tokens, self._extra(request))
+            block_ids = blocks.get_block_ids() if self._plan.load_async and num_external_tokens else None
+            self._plan.after_alloc(request.request_id, prompt, num_external_tokens, self._extra(request), block_ids)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        failed = getattr(connector_output, "failed_recving", None)
+        if failed:
+            self._plan.load_failed(sorted(failed))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         scheduled = scheduler_output.num_scheduled_tokens
@@ -298,6 +317,8 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
                 "requests": p.requests,
                 "hit_requests": p.hit_requests,
                 "hit_tokens": p.hit_tokens,
+                "failed_loads": p.failed_loads,
+                "load_async": p.load_async,
                 "prompt_tokens": p.prompt_tokens,
                 "namespaces": [e.namespace for e in self._engines],
             }
@@ -370,6 +391,20 @@ def _check_parallelism(vllm_config: VllmConfig) -> None:
     for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
         if getattr(parallel, name, 1) > 1:
             raise UserError(f"kvport does not support {name}={getattr(parallel, name)} (KV spread over ranks by token)")
+
+
+def _load_async(num_groups: int) -> bool:
+    """Load asynchronously when the model has several KV cache groups: vLLM 0.32 raises on per-block load failures
+    then (``Scheduler._handle_invalid_blocks``: block ids are unique only within a group) and takes failures per
+    request only for asynchronous loads (``failed_recving``; ``_handle_failed_recving`` acts on requests in
+    WAITING_FOR_REMOTE_KVS). One group keeps the synchronous load: no step waiting for the load, and a failure
+    costs only the blocks from the failed chunk on."""
+    if num_groups <= 1:
+        return False
+    if KVConnectorTransferResults is None:  # pragma: no cover - older vLLM: per-block reports are all it has
+        log.warning("kvport: this vLLM cannot report load failures per request; a failed load may stop the engine")
+        return False
+    return True
 
 
 def _tiers(engine: Any) -> str:

@@ -24,6 +24,8 @@ class WorkerSide:
         self.block_size = block_size
         self.debug_random_load = debug_random_load
         self._invalid_blocks: set[int] = set()
+        self._finished_recving: set[str] = set()  # asynchronous loads issued since vLLM last asked
+        self._failed_recving: set[str] = set()  # ... of which these loaded less than planned
         self.counters = {
             "load_requests": 0,
             "tokens_load_planned": 0,
@@ -39,28 +41,50 @@ class WorkerSide:
 
     def load(self, specs: Sequence[TransferSpec]) -> None:
         """Scatter each spec's cached prefix into its blocks, ordered before the forward on the engine's current
-        stream (no host wait); blocks whose chunk is missing or corrupt are reported to vLLM
-        (``take_invalid_blocks``), which then recomputes them."""
+        stream (no host wait). A synchronous load reports the blocks whose chunk is missing or corrupt
+        (``take_invalid_blocks``), which vLLM then recomputes. An asynchronous load (``spec.load_async``, a model
+        with several KV cache groups, where vLLM 0.32 refuses per-block reports) is reported finished with the
+        step's transfer results and, when it loaded less than planned, failed (``take_transfer_results``): vLLM
+        then recomputes the whole request. Either way the engine's stream is ordered after the scatter, so a later
+        forward that reads the blocks never reads them unloaded."""
         for spec in specs:
             start = time.perf_counter()
-            ticket = self.engine.submit_load(spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens, spec.extra)
-            # The forward that reads these blocks is issued on this stream after us: it waits for the scatter.
-            ticket.completion.wait_on()
-            loaded, planned = ticket.tokens, spec.num_tokens - spec.skip_tokens
+            planned = spec.num_tokens - spec.skip_tokens
+            try:
+                ticket = self.engine.submit_load(
+                    spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens, spec.extra
+                )
+                # The forward that reads these blocks is issued on this stream after us: it waits for the scatter.
+                ticket.completion.wait_on()
+                loaded = ticket.tokens
+            except Exception:
+                if not spec.load_async:
+                    raise
+                # An unanswered asynchronous load would hold the request in WAITING_FOR_REMOTE_KVS forever: report
+                # it failed (vLLM recomputes it). Scatters issued before the error precede any later use of the
+                # blocks on this stream.
+                log.exception("kvport: request %s: asynchronous load failed", spec.req_id)
+                loaded = 0
             self.counters["load_seconds"] += time.perf_counter() - start
             self.counters["load_requests"] += 1
             self.counters["tokens_load_planned"] += planned
             self.counters["tokens_loaded"] += loaded
+            if spec.load_async:
+                self._finished_recving.add(spec.req_id)
             if loaded < planned:
                 self.counters["load_failures"] += 1
                 self.counters["tokens_load_failed"] += planned - loaded
-                self._invalid_blocks.update(self._blocks_from(spec, spec.skip_tokens + loaded))
+                if spec.load_async:
+                    self._failed_recving.add(spec.req_id)
+                else:
+                    self._invalid_blocks.update(self._blocks_from(spec, spec.skip_tokens + loaded))
                 log.warning(
                     "kvport: request %s loaded %d of %d cached tokens (chunk missing or failed its checksum); "
-                    "vLLM recomputes the rest",
+                    "vLLM recomputes %s",
                     spec.req_id,
                     loaded,
                     planned,
+                    "the request" if spec.load_async else "the rest",
                 )
             if self.debug_random_load and loaded:
                 self._scatter_random(spec, loaded)
@@ -90,6 +114,13 @@ class WorkerSide:
 
     def take_invalid_blocks(self) -> set[int]:
         out, self._invalid_blocks = self._invalid_blocks, set()
+        return out
+
+    def take_transfer_results(self) -> tuple[set[str], set[str]]:
+        """(finished, failed) asynchronous loads since the last call; every failed one is also finished (vLLM
+        releases a request from WAITING_FOR_REMOTE_KVS only when it is reported finished)."""
+        out = self._finished_recving, self._failed_recving
+        self._finished_recving, self._failed_recving = set(), set()
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ def test_whole_catalog_passes_with_torch(capsys):
     out = capsys.readouterr().out.splitlines()
     for name in catalog_names():
         assert any(line.startswith(f"ok   {name} ") and "[torch/cpu]" in line for line in out), name
-    assert "ok   cross vllm-flash-nhd -> 25 compatible [torch/cpu]" in out
+    assert "ok   cross vllm-flash-nhd -> 26 compatible [torch/cpu]" in out
     assert "ok   cross vllm-mla -> 5 compatible [torch/cpu]" in out
     assert out[-1].startswith("selftest: ") and " 0 failed" in out[-1]
 
@@ -29,7 +29,7 @@ def test_one_layout_by_file_and_default_backend(capsys):
     out = capsys.readouterr().out.splitlines()
     # The registry picks the backend (torch, or Triton where it can run): the report names whichever it chose.
     assert re.fullmatch(r"ok   sglang-mha +\[\w+/cpu\] \d+ tokens, \d+ bytes", out[0])
-    assert re.fullmatch(r"ok   cross sglang-mha -> 25 compatible \[\w+/cpu\]", out[1])
+    assert re.fullmatch(r"ok   cross sglang-mha -> 26 compatible \[\w+/cpu\]", out[1])
     assert out[2] == "selftest: 2 passed, 0 failed, 0 skipped (seed 1)"
 
 

@@ -92,19 +92,60 @@ def one_rank():
     return get_parallel().override(dcp_enabled=False, attn_dcp_size=1, attn_dcp_rank=0)
 
 
-def _mla_pools(layout, layers, page_size, device_tokens, dtype, kv_lora_rank, rope_dim) -> Pools:
+def device_pool(
+    mla: bool,
+    *,
+    layers: int = 3,
+    heads: int = 2,
+    head_dim: int = 64,
+    page_size: int = 16,
+    device_tokens: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+    kv_lora_rank: int = 512,
+    rope_dim: int = 64,
+) -> Any:
+    """SGLang's device pool alone (MHATokenToKVPool or MLATokenToKVPool) on the CPU. The MHA pool's layout follows
+    SGLang's own environment switch (SGLANG_USE_HND_KVCACHE), read when the pool is built."""
+    if not mla:
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+        return MHATokenToKVPool(
+            size=device_tokens,
+            page_size=page_size,
+            dtype=dtype,
+            head_num=heads,
+            head_dim=head_dim,
+            layer_num=layers,
+            device="cpu",
+            enable_memory_saver=False,
+            enable_alt_stream=False,
+        )
     from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+
+    with one_rank():
+        return MLATokenToKVPool(
+            size=device_tokens,
+            page_size=page_size,
+            dtype=dtype,
+            kv_lora_rank=kv_lora_rank,
+            qk_rope_head_dim=rope_dim,
+            layer_num=layers,
+            device="cpu",
+            enable_memory_saver=False,
+        )
+
+
+def _mla_pools(layout, layers, page_size, device_tokens, dtype, kv_lora_rank, rope_dim) -> Pools:
     from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 
-    device = MLATokenToKVPool(
-        size=device_tokens,
+    device = device_pool(
+        True,
+        layers=layers,
         page_size=page_size,
+        device_tokens=device_tokens,
         dtype=dtype,
         kv_lora_rank=kv_lora_rank,
-        qk_rope_head_dim=rope_dim,
-        layer_num=layers,
-        device="cpu",
-        enable_memory_saver=False,
+        rope_dim=rope_dim,
     )
     info = device.get_device_pool_infos()[0]
     host = MLATokenToKVPoolHost(
@@ -124,19 +165,16 @@ def _mla_pools(layout, layers, page_size, device_tokens, dtype, kv_lora_rank, ro
 
 
 def _mha_pools(layout, layers, heads, head_dim, page_size, device_tokens, dtype) -> Pools:
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 
-    device = MHATokenToKVPool(
-        size=device_tokens,
-        page_size=page_size,
-        dtype=dtype,
-        head_num=heads,
+    device = device_pool(
+        False,
+        layers=layers,
+        heads=heads,
         head_dim=head_dim,
-        layer_num=layers,
-        device="cpu",
-        enable_memory_saver=False,
-        enable_alt_stream=False,
+        page_size=page_size,
+        device_tokens=device_tokens,
+        dtype=dtype,
     )
     info = device.get_device_pool_infos()[0]
     host = MHATokenToKVPoolHost(

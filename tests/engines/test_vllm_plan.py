@@ -9,7 +9,7 @@ from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, metrics_port_fo
 CHUNK, BLOCK = 256, 128
 
 
-def _plan(cached_tokens: int, first_cached: int = 0) -> SchedulerPlan:
+def _plan(cached_tokens: int, first_cached: int = 0, load_async: bool = False) -> SchedulerPlan:
     """A plan over a cache holding chunks [first_cached, cached_tokens) of every prompt (in tokens)."""
 
     def lookup(tokens, start, extra):
@@ -18,7 +18,7 @@ def _plan(cached_tokens: int, first_cached: int = 0) -> SchedulerPlan:
             return first
         return max(first, min(cached_tokens, len(tokens) // CHUNK * CHUNK))
 
-    return SchedulerPlan(lookup, CHUNK, BLOCK)
+    return SchedulerPlan(lookup, CHUNK, BLOCK, load_async)
 
 
 def _blocks(n: int) -> list[list[int]]:
@@ -131,6 +131,59 @@ def test_finished_forgets_the_request() -> None:
     plan.finished("r")
     plan.finished("r")  # idempotent: vLLM may report a request finished for all groups too
     assert plan.tracked() == 0
+
+
+def test_async_load_is_emitted_in_the_allocating_step_with_every_groups_blocks() -> None:
+    """Several KV cache groups: vLLM does not schedule the request while it loads, so the load goes out with the
+    step that allocated its blocks; when vLLM later schedules it, nothing is loaded again."""
+    plan = _plan(cached_tokens=10_000, load_async=True)
+    prompt = list(range(1000))
+    hit = plan.match("r", prompt, 256)
+    assert hit == 512
+    groups = [list(range(100, 106)), [0, 0, 0, 0, 0, 205]]  # full attention; a sliding window (null blocks first)
+    plan.after_alloc("r", prompt, hit, b"x", groups)
+    loads, stores = plan.build([], {})
+    assert [(s.req_id, s.num_tokens, s.skip_tokens, s.block_ids, s.load_async) for s in loads] == [
+        ("r", 768, 256, groups, True)
+    ]
+    assert stores == [] and plan.hit_tokens == 512
+    assert plan.build([], {}) == ([], [])  # emitted once
+    loads, stores = plan.build([StepRequest("r", 768, 232, [groups[0] + [106, 107], groups[1] + [206, 207]])], {})
+    assert loads == []
+    # as after a synchronous load: chunk 0 (vLLM's) is not known to kvport, the store checks it
+    assert [(s.num_tokens, s.skip_tokens) for s in stores] == [(768, 0)]
+
+
+def test_async_load_without_a_hit_or_with_one_group_is_synchronous() -> None:
+    plan = _plan(cached_tokens=10_000, load_async=True)
+    plan.after_alloc("r", list(range(100)), 0, b"", None)  # no hit: nothing to load
+    assert plan.build([], {}) == ([], [])
+    plan = _plan(cached_tokens=10_000)
+    prompt = list(range(1000))
+    plan.after_alloc("r", prompt, plan.match("r", prompt, 0), b"", [[1, 2, 3, 4, 5, 6]])
+    assert plan.build([], {}) == ([], [])
+    [load], _ = plan.build([StepRequest("r", 768, 232, _blocks(8))], {})
+    assert load.load_async is False
+
+
+def test_failed_async_load_is_recomputed_without_a_second_load_and_stored_again() -> None:
+    plan = _plan(cached_tokens=10_000, load_async=True)
+    prompt = list(range(1000))
+    plan.after_alloc("r", prompt, plan.match("r", prompt, 0), b"", _blocks(6))
+    assert len(plan.build([], {})[0]) == 1
+    plan.load_failed(["r", "gone"])  # a request finished meanwhile is ignored
+    assert plan.failed_loads == 1
+    # vLLM frees the blocks and schedules the request afresh: no hit now, every chunk stored again.
+    assert plan.match("r", prompt, 0) == 0
+    plan.after_alloc("r", prompt, 0)
+    loads, stores = plan.build([StepRequest("r", 0, 1000, _blocks(8))], {})
+    assert loads == [] and [(s.num_tokens, s.skip_tokens) for s in stores] == [(768, 0)]
+
+
+def test_async_allocation_without_a_match_is_an_error() -> None:
+    plan = _plan(cached_tokens=10_000, load_async=True)
+    with pytest.raises(RuntimeError, match="without a match"):
+        plan.after_alloc("r", list(range(1000)), 768, b"", _blocks(6))
 
 
 def test_each_connector_process_gets_its_own_metrics_port():

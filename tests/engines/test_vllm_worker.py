@@ -80,3 +80,38 @@ def test_debug_random_load_overwrites_what_was_loaded(tmp_path) -> None:
             assert dst[:, block].any() and not torch.equal(dst[:, block], src[:, i])
             assert torch.isfinite(dst[:, block].float()).all()
         assert not dst[:, :4].any() and not dst[:, 8:].any()
+
+
+def test_async_load_reports_finished_and_failed_per_request_never_blocks(tmp_path) -> None:
+    """Several KV cache groups: failures go out per request (vLLM 0.32 raises on per-block reports there)."""
+    src = _kv()
+    tokens = list(range(800))
+    with _engine(tmp_path, src) as engine:
+        WorkerSide(engine, BLOCK).store([TransferSpec("a", tokens, [list(range(7))], 768)])
+        victim = engine.chunks.tiers[0].path(engine.chunk_keys(tokens)[2])
+    victim.unlink()
+    dst = torch.zeros_like(src)
+    with _engine(tmp_path, dst) as engine:
+        worker = WorkerSide(engine, BLOCK)
+        worker.load(
+            [
+                TransferSpec("ok", tokens, [[11, 10, 9, 8]], 512, load_async=True),
+                TransferSpec("short", tokens, [[7, 6, 5, 4, 3, 2]], 768, load_async=True),
+            ]
+        )
+        assert worker.take_transfer_results() == ({"ok", "short"}, {"short"})
+        assert worker.take_transfer_results() == (set(), set())  # reported once
+        assert worker.take_invalid_blocks() == set()
+        assert worker.counters["load_failures"] == 1 and worker.counters["tokens_load_failed"] == 256
+        assert torch.equal(dst[:, 11], src[:, 0]) and torch.equal(dst[:, 4], src[:, 3])
+
+
+def test_async_load_that_raises_is_reported_failed_not_left_waiting(tmp_path) -> None:
+    """A load that raises (here: on a closed cache) would leave vLLM waiting for the request forever."""
+    engine = _engine(tmp_path, _kv())
+    engine.close()
+    worker = WorkerSide(engine, BLOCK)
+    worker.load([TransferSpec("r", list(range(600)), [[1, 2, 3, 4]], 512, load_async=True)])
+    assert worker.take_transfer_results() == ({"r"}, {"r"})
+    with pytest.raises(Exception):  # noqa: B017 - the synchronous path keeps raising (vLLM fails the step)
+        worker.load([TransferSpec("s", list(range(600)), [[1, 2, 3, 4]], 512)])

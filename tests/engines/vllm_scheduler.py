@@ -35,8 +35,24 @@ def make_scheduler(
     """vLLM's Scheduler with prefix caching on, chunked prefill, the kvport connector, one full-attention group; the
     workers' namespace handshake (``shards``: (pp stage, tp rank) -> namespace) is delivered as vLLM's engine core
     does after KV cache registration."""
+    vllm_config = connector_vllm_config(model, extra, BLOCK)
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=8, dtype=torch.bfloat16)
+    kv_cache_config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)],
+    )
+    scheduler = new_scheduler(vllm_config, kv_cache_config)
+    shards = shards or {(0, 0): NAMESPACE}
+    scheduler.connector.set_xfer_handshake_metadata_pp_aware({k: KVPortHandshake(v) for k, v in shards.items()})
+    return scheduler
+
+
+def connector_vllm_config(model: Path, extra: dict[str, Any], block_size: int) -> VllmConfig:
+    """vLLM's config with prefix caching on, chunked prefill and the kvport connector (recompute on load failure)."""
     model_config = ModelConfig(model=str(model), dtype="bfloat16", seed=0, enable_prompt_embeds=True)
-    vllm_config = VllmConfig(
+    return VllmConfig(
         model_config=model_config,
         scheduler_config=SchedulerConfig(
             max_num_seqs=8,
@@ -45,7 +61,7 @@ def make_scheduler(
             enable_chunked_prefill=True,
             is_encoder_decoder=False,
         ),
-        cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=True),
+        cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=True),
         kv_transfer_config=KVTransferConfig(
             kv_connector="KVPortConnector",
             kv_connector_module_path="kvport.engines.vllm",
@@ -55,24 +71,18 @@ def make_scheduler(
         ),
         device_config=DeviceConfig("cpu"),
     )
-    vllm_config.cache_config.num_gpu_blocks = num_blocks
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=8, dtype=torch.bfloat16)
-    kv_cache_config = KVCacheConfig(
-        num_blocks=num_blocks,
-        kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)],
-    )
-    scheduler = Scheduler(
+
+
+def new_scheduler(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Scheduler:
+    block = vllm_config.cache_config.block_size
+    return Scheduler(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
         structured_output_manager=StructuredOutputManager(vllm_config),
-        block_size=BLOCK,
-        hash_block_size=BLOCK,
+        block_size=block,
+        hash_block_size=block,
         log_stats=True,
     )
-    shards = shards or {(0, 0): NAMESPACE}
-    scheduler.connector.set_xfer_handshake_metadata_pp_aware({k: KVPortHandshake(v) for k, v in shards.items()})
-    return scheduler
 
 
 def fill_cache(extra: dict[str, Any], tokens: list[int], request_extra: bytes = b"", namespace: str = NAMESPACE) -> int:
@@ -86,14 +96,14 @@ def fill_cache(extra: dict[str, Any], tokens: list[int], request_extra: bytes = 
     return stored
 
 
-def request(tokens: list[int] | None, max_tokens: int = 1, **kwargs: Any) -> Request:
+def request(tokens: list[int] | None, max_tokens: int = 1, block_size: int = BLOCK, **kwargs: Any) -> Request:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     return Request(
         request_id=f"req-{next(_ids)}",
         prompt_token_ids=tokens,
         sampling_params=params,
         pooling_params=None,
-        block_hasher=get_request_block_hasher(BLOCK, sha256),
+        block_hasher=get_request_block_hasher(block_size, sha256),
         **kwargs,
     )
 
@@ -107,15 +117,19 @@ def schedule(scheduler: Scheduler, req: Request) -> tuple[int, Any]:
     return new.num_computed_tokens, out
 
 
-def finish(scheduler: Scheduler, out: Any) -> None:
-    """Complete a scheduled step as a model runner would (one sampled token per request: max_tokens=1 ends it)."""
+def finish(scheduler: Scheduler, out: Any, kv_connector_output: Any = None) -> None:
+    """Complete a scheduled step as a model runner would (one sampled token per request that reached the end of
+    its prompt: max_tokens=1 ends it)."""
     ids = list(out.num_scheduled_tokens)
+    # schedule() already advanced num_computed_tokens by the tokens it scheduled
+    done = {i: scheduler.requests[i].num_computed_tokens >= scheduler.requests[i].num_prompt_tokens for i in ids}
     runner = ModelRunnerOutput(
         req_ids=ids,
         req_id_to_index={r: i for i, r in enumerate(ids)},
-        sampled_token_ids=[[7] for _ in ids],
+        sampled_token_ids=[[7] if done[r] else [] for r in ids],
         logprobs=None,
         prompt_logprobs_dict={},
         pooler_output=None,
+        kv_connector_output=kv_connector_output,
     )
     scheduler.update_from_output(out, runner)

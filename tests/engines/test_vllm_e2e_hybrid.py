@@ -1,0 +1,101 @@
+"""A hybrid model (full attention on even layers, a sliding window on odd ones: two KV cache groups) on the real vLLM
+CPU engine with kvport: outputs identical to a run without kvport, also when a stored chunk is corrupt."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (nox -s e2e)"),
+]
+
+CHUNK = 256
+DIMS = {"layers": 4, "hidden": 256, "heads": 4, "kv_heads": 2, "intermediate": 512, "vocab": 512, "sliding_window": 64}
+
+
+class Runs:
+    def __init__(self, root: Path) -> None:
+        from kvport.demo.model import ModelDims, build_model, make_text
+
+        self.root = root
+        self.model = str(build_model(root / "model", ModelDims(**DIMS)))
+        prefix = make_text(700, seed=21)
+        self.prompts = [f"{prefix} {make_text(20, seed=200 + q)}" for q in range(3)]
+        self.l2 = root / "l2"
+
+    def run(self, name: str, kvport: dict | None, l2: Path | None = None) -> dict:
+        from kvport.demo.session import run_engine
+
+        if kvport is not None:
+            kvport = {"l2_path": str(l2 or self.l2), "l1_bytes": "256MiB", "stats_dir": str(self.root / name), **kvport}
+        # One chunk per step: the same prefill split with and without a hit, so greedy outputs are bit-identical.
+        request = {
+            "model": self.model,
+            "kvport": kvport,
+            "prompts": self.prompts,
+            "max_tokens": 8,
+            "max_num_batched_tokens": CHUNK,
+        }
+        return run_engine(request, self.root / "work", timeout=300, log_name=name)
+
+    @functools.cached_property
+    def baseline(self) -> dict:
+        return self.run("baseline", None)
+
+    @functools.cached_property
+    def cold(self) -> dict:
+        return self.run("cold", {})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("vllm-hybrid"))
+
+
+def _outputs(result: dict) -> list[list[int]]:
+    return [r["output_ids"] for r in result["results"]]
+
+
+def test_hybrid_model_outputs_identical_with_asynchronous_loads(runs: Runs) -> None:
+    base, cold = runs.baseline, runs.cold
+    assert len({tuple(ids) for ids in _outputs(base)}) > 1, "the test model must answer different prompts differently"
+    assert _outputs(cold) == _outputs(base)
+    log = (runs.root / "work" / "engine-cold.log").read_text()
+    assert "in 2 group(s)" in log, "vLLM must give the hybrid model two KV cache groups"
+    hits = [r["cached_tokens"] for r in cold["results"]]
+    assert hits[0] == 0 and hits[1] == hits[2] >= 2 * CHUNK, hits
+    scheduler, worker = cold["kvport_stats"]["scheduler"], cold["kvport_stats"]["worker0"]
+    assert scheduler["load_async"] is True and scheduler["hit_requests"] == 2
+    assert worker["connector"]["tokens_loaded"] == sum(hits) and worker["connector"]["load_failures"] == 0
+
+
+def test_corrupt_chunk_in_a_hybrid_model_is_recomputed_not_a_crash(runs: Runs) -> None:
+    from kvport.store.keys import chunk_keys
+    from kvport.store.tiers.local_disk import LocalDiskTier
+
+    cold = runs.cold
+    l2 = runs.root / "l2-corrupt"
+    shutil.copytree(runs.l2, l2)
+    first = cold["results"][0]
+    keys = chunk_keys(first["prompt_ids"], CHUNK, cold["kvport_stats"]["worker0"]["namespace"])
+    victim = LocalDiskTier(l2, 1 << 40).path(keys[1])
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 64])
+    victim.write_bytes(bytes(data))
+
+    result = runs.run("corrupt", {}, l2=l2)
+    assert _outputs(result) == _outputs(runs.baseline)
+    worker = result["kvport_stats"]["worker0"]["connector"]
+    assert worker["load_failures"] == 1 and worker["tokens_load_failed"] > 0
+    assert result["kvport_stats"]["scheduler"]["failed_loads"] == 1
+    # The cold run stored every prompt's whole chunks, and the recomputed request stored its own again: the other
+    # prompts load all their whole chunks (leaving the last prompt token to compute).
+    assert [r["cached_tokens"] for r in result["results"][1:]] == [
+        (r["prompt_tokens"] - 1) // CHUNK * CHUNK for r in result["results"][1:]
+    ]
