@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kvport.cache.config import CacheConfig
+from kvport.cache.facade import CacheFacade
 from kvport.cache.pipeline import Handle, Ticket
 from kvport.errors import UserError
 from kvport.hal.completion import all_of
@@ -36,7 +37,7 @@ def _metrics_label(namespace: str) -> str:
     )
 
 
-class CacheEngine:
+class CacheEngine(CacheFacade):
     """Scheduler-side processes use ``lookup`` only (tiers by config + namespace); worker-side processes ``bind`` the
     engine's copy descriptor, then ``submit_load``/``submit_store`` (or the blocking ``load``/``store``)."""
 
@@ -51,8 +52,7 @@ class CacheEngine:
         self._scratch_lock = threading.Lock()
         self._prefetcher: cf.ThreadPoolExecutor | None = None
         self._setup_lock = threading.Lock()
-        self._inflight: set[Ticket] = set()  # submitted, not yet settled: close() waits for them
-        self._closed = False
+        self._init_facade()
 
     # ---- setup -------------------------------------------------------------------------------------------
     def bind(self, descriptor: CopyDescriptor, backend: Backend | None = None) -> None:
@@ -99,14 +99,6 @@ class CacheEngine:
             if why:
                 raise UserError(f"cache config: transfer_path={self.config.transfer_path} cannot run here: {why}")
         self.mover = mover
-
-    @property
-    def descriptor(self) -> CopyDescriptor | None:
-        return self.mover.descriptor if self.mover is not None else None
-
-    @property
-    def backend(self) -> Backend | None:
-        return self.mover.backend if self.mover is not None else None
 
     @property
     def l1(self):
@@ -361,15 +353,6 @@ class CacheEngine:
                 self._prefetcher = cf.ThreadPoolExecutor(1, thread_name_prefix="kvport-prefetch")
         return Handle(self._prefetcher.submit(run))
 
-    def _track(self, ticket: Ticket) -> None:
-        with self._setup_lock:
-            self._inflight.add(ticket)
-        ticket._settled.add_done_callback(lambda _: self._untrack(ticket))
-
-    def _untrack(self, ticket: Ticket) -> None:
-        with self._setup_lock:
-            self._inflight.discard(ticket)
-
     def _chunk_tables(self, tables: list, index: int) -> list:
         """Per group, the block ids chunk ``index`` occupies."""
         out = []
@@ -391,10 +374,7 @@ class CacheEngine:
         """Wait for submitted stores and their tier writes (visible to other processes afterwards); TimeoutError
         when that takes longer than ``timeout`` seconds in all."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._setup_lock:
-            inflight = list(self._inflight)
-        for ticket in inflight:
-            ticket.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._settle_inflight(deadline)
         self.chunks.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def close(self, drain: bool = True) -> None:
@@ -405,27 +385,6 @@ class CacheEngine:
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=True, cancel_futures=not drain)
         # Device work cannot be cancelled: every submitted move settles (commits or frees its L1 slots) first.
-        with self._setup_lock:
-            inflight = list(self._inflight)
-        for ticket in inflight:
-            try:
-                ticket.wait()
-            except Exception:
-                pass  # its own caller sees the error; closing must still release everything
+        self._settle_inflight(swallow=True)
         self.chunks.close(drain)
         self._closed = True
-
-    def __enter__(self) -> CacheEngine:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("CacheEngine is closed")
-
-    def _check_bound(self) -> None:
-        self._check_open()
-        if self.mover is None:
-            raise RuntimeError("CacheEngine.bind(descriptor) must be called before load/store (worker side)")

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from kvport.cache.facade import CacheFacade
 from kvport.cache.pipeline import Ticket
 from kvport.errors import UserError
 from kvport.server import protocol as P
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvport.server.client")
 
 
-class RemoteCache:
+class RemoteCache(CacheFacade):
     """Scheduler-side processes only look up (no shared memory mapped); worker-side processes ``bind`` their KV
     memory, map the server's L1 and open their namespace there. While the server is down every lookup is a miss
     and every store is skipped (counted); the connection comes back by itself."""
@@ -57,9 +58,7 @@ class RemoteCache:
         self._arena: SharedArena | None = None
         self._staged = config.server_transport == "copy"
         self._prepare_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._inflight: set[Ticket] = set()
-        self._closed = False
+        self._init_facade()
         self.conn = Connection(
             config.server,
             config.server_token,
@@ -119,14 +118,6 @@ class RemoteCache:
                 call("open", {**fields, "fingerprint": self._fingerprint})
             except ServerError as exc:
                 raise UserError(f"kvport server {self.config.server}: {exc}") from None
-
-    @property
-    def descriptor(self) -> CopyDescriptor | None:
-        return self.mover.descriptor if self.mover is not None else None
-
-    @property
-    def backend(self) -> Backend | None:
-        return self.mover.backend if self.mover is not None else None
 
     @property
     def chunk_bytes(self) -> int:
@@ -304,15 +295,6 @@ class RemoteCache:
             out.append(table[index * per_chunk : (index + 1) * per_chunk])
         return out
 
-    def _track(self, ticket: Ticket) -> None:
-        with self._lock:
-            self._inflight.add(ticket)
-        ticket._settled.add_done_callback(lambda _: self._untrack(ticket))
-
-    def _untrack(self, ticket: Ticket) -> None:
-        with self._lock:
-            self._inflight.discard(ticket)
-
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         out = self.metrics.snapshot()
@@ -327,10 +309,7 @@ class RemoteCache:
     def flush(self, timeout: float | None = None) -> None:
         """Wait for submitted stores (committed to the server afterwards) and the server's tier writes."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            inflight = list(self._inflight)
-        for ticket in inflight:
-            ticket.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._settle_inflight(deadline)
         left = 600.0 if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             self.conn.call("flush", {"timeout": left}, timeout_ms=int(left * 1000) + self.config.server_timeout_ms)
@@ -344,27 +323,6 @@ class RemoteCache:
         the chunks: another process, or this engine restarted, finds them."""
         if self._closed:
             return
-        with self._lock:
-            inflight = list(self._inflight)
-        for ticket in inflight:
-            try:
-                ticket.wait()
-            except Exception:
-                pass  # its caller saw the error
+        self._settle_inflight(swallow=True)
         self.conn.close()
         self._closed = True
-
-    def __enter__(self) -> RemoteCache:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("RemoteCache is closed")
-
-    def _check_bound(self) -> None:
-        self._check_open()
-        if self.mover is None:
-            raise RuntimeError("RemoteCache.bind(descriptor) must be called before load/store (worker side)")
