@@ -124,7 +124,7 @@ def _cases(bench, layout: str, tokens: int, args):
     prefix = list(range(tokens))
     assert engine.store(prefix, ids, tokens) == tokens
     leases = [engine.l1.acquire(k) for k in engine.chunk_keys(prefix)]
-    tables = [engine._chunk_tables(engine.descriptor.normalize_block_ids(ids), i) for i in range(chunks)]
+    tables = [engine.chunk_tables(engine.descriptor.normalize_block_ids(ids), i) for i in range(chunks)]
     bufs = [lease.buffer for lease in leases]
 
     def load_once():

@@ -60,28 +60,12 @@ class CacheEngine(CacheFacade):
         self._check_open()
         if self.mover is not None:
             raise RuntimeError("CacheEngine.bind called twice; create one engine per KV cache registration")
-        for group in descriptor.groups:
-            if self.chunk_tokens % group.tokens_per_block:
-                raise UserError(
-                    f"cache config: chunk_tokens={self.chunk_tokens} is not a multiple of layout "
-                    f"{descriptor.layout} group {group.name!r} tokens_per_block={group.tokens_per_block}"
-                )
         from kvport.cache.config import check_machine_limits
-        from kvport.cache.mover import ChunkMover
-        from kvport.hal.platform import detect_platform
-        from kvport.hal.platforms import platform_for_device
+        from kvport.cache.mover import build_mover
 
         check_machine_limits(self.config)  # L1 beyond memory, a disk tier beyond its filesystem: before allocating
-        info = detect_platform()
-        platform = platform_for_device(descriptor.streams[0].buffer.device, info)
-        if backend is None:
-            from kvport.hal.registry import BackendError, select_backend
-
-            environ = {"KVPORT_BACKEND": self.config.backend} if self.config.backend else None
-            try:
-                backend = select_backend(info, descriptor, environ=environ)
-            except BackendError as exc:
-                raise UserError(f"cache config: {exc}") from None
+        mover = build_mover(descriptor, self.chunk_tokens, self.config.backend, backend, self.config.transfer_path)
+        platform = mover.platform
         chunk_bytes = descriptor.canonical_bytes(self.chunk_tokens)
         try:
             self.chunks.open_l1(chunk_bytes, descriptor.fingerprint, platform.host_empty)
@@ -89,15 +73,6 @@ class CacheEngine(CacheFacade):
         except (MemoryError, RuntimeError) as exc:  # e.g. pinned memory past `ulimit -l` or the driver's limit
             reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             raise UserError(f"cache config: l1_bytes={self.config.l1_bytes} cannot be allocated ({reason})") from None
-        mover = ChunkMover(descriptor, backend, platform, path=self.config.transfer_path)
-        if self.config.transfer_path != "auto":
-            if mover.transfer is None:
-                raise UserError(
-                    f"cache config: transfer_path={self.config.transfer_path}: moves on {platform.name} are synchronous"
-                )
-            why = mover.transfer.allowed(descriptor).get(self.config.transfer_path)
-            if why:
-                raise UserError(f"cache config: transfer_path={self.config.transfer_path} cannot run here: {why}")
         self.mover = mover
 
     @property
@@ -171,7 +146,7 @@ class CacheEngine(CacheFacade):
         start = time.perf_counter()
         try:
             completion = self.mover.to_host(
-                [self._chunk_tables(tables, i) for i in indices], [lease.buffer for lease in leases], self.chunk_tokens
+                [self.chunk_tables(tables, i) for i in indices], [lease.buffer for lease in leases], self.chunk_tokens
             )
         except BaseException:
             self.chunks.abort(leases)
@@ -274,7 +249,7 @@ class CacheEngine(CacheFacade):
         leases = [lease for _, lease in batch]
         start = time.perf_counter()
         completion = self.mover.from_host(
-            [lease.buffer for lease in leases], [self._chunk_tables(tables, i) for i, _ in batch], self.chunk_tokens
+            [lease.buffer for lease in leases], [self.chunk_tables(tables, i) for i, _ in batch], self.chunk_tokens
         )
         batch.clear()
         nbytes = sum(lease.buffer.numel() for lease in leases)
@@ -293,7 +268,7 @@ class CacheEngine(CacheFacade):
             if not self.chunks.read_into(key, self._scratch):
                 return False
             # The scratch buffer is reused by the next chunk: wait for this scatter before giving it back.
-            self.mover.from_host([self._scratch], [self._chunk_tables(tables, index)], self.chunk_tokens).wait()
+            self.mover.from_host([self._scratch], [self.chunk_tables(tables, index)], self.chunk_tokens).wait()
             return True
 
     def _load_tail(self, got, key: str, tables: list, index: int, offset: int) -> bool:
@@ -324,7 +299,7 @@ class CacheEngine(CacheFacade):
             self._scratch[: packed.numel()].copy_(packed)
             tail_tables = [
                 ids[offset // group.tokens_per_block :]
-                for group, ids in zip(descriptor.groups, self._chunk_tables(tables, index))
+                for group, ids in zip(descriptor.groups, self.chunk_tables(tables, index))
             ]
             # The scratch buffer is reused by the next partial or scratch load: wait for this scatter.
             self.mover.from_host([self._scratch[: packed.numel()]], [tail_tables], tail).wait()
@@ -352,14 +327,6 @@ class CacheEngine(CacheFacade):
             if self._prefetcher is None:
                 self._prefetcher = cf.ThreadPoolExecutor(1, thread_name_prefix="kvport-prefetch")
         return Handle(self._prefetcher.submit(run))
-
-    def _chunk_tables(self, tables: list, index: int) -> list:
-        """Per group, the block ids chunk ``index`` occupies."""
-        out = []
-        for group, table in zip(self.descriptor.groups, tables):
-            per_chunk = self.chunk_tokens // group.tokens_per_block
-            out.append(table[index * per_chunk : (index + 1) * per_chunk])
-        return out
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

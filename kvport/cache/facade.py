@@ -32,6 +32,14 @@ class CacheFacade:
     def backend(self) -> Backend | None:
         return self.mover.backend if self.mover is not None else None
 
+    def chunk_tables(self, tables: list, index: int) -> list:
+        """Per group, the block ids chunk ``index`` occupies in ``tables`` (one block table per group)."""
+        out = []
+        for group, table in zip(self.descriptor.groups, tables):
+            per_chunk = self.chunk_tokens // group.tokens_per_block
+            out.append(table[index * per_chunk : (index + 1) * per_chunk])
+        return out
+
     # ---- tickets in flight -----------------------------------------------------------------------------------
     def _track(self, ticket: Ticket) -> None:
         with self._inflight_lock:

@@ -77,10 +77,15 @@ class ChunkMover:
 
 
 def build_mover(
-    descriptor: CopyDescriptor, chunk_tokens: int, backend_name: str | None = None, backend: Backend | None = None
+    descriptor: CopyDescriptor,
+    chunk_tokens: int,
+    backend_name: str | None = None,
+    backend: Backend | None = None,
+    path: str = "auto",
 ) -> ChunkMover:
     """The mover for an engine's KV memory: checks the chunk size against every group's block size, picks the
-    platform from the device and the backend from the registry (``backend_name`` / KVPORT_BACKEND) unless given."""
+    platform from the device and the backend from the registry (``backend_name`` / KVPORT_BACKEND) unless given,
+    and refuses a pinned transfer ``path`` that cannot run here (one line each)."""
     from kvport.errors import UserError
     from kvport.hal.platform import detect_platform
     from kvport.hal.platforms import platform_for_device
@@ -101,7 +106,14 @@ def build_mover(
             backend = select_backend(info, descriptor, environ=environ)
         except BackendError as exc:
             raise UserError(f"cache config: {exc}") from None
-    return ChunkMover(descriptor, backend, platform)
+    mover = ChunkMover(descriptor, backend, platform, path=path)
+    if path != "auto":
+        if mover.transfer is None:
+            raise UserError(f"cache config: transfer_path={path}: moves on {platform.name} are synchronous")
+        why = mover.transfer.allowed(descriptor).get(path)
+        if why:
+            raise UserError(f"cache config: transfer_path={path} cannot run here: {why}")
+    return mover
 
 
 def _copy_engine(backend: Backend, platform: Platform):

@@ -79,7 +79,7 @@ class RemoteCache(CacheFacade):
             raise RuntimeError("RemoteCache.bind called twice")
         from kvport.cache.mover import build_mover
 
-        mover = build_mover(descriptor, self.chunk_tokens, self.config.backend, backend)
+        mover = build_mover(descriptor, self.chunk_tokens, self.config.backend, backend, self.config.transfer_path)
         self._chunk_bytes = descriptor.canonical_bytes(self.chunk_tokens)
         self._fingerprint = descriptor.fingerprint
         self.mover = mover
@@ -171,9 +171,7 @@ class RemoteCache(CacheFacade):
             slots = self._views(offsets)
             buffers = self._staging(len(indices)) if self._staged else slots
             start = time.perf_counter()
-            completion = self.mover.to_host(
-                [self._chunk_tables(tables, i) for i in indices], buffers, self.chunk_tokens
-            )
+            completion = self.mover.to_host([self.chunk_tables(tables, i) for i in indices], buffers, self.chunk_tokens)
         except BaseException:
             self._call("commit", {"rid": rid, "ok": False})
             raise
@@ -242,7 +240,7 @@ class RemoteCache(CacheFacade):
                 buffers = self._views(header["off"])
             start = time.perf_counter()
             completion = self.mover.from_host(
-                buffers, [self._chunk_tables(tables, first + i) for i in range(count)], self.chunk_tokens
+                buffers, [self.chunk_tables(tables, first + i) for i in range(count)], self.chunk_tokens
             )
         except BaseException:
             if pin:
@@ -287,13 +285,6 @@ class RemoteCache(CacheFacade):
         """Fresh pinned host buffers (the slow path: one allocation per move, freed when its completion is)."""
         flat = self.mover.platform.host_empty(count * self._chunk_bytes)
         return [flat[i * self._chunk_bytes : (i + 1) * self._chunk_bytes] for i in range(count)]
-
-    def _chunk_tables(self, tables: list, index: int) -> list:
-        out = []
-        for group, table in zip(self.descriptor.groups, tables):
-            per_chunk = self.chunk_tokens // group.tokens_per_block
-            out.append(table[index * per_chunk : (index + 1) * per_chunk])
-        return out
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
