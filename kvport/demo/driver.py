@@ -23,23 +23,30 @@ ENGINE_ENV = {
 }
 
 
+def kvport_transfer_config(extra: dict[str, Any]):
+    """vLLM's KVTransferConfig that loads kvport's connector with ``extra`` as kv_connector_extra_config; a chunk
+    that fails to load is recomputed (the policy docs/vllm.md recommends)."""
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(
+        kv_connector="KVPortConnector",
+        kv_connector_module_path="kvport.engines.vllm",
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config=extra,
+    )
+
+
 def run_session(request: dict[str, Any]) -> dict[str, Any]:
     """Start one engine (with kvport when ``request["kvport"]`` is a dict of extra config), run every prompt
     in order, one at a time (so each TTFT is its own prefill), and return the results."""
     for key, value in ENGINE_ENV.items():
         os.environ.setdefault(key, value)
     from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
 
     kwargs: dict[str, Any] = {}
     if request.get("kvport") is not None:
-        kwargs["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVPortConnector",
-            kv_connector_module_path="kvport.engines.vllm",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config=request["kvport"],
-        )
+        kwargs["kv_transfer_config"] = kvport_transfer_config(request["kvport"])
     start = time.perf_counter()
     llm = LLM(
         request["model"],

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from vllm_runs import run_prompts
 
 pytestmark = [
     pytest.mark.vllm,
@@ -30,19 +31,9 @@ class Runs:
         self.l2 = root / "l2"
 
     def run(self, name: str, kvport: dict | None, l2: Path | None = None) -> dict:
-        from kvport.demo.session import run_engine
-
         if kvport is not None:
             kvport = {"l2_path": str(l2 or self.l2), "l1_bytes": "256MiB", "stats_dir": str(self.root / name), **kvport}
-        # One chunk per step: the same prefill split with and without a hit, so greedy outputs are bit-identical.
-        request = {
-            "model": self.model,
-            "kvport": kvport,
-            "prompts": self.prompts,
-            "max_tokens": 8,
-            "max_num_batched_tokens": CHUNK,
-        }
-        return run_engine(request, self.root / "work", timeout=300, log_name=name)
+        return run_prompts(self.root, name, self.model, self.prompts, kvport, CHUNK)
 
     @functools.cached_property
     def baseline(self) -> dict:

@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from vllm_runs import run_prompts
 
 pytestmark = [
     pytest.mark.vllm,
@@ -33,18 +34,11 @@ class Cluster:
         build_model(self.model, ModelDims(**DIMS, seed=seed))
 
     def run(self, name: str, prompts, l2: str, kvport: bool = True, prefix_caching: bool = False) -> dict:
-        from kvport.demo.session import run_engine
-
         extra = {"l2_path": str(self.root / l2), "l1_bytes": "64MiB", "stats_dir": str(self.root / name)}
-        request = {
-            "model": str(self.model),
-            "kvport": extra if kvport else None,
-            "prompts": prompts,
-            "max_tokens": 6,
-            "max_num_batched_tokens": CHUNK,
-            "enable_prefix_caching": prefix_caching,
-        }
-        return run_engine(request, self.root / "work", timeout=300, log_name=name)
+        kv = extra if kvport else None
+        return run_prompts(
+            self.root, name, str(self.model), prompts, kv, CHUNK, max_tokens=6, enable_prefix_caching=prefix_caching
+        )
 
     def log(self, name: str) -> str:
         return (self.root / "work" / f"engine-{name}.log").read_text()

@@ -9,6 +9,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from vllm_runs import run_prompts
 
 from kvport.testing.servers import MooncakeServer, RedisServer, find_binary
 
@@ -34,18 +35,9 @@ class Engines:
         self.prompts = [make_text(700, seed=21), make_text(500, seed=22)]
 
     def run(self, name: str, kvport: dict | None) -> dict:
-        from kvport.demo.session import run_engine
-
         if kvport is not None:
             kvport = {"l1_bytes": "128MiB", "stats_dir": str(self.root / name), **kvport}
-        request = {
-            "model": self.model,
-            "kvport": kvport,
-            "prompts": self.prompts,
-            "max_tokens": 8,
-            "max_num_batched_tokens": CHUNK,
-        }
-        return run_engine(request, self.root / "work", timeout=400, log_name=name)
+        return run_prompts(self.root, name, self.model, self.prompts, kvport, CHUNK, timeout=400)
 
     @functools.cached_property
     def baseline(self) -> dict:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from vllm import SamplingParams
-from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -19,6 +19,7 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from kvport.cache import CacheEngine, load_config
+from kvport.demo.driver import kvport_transfer_config
 from kvport.engines.vllm import KVPortHandshake
 from kvport.hal.backends.torch_ref import TorchBackend
 from kvport.testing.kv import nhd_kv
@@ -62,13 +63,7 @@ def connector_vllm_config(model: Path, extra: dict[str, Any], block_size: int) -
             is_encoder_decoder=False,
         ),
         cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=True),
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="KVPortConnector",
-            kv_connector_module_path="kvport.engines.vllm",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config=extra,
-        ),
+        kv_transfer_config=kvport_transfer_config(extra),
         device_config=DeviceConfig("cpu"),
     )
 

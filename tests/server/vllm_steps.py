@@ -20,17 +20,12 @@ def main(request_path: str, result_path: str) -> int:
     for key, value in {**ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", **request.get("env", {})}.items():
         os.environ[key] = value
     from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+
+    from kvport.demo.driver import kvport_transfer_config
 
     kwargs = {}
     if request.get("kvport") is not None:
-        kwargs["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVPortConnector",
-            kv_connector_module_path="kvport.engines.vllm",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config=request["kvport"],
-        )
+        kwargs["kv_transfer_config"] = kvport_transfer_config(request["kvport"])
     started = time.perf_counter()
     llm = LLM(
         request["model"],
