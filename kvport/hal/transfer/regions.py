@@ -80,43 +80,6 @@ def regions(
     return region_template(descriptor, num_tokens).fill(flat_block_ids(descriptor, block_ids, num_tokens), chunk_ptr)
 
 
-def _regions_direct(
-    descriptor: CopyDescriptor, block_ids: Sequence, num_tokens: int, chunk_ptr: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same regions computed in one pass (the template's test oracle)."""
-    import torch
-
-    ids = flat_block_ids(descriptor, block_ids, num_tokens)
-    offsets = descriptor.stream_offsets(num_tokens)
-    block_offsets = group_block_offsets(descriptor, num_tokens)
-    eng_parts, can_parts, size_parts = [], [], []
-    for stream, offset in zip(descriptor.streams, offsets):
-        group = descriptor.groups[stream.group]
-        m = merge_stream(stream, group)
-        supers = m.super_count(group, num_tokens)
-        length = descriptor.stream_bytes(stream, num_tokens)
-        if supers == 0 or length == 0:
-            continue
-        s = torch.arange(supers, dtype=torch.int64)
-        eng = (
-            stream.base_ptr
-            + ids[block_offsets[stream.group] + s // m.super_per_block] * stream.block_stride
-            + (s % m.super_per_block) * m.slot_stride
-        )
-        r = torch.arange(m.rows, dtype=torch.int64)
-        eng = (eng[:, None] + r[None, :] * m.row_stride).reshape(-1)
-        start = (s[:, None] * m.rows + r[None, :]).reshape(-1) * m.row_len
-        size = (length - start).clamp(0, m.row_len)
-        keep = size > 0
-        eng_parts.append(eng[keep])
-        can_parts.append(chunk_ptr + offset + start[keep])
-        size_parts.append(size[keep])
-    if not size_parts:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty.clone(), empty.clone()
-    return merge_touching(torch.cat(eng_parts), torch.cat(can_parts), torch.cat(size_parts))
-
-
 def merge_touching(
     eng: torch.Tensor, can: torch.Tensor, size: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
