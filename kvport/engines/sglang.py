@@ -119,10 +119,7 @@ class KVPortHiCacheStorage(HiCacheStorage):
         self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
     ) -> list[bool]:
         """Store the pages at ``host_indices`` (page_size indices per key). True for a page held afterwards."""
-        engine = self._bound()
-        ours = self._keys(keys)
-        blocks = self._blocks(host_indices, len(keys))
-        usable = _leading(blocks, ours)
+        engine, ours, blocks, usable = self._pages(keys, host_indices)
         if usable:
             # wait(): SGLang may reuse the host pages once this returns; the gather into L1 is done by then.
             engine.submit_store_keys(ours[:usable], blocks[:usable]).wait()
@@ -133,13 +130,17 @@ class KVPortHiCacheStorage(HiCacheStorage):
         self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
     ) -> list[bool]:
         """Load the leading pages kvport holds into the host pool at ``host_indices``; True for each loaded page."""
-        engine = self._bound()
-        ours = self._keys(keys)
-        blocks = self._blocks(host_indices, len(keys))
-        usable = _leading(blocks, ours)
+        engine, ours, blocks, usable = self._pages(keys, host_indices)
         loaded = engine.submit_load_keys(ours[:usable], blocks[:usable]).wait() if usable else 0
         pages = loaded // self.page_size
         return [i < pages for i in range(len(keys))]
+
+    def _pages(self, keys: list[str], host_indices: torch.Tensor):
+        """(bound engine, kvport keys, per-page host blocks, how many leading pages can move) for a batch call."""
+        engine = self._bound()  # first: the clear error when register_mem_pool_host was not called
+        ours = self._keys(keys)
+        blocks = self._blocks(host_indices, len(keys))
+        return engine, ours, blocks, _leading(blocks, ours)
 
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1

@@ -135,6 +135,21 @@ def device_pool(
         )
 
 
+def _host_args(layout, layers, page_size, device_tokens) -> dict:
+    """What both real host pools take beside the device pool's buffers: twice its size in host memory, unpinned."""
+    return {
+        "host_to_device_ratio": 2.0,
+        "host_size": 0,
+        "page_size": page_size,
+        "layout": layout,
+        "pin_memory": False,
+        "device": "cpu",
+        "device_capacity_tokens": device_tokens,
+        "start_layer": 0,
+        "end_layer": layers - 1,
+    }
+
+
 def _mla_pools(layout, layers, page_size, device_tokens, dtype, kv_lora_rank, rope_dim) -> Pools:
     from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 
@@ -147,18 +162,9 @@ def _mla_pools(layout, layers, page_size, device_tokens, dtype, kv_lora_rank, ro
         kv_lora_rank=kv_lora_rank,
         rope_dim=rope_dim,
     )
-    info = device.get_device_pool_infos()[0]
     host = MLATokenToKVPoolHost(
-        info.buffer_info,
-        host_to_device_ratio=2.0,
-        host_size=0,
-        page_size=page_size,
-        layout=layout,
-        pin_memory=False,
-        device="cpu",
-        device_capacity_tokens=device_tokens,
-        start_layer=0,
-        end_layer=layers - 1,
+        device.get_device_pool_infos()[0].buffer_info,
+        **_host_args(layout, layers, page_size, device_tokens),
         target_layer_num=layers,
     )
     return Pools(device, host, True)
@@ -176,18 +182,8 @@ def _mha_pools(layout, layers, heads, head_dim, page_size, device_tokens, dtype)
         device_tokens=device_tokens,
         dtype=dtype,
     )
-    info = device.get_device_pool_infos()[0]
     host = MHATokenToKVPoolHost(
-        info.buffer_info,
-        host_to_device_ratio=2.0,
-        host_size=0,
-        page_size=page_size,
-        layout=layout,
-        pin_memory=False,
-        device="cpu",
-        device_capacity_tokens=device_tokens,
-        start_layer=0,
-        end_layer=layers - 1,
+        device.get_device_pool_infos()[0].buffer_info, **_host_args(layout, layers, page_size, device_tokens)
     )
     return Pools(device, host, False)
 
