@@ -43,6 +43,24 @@ def ipc_path(address: str) -> Path | None:
     return Path(address[len("ipc://") :]) if address.startswith("ipc://") else None
 
 
+def probe_ipc(address: str) -> OSError | None:
+    """Try to connect to an ipc address's unix socket: None when that works (or the address is not ipc), else the
+    error (FileNotFoundError: no socket; ConnectionRefusedError: nothing listens; PermissionError: its mode)."""
+    import socket
+
+    path = ipc_path(address)
+    if path is None:
+        return None
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        return exc
+    finally:
+        probe.close()
+    return None
+
+
 def require_zmq() -> None:
     """A one-line UserError when pyzmq (the server's transport) is not installed."""
     import importlib.util

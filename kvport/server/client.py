@@ -235,21 +235,12 @@ def _check_socket_access(address: str) -> None:
     """A UserError when this process may not connect to an ipc socket (its mode or directory keeps us out); a
     socket that is merely absent or not listening is a server that is down, not an error."""
     import errno
-    import socket
 
-    from kvport.server.address import ipc_path
+    from kvport.server.address import probe_ipc
 
-    path = ipc_path(address)
-    if path is None:
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise UserError(
-                f"kvport server {address}: permission denied on its socket (the server's mode and group decide "
-                "who may connect)"
-            ) from None
-    finally:
-        probe.close()
+    error = probe_ipc(address)
+    if error is not None and error.errno in (errno.EACCES, errno.EPERM):
+        raise UserError(
+            f"kvport server {address}: permission denied on its socket (the server's mode and group decide "
+            "who may connect)"
+        )

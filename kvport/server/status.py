@@ -29,25 +29,15 @@ def fetch_stats(address: str, token: str | None, timeout_ms: int = 10_000) -> di
 
 
 def _check_listening(address: str) -> None:
-    """Fail at once when nothing listens on an ipc address (instead of after the reply timeout)."""
-    import socket
+    """Fail at once when nothing listens on an ipc address (instead of after the reply timeout); permission problems
+    and the like are reported by the connection attempt itself."""
+    from kvport.server.address import ipc_path, probe_ipc
 
-    from kvport.server.address import ipc_path
-
-    path = ipc_path(address)
-    if path is None:
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except FileNotFoundError:
-        raise UserError(f"no kvport server at {address} (no socket {path})") from None
-    except ConnectionRefusedError:
-        raise UserError(f"no kvport server at {address} (nothing listens on {path})") from None
-    except OSError:
-        pass  # permission problems and the like: the connection attempt reports them
-    finally:
-        probe.close()
+    error = probe_ipc(address)
+    if isinstance(error, FileNotFoundError):
+        raise UserError(f"no kvport server at {address} (no socket {ipc_path(address)})")
+    if isinstance(error, ConnectionRefusedError):
+        raise UserError(f"no kvport server at {address} (nothing listens on {ipc_path(address)})")
 
 
 def print_status(address: str | None, token: str | None, as_json: bool) -> int:
