@@ -288,14 +288,14 @@ class Transfer:
         chunk_bytes = descriptor.canonical_bytes(num_tokens)
         per_launch = min(MAX_STACK, self.model.piece_bytes // max(chunk_bytes, 1))
         if len(chunks) > 1 and per_launch > 1:
-            work, first = [], 0
+            work, first, start = [], 0, 0  # start: where chunk ``first``'s ids begin in ``joined``
             while first < len(chunks):
                 group = chunks[first : first + per_launch]
                 k = len(group)
                 ids = None
                 if joined is not None:
-                    start = sum(sizes[:first])
-                    ids = joined[start : start + sum(sizes[first : first + k])]
+                    end = start + sum(sizes[first : first + k])
+                    ids, start = joined[start:end], end
                 stacked = self._stacked(descriptor, k)
                 hosts = tuple((host[:chunk_bytes], j * chunk_bytes) for j, (_, host) in enumerate(group))
                 block_ids = stacked_block_ids(descriptor, [b for b, _ in group])
