@@ -44,7 +44,7 @@ class CacheFacade:
     def _track(self, ticket: Ticket) -> None:
         with self._inflight_lock:
             self._inflight.add(ticket)
-        ticket._settled.add_done_callback(lambda _: self._untrack(ticket))
+        ticket.on_settled(lambda: self._untrack(ticket))
 
     def _untrack(self, ticket: Ticket) -> None:
         with self._inflight_lock:

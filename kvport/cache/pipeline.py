@@ -36,6 +36,10 @@ class Ticket:
     def done(self) -> bool:
         return self._settled.done()
 
+    def on_settled(self, fn) -> None:
+        """Run ``fn()`` once the ticket settled (at once if it has), whatever the outcome."""
+        self._settled.add_done_callback(lambda _: fn())
+
     def wait(self, timeout: float | None = None) -> int:
         """Block until settled; re-raises the operation's error; TimeoutError after ``timeout`` seconds."""
         return int(self._settled.result(timeout))
