@@ -15,81 +15,18 @@ from sglang_env import import_sglang  # noqa: E402
 import_sglang()
 
 import torch  # noqa: E402
-from sglang_env import (  # noqa: E402
-    build_pools,
-    create_backend,
-    device_to_host,
-    host_rows,
-    random_tokens,
-    storage_config,
-    write_tokens,
-)
-from vllm_truth import Case, Tokens, build, registered_name, write  # noqa: E402
-
-from kvport.cache import CacheConfig, CacheEngine  # noqa: E402
-from kvport.engines.vllm_layouts import info_from_spec, load_for, namespace_for, tensors_in_order  # noqa: E402
-from kvport.layouts import compile_descriptor  # noqa: E402
-
-PAGES = 3
-SHARED = "shared-model"  # the `namespace` option, set the same on both engines
-LAYERS = 3
-PAIRS = [
-    # (vLLM backend, vLLM layout, SGLang host layout)
-    ("FLASH_ATTN", "LBNHC", "layer_first"),
-    ("FLASH_ATTN", "BHLNC", "page_first"),
-    ("TRITON_ATTN", "LHBNC", "page_head"),
-    ("ROCM_ATTN", "LBHNC", "page_first_direct"),
-    ("TRITON_MLA", "BLHNC", "page_first"),
-    ("FLASHMLA", "LBNHC", "layer_first"),
-]
-
-
-def tier(tmp_path) -> list[dict]:
-    return [{"type": "local_disk", "path": str(tmp_path / "shared-l2"), "bytes": "256MiB"}]
-
-
-def vllm_side(case: Case, tmp_path):
-    """A vLLM-allocated KV cache and a kvport engine bound to it the way kvport's vLLM connector binds it, with
-    chunk_tokens = vLLM's block size (the smallest its kernels take: 16, or 64 for the MLA backends), which the
-    SGLang side then uses as its page size."""
-    engine = build(case)
-    info = info_from_spec(registered_name(engine.backend_cls), engine.spec, case.layout, engine.names)
-    config = CacheConfig(
-        chunk_tokens=engine.block_size, key_scheme="sglang", l1_bytes=32 << 20, tiers=tier(tmp_path), async_store=False
-    )
-    cache = CacheEngine(config, namespace_for("m", None, "bfloat16", 0, 1, SHARED))
-    cache.bind(compile_descriptor(load_for(info), tensors_in_order(engine.kv, engine.names)))
-    return engine, cache
-
-
-def sglang_side(mla: bool, layout: str, tmp_path, page: int):
-    pools = build_pools(mla, layout, layers=LAYERS, page_size=page, device_tokens=4 * page)
-    extra = {"namespace": SHARED, "l1_bytes": "32MiB", "tiers": tier(tmp_path), "async_store": False}
-    backend = create_backend(storage_config(extra, mla=mla))
-    backend.register_mem_pool_host(pools.host)
-    backend.register_mem_host_pool_v2(pools.host, "kv")
-    backend.on_host_pools_registered()
-    return pools, backend
-
-
-def sglang_hashes(tokens: list[int], page: int) -> list[str]:
-    from sglang.srt.mem_cache.utils import get_hash_str
-
-    return get_hash_str(tokens, None, page_size=page)
-
-
-def as_vllm_tokens(mla: bool, data, block_ids: list[int]) -> Tokens:
-    """SGLang's per-layer token data in vLLM's write format (MLA: kv_c [T, 512], k_pe [T, 1, 64])."""
-    per_layer = [(d[0].squeeze(1), d[1]) if mla else d for d in data]
-    return Tokens(per_layer[0][0].shape[0], block_ids, per_layer, 1.0)
+from cross_engine_cases import LAYERS, PAGES, PAIRS  # noqa: E402
+from cross_engine_sides import as_vllm_tokens, host_matches, sglang_hashes, sglang_side, vllm_side  # noqa: E402
+from sglang_env import device_to_host, random_tokens, write_tokens  # noqa: E402
+from vllm_truth import Case, build, write  # noqa: E402
 
 
 @pytest.mark.parametrize("backend,layout,host_layout", PAIRS)
 def test_vllm_to_sglang(tmp_path, backend: str, layout: str, host_layout: str) -> None:
     mla = "MLA" in backend
-    engine, cache = vllm_side(Case(backend, layout, kv_heads=2, head_size=64, layers=LAYERS), tmp_path)
+    engine, cache = vllm_side(Case(backend, layout, kv_heads=2, head_size=64, layers=LAYERS), tmp_path / "l2")
     page = engine.block_size
-    pools, sglang = sglang_side(mla, host_layout, tmp_path, page)
+    pools, sglang = sglang_side(mla, host_layout, tmp_path / "l2", page)
     assert sglang.namespace == cache.namespace
     data = random_tokens(pools, PAGES * page, torch.Generator().manual_seed(21))
     tokens = list(range(3000, 3000 + PAGES * page))
@@ -102,11 +39,7 @@ def test_vllm_to_sglang(tmp_path, backend: str, layout: str, host_layout: str) -
     assert sglang.batch_exists(hashes) == PAGES
     target = pools.host.alloc(PAGES * page)
     assert sglang.batch_get_v1(hashes, target) == [True] * PAGES
-    for layer in range(LAYERS):
-        parts = [torch.cat(data[layer], dim=-1)] if mla else list(data[layer])
-        for comp, rows in enumerate(parts):
-            got = host_rows(pools.host, layer, comp, target)
-            assert torch.equal(got, rows.reshape(got.shape)), (layer, comp)
+    host_matches(pools, data, target, mla)
     sglang.close()
 
 
@@ -114,9 +47,9 @@ def test_vllm_to_sglang(tmp_path, backend: str, layout: str, host_layout: str) -
 def test_sglang_to_vllm(tmp_path, backend: str, layout: str, host_layout: str) -> None:
     mla = "MLA" in backend
     case = Case(backend, layout, kv_heads=2, head_size=64, layers=LAYERS)
-    engine, cache = vllm_side(case, tmp_path)
+    engine, cache = vllm_side(case, tmp_path / "l2")
     page = engine.block_size
-    pools, sglang = sglang_side(mla, host_layout, tmp_path, page)
+    pools, sglang = sglang_side(mla, host_layout, tmp_path / "l2", page)
     data = random_tokens(pools, PAGES * page, torch.Generator().manual_seed(22))
     locs = torch.arange(page, (PAGES + 1) * page)
     write_tokens(pools, locs, data)
@@ -139,9 +72,9 @@ def test_sglang_to_vllm(tmp_path, backend: str, layout: str, host_layout: str) -
 def test_cpu_attn_blocks_are_never_loaded_into_sglang(tmp_path) -> None:
     """vLLM's CPU backend stores opaque blocks (K transposed inside): same keys, other fingerprint. SGLang may see
     the pages as present, but every load is refused and the host rows stay untouched (it recomputes)."""
-    engine, cache = vllm_side(Case("CPU_ATTN", "LBHNC", kv_heads=2, head_size=64, layers=LAYERS), tmp_path)
+    engine, cache = vllm_side(Case("CPU_ATTN", "LBHNC", kv_heads=2, head_size=64, layers=LAYERS), tmp_path / "l2")
     page = engine.block_size
-    pools, sglang = sglang_side(False, "layer_first", tmp_path, page)
+    pools, sglang = sglang_side(False, "layer_first", tmp_path / "l2", page)
     data = random_tokens(pools, PAGES * page, torch.Generator().manual_seed(23))
     tokens = list(range(5000, 5000 + PAGES * page))
     write(engine, as_vllm_tokens(False, data, [0, 1, 2]))

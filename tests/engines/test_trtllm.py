@@ -55,6 +55,10 @@ def run_two_requests(tmp_path, device="cpu", backend="TRTLLM") -> None:
     first = make_executor(tmp_path, device, backend)
     one = first.run_prompt(Request(1, prompt), kv)
     assert (one["matched"], one["loads"], one["stores"]) == (0, 0, 1)
+    # On a GPU the store's gather is still in flight when run_prompt returns (the stream, not the host, waits for
+    # it), and its chunks become visible when it completes: a request scheduled before that misses them and
+    # recomputes. TensorRT-LLM schedules the next context request steps later; the test waits as long explicitly.
+    first.worker.engine.flush(timeout=30)
     # Same executor, same prefix, another tail: 128 tokens loaded into other blocks, the rest computed.
     two = first.run_prompt(Request(2, prompt[:128] + list(range(7, 27))), kv[:])
     assert (two["matched"], two["loads"]) == (128, 1)
