@@ -88,7 +88,11 @@ def test_record_for_the_device(backend: str, layout: str, host_layout: str) -> N
         "views": view_geometry(views),
         "initial": fresh.raw().clone(),
         "load": {"tokens": load_tokens, "blocks": load_blocks, "expected": theirs.raw().clone()},
-        "store": {"tokens": list(range(7000, 7000 + PAGES * page)), "blocks": store_blocks, "image": mine.raw().clone()},
+        "store": {
+            "tokens": list(range(7000, 7000 + PAGES * page)),
+            "blocks": store_blocks,
+            "image": mine.raw().clone(),
+        },
         "stored_tokens": stored,
     }
     assert not torch.equal(record["initial"], record["load"]["expected"])  # vLLM's write changed the blocks
