@@ -31,6 +31,14 @@ class CostModel:
     # was measured at full speed; smaller rows go through SM kernels.
     dma_min_region_bytes_d2h: int = 32 << 10
     dma_min_region_bytes_h2d: int = 32 << 10
+    # ...and only for moves smaller than this; larger ones are staged. 8K-token NHD moves (1 GiB) on four H200
+    # machines, 2026-11-29 (docs/performance.md): the copy engines reached 0.98, 0.59, 0.65-0.96 and 0.56-0.88 of
+    # memcpy alone, varying within one run even on one host buffer; the staged path 0.97-0.99 alone and 0.91-0.98
+    # under load on every machine (it costs the GEMM ~3%). One or a few chunks stay on the copy engines: under load
+    # a single 256-token chunk kept 0.47-0.97 there and 0.37-0.40 staged (its kernel waits for SMs). The crossover
+    # between 32 MiB and 1 GiB was not measured: 512 MiB is two staged pieces, the least at which the pipeline
+    # overlaps one piece's wait for SMs with another's copy.
+    dma_max_move_bytes: int = 512 << 20
     launch_us: float = 8.0  # one kernel launch plus its event, from the host
     dma_call_us: float = 8.0  # one batched copy call (or the first of many) before the engine starts moving
     # SM kernels through mapped host memory reached 95% of the link (DESIGN.md prototype, NHD).
@@ -112,12 +120,15 @@ def plan(
         raise ValueError("no transfer path can run: " + "; ".join(f"{p}: {allowed[p]}" for p in PATHS))
     floor = model.dma_min_region_bytes_d2h if direction == "d2h" else model.dma_min_region_bytes_h2d
     mean_region = nbytes / max(regions, 1)
-    if "dma" in usable and mean_region >= floor:
-        # The copy engines at full speed and no SM time taken from the engine: nothing else does better, under
-        # load least of all (SM kernels wait for SMs the engine's kernels hold).
+    large = nbytes >= model.dma_max_move_bytes and "staged" in usable
+    if "dma" in usable and mean_region >= floor and not large:
+        # The copy engines and no SM time taken from the engine: under load the SM kernels of a chunk-sized move
+        # wait for SMs the engine's kernels hold.
         return Plan("dma", f"{nbytes} B in {regions} regions of {mean_region:.0f} B >= {floor} B: copy engines", est)
     if "dma" in usable and len(usable) > 1:
-        usable.remove("dma")  # regions below the size the copy engines were measured to keep up with
+        # Regions below the size the copy engines keep up with, or a move large enough that the staged pipeline's
+        # steady speed beats the copy engines' machine-to-machine spread (CostModel.dma_max_move_bytes).
+        usable.remove("dma")
     if nbytes > model.zero_copy_max_bytes and "zero-copy" in usable and len(usable) > 1:
         usable.remove("zero-copy")  # would hold SMs for the whole transfer and slow the engine
     if not usable:

@@ -94,6 +94,20 @@ def test_planner_takes_the_copy_engines_for_large_regions_only():
     assert plan(hnd, 8192, "d2h", only_dma).path == "dma"
 
 
+def test_planner_stages_moves_past_the_copy_engines_size_limit():
+    """Large moves go staged even with large regions (the copy engines' speed varied 0.56-0.99 between machines);
+    a model without the limit, or no staged path, keeps them on the copy engines."""
+    nhd = sample("nhd", Dims(layers=4, heads=8, head_dim=128, block=16, blocks=600))
+    chunk = nhd.canonical_bytes(256)
+    below, above = (CostModel().dma_max_move_bytes - 1) // chunk, -(-CostModel().dma_max_move_bytes // chunk)
+    for direction in ("d2h", "h2d"):
+        assert plan(nhd, 256, direction, ALL_OK, chunks=below).path == "dma"
+        assert plan(nhd, 256, direction, ALL_OK, chunks=above).path == "staged"
+    assert plan(nhd, 256, "d2h", ALL_OK, model=CostModel(dma_max_move_bytes=1 << 62), chunks=above).path == "dma"
+    no_staged = dict(ALL_OK, staged="backend cannot")
+    assert plan(nhd, 256, "d2h", no_staged, chunks=above).path == "dma"
+
+
 def test_planner_zero_copy_only_for_small_transfers():
     d = sample("hnd", Dims(layers=2, heads=2, head_dim=8, block=4, blocks=9))
     model = CostModel()
