@@ -56,6 +56,10 @@ class RemoteCache(CacheFacade):
         self._chunk_bytes = 0
         self._fingerprint = ""
         self._arena: SharedArena | None = None
+        # Arenas this client page-locked (cudaHostRegister): unregistered at close, after every move settled. A
+        # mapping unmapped while still registered leaves the registration on its address range, and the next
+        # mapping placed there would look page-locked while the copy engines write the old pages (seen on the H200).
+        self._registered: list[SharedArena] = []
         self._staged = config.server_transport == "copy"
         self._prepare_lock = threading.Lock()
         self._init_facade()
@@ -105,13 +109,26 @@ class RemoteCache(CacheFacade):
                         "server_transport: copy for a client that cannot share memory with it"
                     ) from None
                 platform = self.mover.platform
-                self._staged = platform.pinned_host and not platform.register_host(arena.tensor)
-                if self._staged:
+                if platform.pinned_host and arena.tensor.is_pinned():
+                    # A mapping made just now cannot be page-locked yet: the runtime still holds a registration of
+                    # an earlier mapping at these addresses (unmapped without cudaHostUnregister, by other code),
+                    # and DMA would reach that mapping's old pages. Never used for copies: staged instead.
+                    self._staged = True
                     log.warning(
-                        "kvport: %s cannot page-lock the server's shared memory: every chunk takes one extra "
-                        "host copy through a pinned staging buffer",
+                        "kvport: the server's shared memory mapped onto addresses still registered with %s by an "
+                        "earlier mapping; every chunk takes one extra host copy through a pinned staging buffer",
                         platform.name,
                     )
+                else:
+                    self._staged = platform.pinned_host and not platform.register_host(arena.tensor)
+                    if self._staged:
+                        log.warning(
+                            "kvport: %s cannot page-lock the server's shared memory: every chunk takes one extra "
+                            "host copy through a pinned staging buffer",
+                            platform.name,
+                        )
+                    elif platform.pinned_host:
+                        self._registered.append(arena)
                 self._arena = arena
             try:
                 fields = {"ns": self.namespace, "chunk_tokens": self.chunk_tokens, "chunk_bytes": self._chunk_bytes}
@@ -316,4 +333,7 @@ class RemoteCache(CacheFacade):
             return
         self._settle_inflight(swallow=True)
         self.conn.close()
+        for arena in self._registered:  # every move settled: nothing reads or writes these pages any more
+            self.mover.platform.unregister_host(arena.tensor)
+        self._registered.clear()
         self._closed = True

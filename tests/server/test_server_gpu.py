@@ -4,6 +4,8 @@ byte for byte. Skips where torch sees no CUDA/ROCm device (the lead runs it on t
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -67,12 +69,47 @@ def test_device_kv_through_the_server_byte_exact(tmp_path, name) -> None:
         reader.bind(dst.descriptor)
         assert reader.load(tokens, other, len(tokens)) == 3 * chunk
         torch.cuda.synchronize()
+        ref = TorchBackend()
+        size = src.descriptor.canonical_bytes(3 * chunk)
+        a = torch.empty(size, dtype=torch.uint8, device="cuda")
+        b = torch.empty(size, dtype=torch.uint8, device="cuda")
+        ref.gather(src.descriptor, tables, a, 3 * chunk)
+        ref.gather(dst.descriptor, other, b, 3 * chunk)
+        torch.cuda.synchronize()
+        bad = (a != b).nonzero().flatten()
+        if bad.numel():  # which chunks, whether never written (zeros), and whether the shared slots hold them
+            per = size // 3
+            arena = writer._arena.tensor.numpy().tobytes()
+            in_slots = [arena.find(a[i * per : (i + 1) * per].cpu().numpy().tobytes()) >= 0 for i in range(3)]
+            chunks = sorted(set((bad // per).tolist()))
+            where = f"first at {int(bad[0])}, chunks {chunks}, {int((b[bad] == 0).sum())} of them zero"
+            time.sleep(0.5)  # a second load later: right then means the first raced a transfer still in flight
+            reader.load(tokens, other, len(tokens))
+            ref.gather(dst.descriptor, other, b, 3 * chunk)
+            torch.cuda.synchronize()
+            where += f"; a second load 0.5 s later: {int((a != b).sum())} bytes differ"
+            writer.close()
+            reader.close()
+            pytest.fail(f"{name}: {bad.numel()} of {size} bytes differ, {where}; whole in shared L1: {in_slots}")
         writer.close()
         reader.close()
-    ref = TorchBackend()
-    size = src.descriptor.canonical_bytes(3 * chunk)
-    a = torch.empty(size, dtype=torch.uint8, device="cuda")
-    b = torch.empty(size, dtype=torch.uint8, device="cuda")
-    ref.gather(src.descriptor, tables, a, 3 * chunk)
-    ref.gather(dst.descriptor, other, b, 3 * chunk)
-    assert torch.equal(a, b)
+
+
+def test_a_closed_client_leaves_no_page_locked_mapping_behind(tmp_path) -> None:
+    """close() unregisters the shared L1 it page-locked. Left registered, the mapping's addresses stay registered
+    after it is unmapped, and the next mapping placed there looks page-locked while DMA writes the old pages: on the
+    H200 a later client's stores then left its slots zero (the MLA case above, in the full GPU suite)."""
+    from kvport.cache import load_config
+    from kvport.server.remote import RemoteCache
+
+    spec = load_layout("vllm-flash-nhd")
+    kv = allocate(spec, 8, device="cuda", fill="zeros")
+    address = f"ipc://{tmp_path}/gpu.sock"
+    with ServerProcess(tmp_path, {"address": address}, {"l1_bytes": "64MiB"}):
+        cfg = load_config(overrides={"chunk_tokens": 16, "server": address}, environ={})
+        client = RemoteCache(cfg, "gpu-close")
+        client.bind(kv.descriptor)
+        arena = client._arena
+        assert arena.tensor.is_pinned() and not client.stats()["server"]["staged"]
+        client.close()
+        assert not arena.tensor.is_pinned()  # still mapped (held here), no longer registered
