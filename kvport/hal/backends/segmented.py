@@ -35,14 +35,24 @@ class SegmentedBackend(Backend):
         return self._run(descriptor, block_ids, src, num_tokens, False, max_programs, flat_ids)
 
     def _run(self, descriptor, block_ids, chunk, num_tokens, gather, max_programs, flat_ids) -> Completion:
+        blocks = self.enqueue(descriptor, block_ids, chunk, num_tokens, gather, max_programs, flat_ids)
+        if blocks is None:
+            return READY
+        return completion_after(descriptor.streams[0].buffer.device, (chunk, blocks))
+
+    def enqueue(self, descriptor, block_ids, chunk, num_tokens, gather, max_programs=None, flat_ids=None):
+        """The gather (``gather``) or scatter queued on the current stream, without a completion of its own: for a
+        caller that orders and completes the work itself (the transfer pipelines, which record one event per move;
+        an event per launch cost ~6 us of host time). Returns the block-id tensor the kernels read (keep it alive
+        until they ran), or None when there was nothing to queue."""
         device = descriptor.streams[0].buffer.device
         name = "gather dst" if gather else "scatter src"
         check_buffer(name, chunk, descriptor.canonical_bytes(num_tokens), engine_device=device)
         if num_tokens <= 0:
-            return READY
+            return None
         blocks = flat_ids if flat_ids is not None else device_block_ids(descriptor, block_ids, num_tokens, device)
         self._launch(descriptor, chunk, num_tokens, blocks, gather, max_programs, device)
-        return completion_after(device, (chunk, blocks))
+        return blocks
 
     def _launch(self, descriptor, chunk, num_tokens, blocks, gather, max_programs, device) -> None:
         raise NotImplementedError

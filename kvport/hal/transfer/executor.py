@@ -97,7 +97,6 @@ class Transfer:
         self._pieces: dict = {}
         self._plans: dict = {}
         self._templates: dict = {}
-        self._host_storages: dict = {}
         self._stacks: dict = {}
 
     def allowed(self, descriptor: CopyDescriptor) -> dict[str, str]:
@@ -192,19 +191,6 @@ class Transfer:
         event = self.platform.new_event()
         event.record(done)
         return TransferResult(chosen.path, chosen.reason, EventCompletion(self.platform, self.device, event, keep))
-
-    def _check_host(self, host) -> None:
-        """The host side must be pinned. Asking the driver costs microseconds per buffer; L1 slots are views of one
-        allocation, so the answer is memoized per storage (held, so its address cannot be reused while cached)."""
-        storage = host.untyped_storage()
-        known = self._host_storages.get(storage.data_ptr())
-        if known is not None and known is storage:
-            return
-        if not self.platform.is_host_ready(host):
-            raise ValueError("transfer: a host chunk must be a pinned CPU tensor (torch.empty(..., pin_memory=True))")
-        if len(self._host_storages) > 64:
-            self._host_storages.clear()
-        self._host_storages[storage.data_ptr()] = storage
 
     def _order_after(self, after) -> None:
         issuer = self.platform.current_stream(self.device)
@@ -314,12 +300,16 @@ class Transfer:
 
         return self._memo(self._stacks, (copies,), descriptor, lambda: stack(descriptor, copies))
 
-    def _kernel(self, direction, work: _Work, buf, num_tokens) -> None:
-        extra = {"flat_ids": work.flat_ids} if work.flat_ids is not None else {}
-        if direction == "d2h":
-            self.backend.gather(work.sub, work.block_ids, buf, num_tokens, **extra)
+    def _kernel(self, direction, work: _Work, buf, num_tokens, keep: list) -> None:
+        enqueue = getattr(self.backend, "enqueue", None)
+        if enqueue is not None:  # no per-launch completion: the move records one event for all of its work
+            blocks = enqueue(work.sub, work.block_ids, buf, num_tokens, direction == "d2h", flat_ids=work.flat_ids)
+            if blocks is not None and blocks is not work.flat_ids:
+                keep.append(blocks)
+        elif direction == "d2h":
+            self.backend.gather(work.sub, work.block_ids, buf, num_tokens)
         else:
-            self.backend.scatter(buf, work.sub, work.block_ids, num_tokens, **extra)
+            self.backend.scatter(buf, work.sub, work.block_ids, num_tokens)
 
     def _staged(self, direction, descriptor, chunks, num_tokens, keep):
         """``staging_buffers`` device buffers in a ring: kernels fill pieces ahead while the copy engine drains.
@@ -336,7 +326,7 @@ class Transfer:
             with self.platform.stream_scope(self.kernel_stream):
                 if direction == "h2d":
                     work[0].from_hosts(buf)
-                self._kernel(direction, work[0], buf, num_tokens)
+                self._kernel(direction, work[0], buf, num_tokens, keep)
                 if direction == "d2h":
                     work[0].to_hosts(buf)
             return self.kernel_stream
@@ -355,7 +345,7 @@ class Transfer:
                 fill.wait_event(freed[slot])
             with self.platform.stream_scope(fill):
                 if direction == "d2h":
-                    self._kernel(direction, item, buf, num_tokens)
+                    self._kernel(direction, item, buf, num_tokens, keep)
                 else:
                     item.from_hosts(buf)
             filled = self.platform.new_event()
@@ -365,7 +355,7 @@ class Transfer:
                 if direction == "d2h":
                     item.to_hosts(buf)
                 else:
-                    self._kernel(direction, item, buf, num_tokens)
+                    self._kernel(direction, item, buf, num_tokens, keep)
             freed[slot] = self.platform.new_event()
             freed[slot].record(drain)
         # The fill stream's last operation precedes the last drain through the events above.
