@@ -3,14 +3,8 @@ kv_connector_module_path="kvport.engines.vllm"). Owns only the glue to vLLM's ho
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib.util
-import json
 import logging
-import os
-import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,10 +21,12 @@ try:  # vLLM >= 0.32: receive failures reported per request (see _load_async)
 except ImportError:  # pragma: no cover - older vLLM
     KVConnectorTransferResults = None
 
+from kvport.engines.stats_file import StatsFile
 from kvport.engines.vllm_identity import prompt_of, request_extra, tp_rank_world, worker_namespace
-from kvport.engines.vllm_layouts import AttentionInfo, info_from_spec, spec_for, tensors_in_order
+from kvport.engines.vllm_layouts import spec_for, tensors_in_order
 from kvport.engines.vllm_options import check_extra_config
 from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, TransferSpec, metrics_port_for
+from kvport.engines.vllm_setup import attention_infos, check_parallelism, route_logs_to_vllm
 from kvport.engines.vllm_worker import WorkerSide
 from kvport.errors import UserError
 
@@ -48,8 +44,6 @@ log = logging.getLogger("kvport.vllm")
 # (one device: engine core with the in-process executor), the scheduler looks up through the worker's engine and so
 # also sees its L1; across processes it sees the shared tiers only.
 _LOCAL_WORKERS: dict[str, Any] = {}
-# One stats file writer at a time per process (the scheduler and a worker may share the process).
-_STATS_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -76,7 +70,7 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         route_logs_to_vllm()
         try:
             options, _, config = check_extra_config(self._kv_transfer_config.kv_connector_extra_config)
-            _check_parallelism(vllm_config)
+            check_parallelism(vllm_config)
         except UserError as exc:
             log.error("kvport: %s", exc)  # one line to find in a long multi-process traceback
             raise
@@ -97,7 +91,7 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         self._engines: list[Any] = []  # scheduler: one per worker shard, all must hold a chunk for a hit
         self._owned: list[Any] = []  # engines this connector built (and closes)
         self._stats_dir = options.get("stats_dir")
-        self._stats_swept = False
+        self._stats_file: StatsFile | None = None
         self._extras: dict[str, bytes] = {}
         self._plan: SchedulerPlan | None = None
         self._worker: WorkerSide | None = None
@@ -141,14 +135,14 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         config is refused there at the latest. kvport serves every layout vLLM picks (or refuses it at bind)."""
         if vllm_config.kv_transfer_config is not None:
             check_extra_config(vllm_config.kv_transfer_config.kv_connector_extra_config)
-        _check_parallelism(vllm_config)
+        check_parallelism(vllm_config)
         return None
 
     # ==== worker side ==========================================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from kvport.layouts import compile_descriptor
 
-        infos = _attention_infos(self._vllm_config, self._kv_cache_config)
+        infos = attention_infos(self._vllm_config, self._kv_cache_config)
         # One catalog spec per KV cache group (hybrid full + sliding window models have several), combined; an
         # explicit `layout` option replaces the whole mapping and must then describe every group.
         spec = spec_for(infos, self._options.get("layout"))
@@ -328,69 +322,13 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         return out
 
     def _write_stats(self) -> None:
-        """Atomically write this side's counters to ``stats_dir`` (for tests, the demo and dashboards): the JSON is
-        made first, then written to ``.<name>.<pid>.tmp`` and renamed. The temp name is fixed per process, so a
-        process killed mid-write (vLLM stops its workers at shutdown) leaves at most one, which the next writer of
-        that file removes once its process is gone; a failed write removes its own."""
+        """This side's counters to ``stats_dir`` (kvport.engines.stats_file), when one is configured."""
         if not self._stats_dir:
             return
-        text = json.dumps(self.stats(), default=str)
-        directory = Path(self._stats_dir)
+        if self._stats_file is None:
+            self._stats_file = StatsFile(self._stats_dir)
         name = "scheduler.json" if self._plan is not None else f"worker{self._rank}.json"
-        tmp = directory / f".{name}.{os.getpid()}.tmp"
-        with _STATS_LOCK:
-            directory.mkdir(parents=True, exist_ok=True)
-            if not self._stats_swept:
-                _remove_dead_temps(directory, name)
-                self._stats_swept = True
-            try:
-                tmp.write_text(text)
-                os.replace(tmp, directory / name)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
-
-
-def _remove_dead_temps(directory: Path, name: str) -> None:
-    for path in directory.glob(f".{name}.*.tmp"):
-        pid = path.name[len(name) + 2 : -len(".tmp")]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def route_logs_to_vllm() -> None:
-    """vLLM configures handlers for its own ``vllm`` logger only (vllm/logger.py: ``propagate: False``), so kvport's
-    INFO records never reached the server log (Python's last-resort handler prints WARNING and up, unformatted).
-    Once per process, kvport's loggers write through vLLM's handlers, in vLLM's format and at its level. Nothing
-    changes when vLLM's logging is off (VLLM_CONFIGURE_LOGGING=0: the application configures logging)."""
-    ours, theirs = logging.getLogger("kvport"), logging.getLogger("vllm")
-    if ours.handlers or not theirs.handlers:
-        return
-    for handler in theirs.handlers:
-        ours.addHandler(handler)
-    ours.setLevel(theirs.level)
-    ours.propagate = False
-
-
-def _check_parallelism(vllm_config: VllmConfig) -> None:
-    """Refuse what kvport's chunks cannot describe: with decode/prefill context parallelism the KV of one token
-    sequence is spread over ranks by token, and no rank's blocks hold a whole chunk."""
-    parallel = vllm_config.parallel_config
-    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
-        if getattr(parallel, name, 1) > 1:
-            raise UserError(f"kvport does not support {name}={getattr(parallel, name)} (KV spread over ranks by token)")
+        self._stats_file.write(name, self.stats())
 
 
 def _load_async(num_groups: int) -> bool:
@@ -414,66 +352,3 @@ def _tiers(engine: Any) -> str:
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
-
-
-def _attention_infos(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> list[AttentionInfo]:
-    """What vLLM declares for each KV cache group: backend name (from the layers), resolved layout, dims."""
-    from vllm.config import get_layers_from_vllm_config
-    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
-
-    standardized = importlib.util.find_spec("vllm.v1.kv_cache_layout") is not None
-    layout = getattr(kv_cache_config, "kv_cache_layout", None)
-    layout = layout or getattr(vllm_config.cache_config, "kv_cache_layout", None)
-    if layout is None and not standardized:
-        from vllm.v1.attention.backends.utils import get_kv_cache_layout  # older vLLM: "NHD" / "HND"
-
-        layout = get_kv_cache_layout()
-    infos = []
-    for group in kv_cache_config.kv_cache_groups:
-        layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, group.layer_names)
-        backends = {backend_name(layer.get_attn_backend()) for layer in layers.values()}
-        if len(backends) != 1:
-            raise UserError(
-                f"vLLM KV cache group {list(group.layer_names)[:2]}...: kvport needs one attention backend per group, "
-                f"got {sorted(backends) or 'none'}"
-            )
-        spec = group.kv_cache_spec
-        if standardized:
-            infos.append(info_from_spec(backends.pop(), spec, layout, group.layer_names))
-            continue
-        infos.append(
-            AttentionInfo(
-                backend=backends.pop(),
-                layout=layout,
-                standardized=standardized,
-                block_size=spec.block_size,
-                num_kv_heads=getattr(spec, "num_kv_heads", 1),
-                head_size=getattr(spec, "head_size", 0),
-                dtype=str(spec.dtype).removeprefix("torch."),
-                layer_names=tuple(group.layer_names),
-            )
-        )
-    return infos
-
-
-def backend_name(cls: type) -> str:
-    """The registry name of an attention backend class, found by class path along its MRO (vLLM's registry maps
-    names to class paths). Not ``get_name()``: ROCM_AITER_FA's class reports "FLASH_ATTN" and packs pages its own way
-    in shuffle mode, so the name it reports cannot tell the two apart."""
-    try:
-        from vllm.v1.attention.backends.registry import AttentionBackendEnum
-    except ImportError:  # older vLLM: only the reported name exists
-        return cls.get_name()
-    paths = {}
-    for member in AttentionBackendEnum:
-        try:
-            path = member.get_path()
-        except ValueError:  # CUSTOM before registration
-            continue
-        if path:
-            paths.setdefault(path, member.name)
-    for klass in cls.__mro__:
-        name = paths.get(f"{klass.__module__}.{klass.__qualname__}")
-        if name:
-            return name
-    return cls.get_name()

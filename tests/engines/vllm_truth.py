@@ -244,6 +244,6 @@ def expected_chunk(engine: Engine, tokens: Tokens) -> torch.Tensor:
 
 
 def registered_name(cls: type) -> str:
-    from kvport.engines.vllm import backend_name
+    from kvport.engines.vllm_setup import backend_name
 
     return backend_name(cls)
