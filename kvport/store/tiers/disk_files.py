@@ -16,6 +16,13 @@ import threading
 import time
 from pathlib import Path
 
+SUFFIX = ".kvc"  # a chunk file: <root>/<key[:2]>/<key>.kvc
+TMP_PREFIX = ".tmp."  # then <key>.<pid>.<random>: the pid is for people reading the directory; liveness is the lock
+# A writer creates its file under this prefix, locks it, then renames it to TMP_PREFIX: a scanner only ever sees temp
+# files that were locked from birth (a scan between a plain create and the lock once took a live writer's file).
+# Files left under this prefix (a writer killed in that instant) are removed by age, like lock-less filesystems'.
+NEW_PREFIX = ".new."
+
 # access option -> (file mode, directory mode). Private: chunks are KV derived from users' prompts, so only the
 # owner reads them. Group: a cache shared by the accounts of one group; the directory's setgid bit makes new files
 # inherit the group, and group write lets every sharer evict, delete corrupt chunks and refresh recency (utime).

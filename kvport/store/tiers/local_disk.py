@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
-import fcntl
-import json
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,22 +17,29 @@ from typing import TYPE_CHECKING, Any
 from kvport.errors import UserError
 from kvport.store.envelope import (
     HEADER_BYTES,
-    NO_NAMESPACE,
     Header,
     checksum,
-    namespace_digest,
     open_header,
-    recorded_namespace,
     seal_header,
 )
 from kvport.store.tiers.base import NamespaceUsage, ReadResult, ThreadedTier, check_keys, options_from
 from kvport.store.tiers.disk_files import (
     ACCESS_MODES,
+    NEW_PREFIX,
     STALE_TMP_S,
+    SUFFIX,
+    TMP_PREFIX,
     RateLimitedWarning,
     hold_writer_lock,
     make_dirs,
-    reclaim_if_debris,
+)
+from kvport.store.tiers.disk_space import (
+    chunks_by_namespace,
+    evict_lru,
+    namespace_names,
+    record_namespace,
+    scan,
+    unlink_quietly,
 )
 
 if TYPE_CHECKING:
@@ -45,14 +49,6 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("kvport.store")
 
-SUFFIX = ".kvc"
-TMP_PREFIX = ".tmp."  # then <key>.<pid>.<random>: the pid is for people reading the directory; liveness is the lock
-# A writer creates its file under this prefix, locks it, then renames it to TMP_PREFIX: a scanner only ever sees temp
-# files that were locked from birth (a scan between a plain create and the lock once took a live writer's file).
-# Files left under this prefix (a writer killed in that instant) are removed by age, like lock-less filesystems'.
-NEW_PREFIX = ".new."
-# Evict down to this fraction of capacity, so one eviction pass (a directory scan) covers many stores.
-LOW_WATERMARK = 0.9
 # Rescan the directory after this fraction of capacity was written by this process, to see other writers.
 RESCAN_FRACTION = 0.1
 # Seconds between two warnings of one kind: a full disk fails every write, one line a minute says so without flooding.
@@ -62,8 +58,6 @@ OPTIONS = ("path", "bytes", "fsync", "read_threads", "write_threads", "access")
 _NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 __all__ = ["HEADER_BYTES", "STALE_TMP_S", "SUFFIX", "TMP_PREFIX", "LocalDiskTier", "parse_options", "write_all"]
-# Namespace digest -> name files (for `kvport cache list`); chunk files record only the digest.
-NAMES_DIR = ".namespaces"
 
 
 def _as_bytes_view(tensor: torch.Tensor) -> memoryview:
@@ -268,8 +262,8 @@ class LocalDiskTier(ThreadedTier):
                     os.fsync(fd)
                 return self._publish(tmp, path)
             finally:
-                _unlink_quietly(tmp)
-                _unlink_quietly(new)
+                unlink_quietly(tmp)
+                unlink_quietly(new)
         finally:
             os.close(fd)
 
@@ -353,28 +347,16 @@ class LocalDiskTier(ThreadedTier):
 
     # ---- administration (`kvport cache`) -----------------------------------------------------------------
     def use_namespace(self, namespace: str) -> None:
-        """Record ``namespace``'s name under its digest once (temp name then rename), for listings."""
+        """Record ``namespace``'s name under its digest once, for listings (kvport.store.tiers.disk_space)."""
         super().use_namespace(namespace)
-        if not namespace:
-            return
-        names = self.root / NAMES_DIR
-        path = names / (namespace_digest(namespace).hex() + ".json")
-        if path.exists():
-            return
-        try:
-            names.mkdir(exist_ok=True)
-            # NEW_PREFIX, not TMP_PREFIX: a debris scan would take an unlocked .tmp. file for a dead writer's.
-            tmp = names / f"{NEW_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}"
-            tmp.write_text(json.dumps({"namespace": namespace}))
-            os.rename(tmp, path)
-        except OSError:
-            pass  # a listing then shows the digest only; storing chunks is unaffected
+        if namespace:
+            record_namespace(self.root, namespace)
 
     def namespaces(self) -> list[NamespaceUsage]:
         """Chunks and bytes per recorded namespace, from every chunk file's header (one 128-byte read each)."""
-        names = self._names()
+        names = namespace_names(self.root)
         out: dict[bytes, NamespaceUsage] = {}
-        for digest, size, _ in self._chunks_by_namespace():
+        for digest, size, _ in chunks_by_namespace(self._scan()):
             usage = out.get(digest)
             if usage is None:
                 usage = out[digest] = NamespaceUsage(digest, names.get(digest, ""))
@@ -385,7 +367,7 @@ class LocalDiskTier(ThreadedTier):
     def clear(self, digests=None) -> int:
         wanted = None if digests is None else set(digests)
         deleted = 0
-        for digest, _, path in self._chunks_by_namespace():
+        for digest, _, path in chunks_by_namespace(self._scan()):
             if wanted is None or digest in wanted:
                 try:
                     os.unlink(path)
@@ -395,34 +377,6 @@ class LocalDiskTier(ThreadedTier):
         with self._lock:
             self._used = None  # rescan on the next write
         return deleted
-
-    def _names(self) -> dict[bytes, str]:
-        out = {NO_NAMESPACE: ""}
-        try:
-            entries = list(os.scandir(self.root / NAMES_DIR))
-        except FileNotFoundError:
-            return out
-        for entry in entries:
-            if not entry.name.endswith(".json"):
-                continue
-            try:
-                out[bytes.fromhex(entry.name[: -len(".json")])] = json.loads(Path(entry.path).read_text())["namespace"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # a damaged name file: the listing shows the digest
-        return out
-
-    def _chunks_by_namespace(self):
-        """(namespace digest, size, path) of every chunk file whose header parses."""
-        for _, size, path in self._scan():
-            if path.name.startswith(TMP_PREFIX):
-                continue
-            try:
-                with open(path, "rb") as f:
-                    digest = recorded_namespace(f.read(HEADER_BYTES))
-            except OSError:
-                continue
-            if digest is not None:
-                yield digest, size, path
 
     # ---- capacity ----------------------------------------------------------------------------------------
     def _account(self, nbytes: int) -> None:
@@ -453,76 +407,16 @@ class LocalDiskTier(ThreadedTier):
         and a tenth of the usage, so the next writes fit too."""
         if self.read_only:
             return 0
-        try:
-            lock_fd = os.open(self.root / ".evict.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.file_mode)
-        except OSError:  # the directory was removed (nothing to evict) or cannot be written now
+        evicted, used = evict_lru(self.root, self.file_mode, self.capacity, free_bytes)
+        if used is not None:
             with self._lock:
-                self._used, self._written_since_scan = 0, 0
-            return 0
-        try:
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return 0
-            entries = self._scan()
-            total = sum(size for _, size, _ in entries)
-            if free_bytes:
-                target = total - max(free_bytes, (1 - LOW_WATERMARK) * min(total, self.capacity))
-            else:
-                target = LOW_WATERMARK * self.capacity if total > self.capacity else total
-            evicted = 0
-            for _, size, path in sorted(entries, key=lambda e: e[0]):
-                if total <= target:
-                    break
-                if path.name.startswith(TMP_PREFIX):
-                    continue  # a live writer's file (dead writers' ones were reclaimed by the scan)
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass  # evicted or replaced by the other process
-                total -= size
-                evicted += 1
-            with self._lock:
-                self._used = total
-                self._written_since_scan = 0
-        finally:
-            os.close(lock_fd)
+                self._used, self._written_since_scan = used, 0
         if evicted and self.metrics is not None:
             self.metrics.inc("evictions", evicted, tier=self.kind)
         return evicted
 
     def _scan(self) -> list[tuple[float, int, Path]]:
-        """(mtime, size, path) of every chunk and live writer's temp file. A temp file no live writer holds is
-        debris (its writer died): deleted here, so it neither counts toward capacity nor waits to age."""
-        now = time.time()
-        found = []
-        try:
-            subs = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return found
-        for sub in subs:
-            if not sub.is_dir(follow_symlinks=False):
-                continue
-            try:
-                entries = list(os.scandir(sub.path))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if entry.name.startswith(TMP_PREFIX):
-                    if self.read_only or reclaim_if_debris(entry.path, st.st_mtime, now):
-                        continue
-                elif entry.name.startswith(NEW_PREFIX):
-                    if not self.read_only and now - st.st_mtime > STALE_TMP_S:
-                        _unlink_quietly(entry.path)
-                    continue
-                elif not entry.name.endswith(SUFFIX):
-                    continue
-                found.append((st.st_mtime, st.st_size, Path(entry.path)))
-        return found
+        return scan(self.root, self.read_only)
 
 
 def write_all(fd: int, buffers: list[memoryview]) -> None:
@@ -531,13 +425,6 @@ def write_all(fd: int, buffers: list[memoryview]) -> None:
         done = 0
         while done < len(buf):
             done += os.write(fd, buf[done:])
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _fsync_dir(path: Path) -> None:
