@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from cross_engine_cases import LAYERS, SHARED, tier, vllm_cache
-from sglang_env import build_pools, create_backend, storage_config
+from sglang_env import build_pools, create_backend, device_to_host, random_tokens, storage_config, write_tokens
 from vllm_truth import Case, Tokens, build, registered_name
 
 from kvport.engines.vllm_layouts import info_from_spec, load_for, tensors_in_order
@@ -47,6 +47,29 @@ def as_vllm_tokens(mla: bool, data, block_ids: list[int]) -> Tokens:
     """SGLang's per-layer token data in vLLM's write format (MLA: kv_c [T, 512], k_pe [T, 1, 64])."""
     per_layer = [(d[0].squeeze(1), d[1]) if mla else d for d in data]
     return Tokens(per_layer[0][0].shape[0], block_ids, per_layer, 1.0)
+
+
+def sglang_stores(pools, sglang, tokens: list[int], page: int, seed: int) -> list:
+    """SGLang storing the pages of ``tokens`` as it does: random KV written by its device pool's own setter, copied
+    to host rows, ``batch_set_v1`` under its own page hashes (every page must be taken). Returns the KV written."""
+    count = len(tokens) // page
+    data = random_tokens(pools, count * page, torch.Generator().manual_seed(seed))
+    locs = torch.arange(page, (count + 1) * page)  # device page 0 is SGLang's padding page
+    write_tokens(pools, locs, data)
+    host_indices = pools.host.alloc(count * page)
+    device_to_host(pools, locs, host_indices)
+    assert sglang.batch_set_v1(sglang_hashes(tokens, page), host_indices) == [True] * count
+    return data
+
+
+def sglang_loads(pools, sglang, tokens: list[int], page: int, data, mla: bool) -> None:
+    """SGLang finding every page of ``tokens`` and loading them into host rows that then hold ``data``."""
+    count = len(tokens) // page
+    hashes = sglang_hashes(tokens, page)
+    assert sglang.batch_exists(hashes) == count
+    target = pools.host.alloc(count * page)
+    assert sglang.batch_get_v1(hashes, target) == [True] * count
+    host_matches(pools, data, target, mla)
 
 
 def host_matches(pools, data, target: torch.Tensor, mla: bool) -> None:

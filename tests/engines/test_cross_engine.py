@@ -16,8 +16,15 @@ import_sglang()
 
 import torch  # noqa: E402
 from cross_engine_cases import LAYERS, PAGES, PAIRS  # noqa: E402
-from cross_engine_sides import as_vllm_tokens, host_matches, sglang_hashes, sglang_side, vllm_side  # noqa: E402
-from sglang_env import device_to_host, random_tokens, write_tokens  # noqa: E402
+from cross_engine_sides import (  # noqa: E402
+    as_vllm_tokens,
+    sglang_hashes,
+    sglang_loads,
+    sglang_side,
+    sglang_stores,
+    vllm_side,
+)
+from sglang_env import random_tokens  # noqa: E402
 from vllm_truth import Case, build, write  # noqa: E402
 
 
@@ -35,11 +42,7 @@ def test_vllm_to_sglang(tmp_path, backend: str, layout: str, host_layout: str) -
     assert cache.store(tokens, blocks) == PAGES * page
     cache.close()
 
-    hashes = sglang_hashes(tokens, page)
-    assert sglang.batch_exists(hashes) == PAGES
-    target = pools.host.alloc(PAGES * page)
-    assert sglang.batch_get_v1(hashes, target) == [True] * PAGES
-    host_matches(pools, data, target, mla)
+    sglang_loads(pools, sglang, tokens, page, data, mla)
     sglang.close()
 
 
@@ -50,13 +53,8 @@ def test_sglang_to_vllm(tmp_path, backend: str, layout: str, host_layout: str) -
     engine, cache = vllm_side(case, tmp_path / "l2")
     page = engine.block_size
     pools, sglang = sglang_side(mla, host_layout, tmp_path / "l2", page)
-    data = random_tokens(pools, PAGES * page, torch.Generator().manual_seed(22))
-    locs = torch.arange(page, (PAGES + 1) * page)
-    write_tokens(pools, locs, data)
-    host_indices = pools.host.alloc(PAGES * page)
-    device_to_host(pools, locs, host_indices)
     tokens = list(range(4000, 4000 + PAGES * page))
-    assert sglang.batch_set_v1(sglang_hashes(tokens, page), host_indices) == [True] * PAGES
+    data = sglang_stores(pools, sglang, tokens, page, seed=22)
     sglang.close()
 
     blocks = [2, 7, 0]

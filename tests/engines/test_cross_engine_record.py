@@ -33,12 +33,12 @@ from cross_engine_cases import (  # noqa: E402
 )
 from cross_engine_sides import (  # noqa: E402
     as_vllm_tokens,
-    host_matches,
-    sglang_hashes,
+    sglang_loads,
     sglang_side,
+    sglang_stores,
     vllm_info,
 )
-from sglang_env import device_to_host, random_tokens, write_tokens  # noqa: E402
+from sglang_env import random_tokens  # noqa: E402
 from vllm_truth import Case, build, write  # noqa: E402
 
 from kvport.engines.vllm_layouts import tensors_in_order  # noqa: E402
@@ -62,13 +62,8 @@ def test_record_for_the_device(backend: str, layout: str, host_layout: str) -> N
     pools, sglang = sglang_side(mla, host_layout, where / "sglang-l2", page)
 
     # SGLang -> device: SGLang stores pages; the device loads them into vLLM's blocks, compared with vLLM's own write.
-    loaded = random_tokens(pools, PAGES * page, torch.Generator().manual_seed(31))
-    locs = torch.arange(page, (PAGES + 1) * page)
-    write_tokens(pools, locs, loaded)
-    host_indices = pools.host.alloc(PAGES * page)
-    device_to_host(pools, locs, host_indices)
     load_tokens = list(range(6000, 6000 + PAGES * page))
-    assert sglang.batch_set_v1(sglang_hashes(load_tokens, page), host_indices) == [True] * PAGES
+    loaded = sglang_stores(pools, sglang, load_tokens, page, seed=31)
     sglang.close()
     load_blocks = [2, 7, 0]
     theirs = build(case)
@@ -108,14 +103,10 @@ def test_sglang_loads_what_the_device_stored(tmp_path, backend: str, layout: str
     assert results, f"the device stored nothing for {pid}"
     mla = "MLA" in backend
     page = record["page"]
-    hashes = sglang_hashes(record["store"]["tokens"], page)
     for device_backend, result in sorted(results.items()):
         assert result["stored_tokens"] == PAGES * page, (device_backend, result)
         tier_copy = tmp_path / device_backend
         shutil.copytree(out / f"gpu-{device_backend}-l2", tier_copy)  # the fetched files are read-only
         pools, sglang = sglang_side(mla, host_layout, tier_copy, page)
-        assert sglang.batch_exists(hashes) == PAGES, device_backend
-        target = pools.host.alloc(PAGES * page)
-        assert sglang.batch_get_v1(hashes, target) == [True] * PAGES, device_backend
-        host_matches(pools, record["stored_tokens"], target, mla)
+        sglang_loads(pools, sglang, record["store"]["tokens"], page, record["stored_tokens"], mla)
         sglang.close()
