@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
-from vllm_runs import run_prompts
+from vllm_runs import PREFIX_WORDS, EngineRuns
 
 pytestmark = [
     pytest.mark.vllm,
@@ -19,47 +18,21 @@ pytestmark = [
 CHUNK = 256
 # Small enough that five engine runs finish in about two minutes on 2 cores, big enough for 3 chunks + a tail.
 TEST_DIMS = {"layers": 4, "hidden": 256, "heads": 4, "kv_heads": 2, "intermediate": 512, "vocab": 512}
-PREFIX_WORDS, QUESTION_WORDS = 700, 20
 
 
-class Runs:
-    """Builds the model once and runs each engine configuration at most once per test session."""
+class Runs(EngineRuns):
+    """EngineRuns plus an unrelated fourth prompt (must not hit) and a second kvport engine on the filled tier."""
 
     def __init__(self, root: Path) -> None:
-        from kvport.demo.model import ModelDims, build_model, make_text
+        from kvport.demo.model import make_text
 
-        self.root = root
-        self.model = str(build_model(root / "model", ModelDims(**TEST_DIMS)))
-        prefix = make_text(PREFIX_WORDS, seed=11)
-        self.prompts = [f"{prefix} {make_text(QUESTION_WORDS, seed=100 + q)}" for q in range(3)]
-        self.prompts.append(make_text(PREFIX_WORDS, seed=12))  # an unrelated prompt: must not hit
-        self.l2 = root / "l2"
-
-    def run(self, name: str, kvport: dict | None, l2: Path | None = None) -> dict:
-        if kvport is not None:
-            kvport = {"l2_path": str(l2 or self.l2), "l1_bytes": "256MiB", "stats_dir": str(self.root / name), **kvport}
-            if kvport["l2_path"] is None:
-                del kvport["l2_path"]
-        return run_prompts(self.root, name, self.model, self.prompts, kvport, CHUNK)
-
-    @functools.cached_property
-    def baseline(self) -> dict:
-        return self.run("baseline", None)
-
-    @functools.cached_property
-    def cold(self) -> dict:
-        return self.run("cold", {})
+        super().__init__(root, TEST_DIMS, CHUNK, prefix_seed=11, question_seed=100)
+        self.prompts.append(make_text(PREFIX_WORDS, seed=12))
 
     @functools.cached_property
     def warm(self) -> dict:
         self.cold  # noqa: B018 - the cold run fills the disk tier this fresh process reads
         return self.run("warm", {})
-
-    def l2_copy(self, name: str) -> Path:
-        self.cold  # noqa: B018
-        dest = self.root / f"l2-{name}"
-        shutil.copytree(self.l2, dest)
-        return dest
 
 
 @pytest.fixture(scope="module")

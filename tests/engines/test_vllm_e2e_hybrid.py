@@ -3,13 +3,10 @@ CPU engine with kvport: outputs identical to a run without kvport, also when a s
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import shutil
-from pathlib import Path
 
 import pytest
-from vllm_runs import run_prompts
+from vllm_runs import EngineRuns
 
 pytestmark = [
     pytest.mark.vllm,
@@ -20,40 +17,16 @@ CHUNK = 256
 DIMS = {"layers": 4, "hidden": 256, "heads": 4, "kv_heads": 2, "intermediate": 512, "vocab": 512, "sliding_window": 64}
 
 
-class Runs:
-    def __init__(self, root: Path) -> None:
-        from kvport.demo.model import ModelDims, build_model, make_text
-
-        self.root = root
-        self.model = str(build_model(root / "model", ModelDims(**DIMS)))
-        prefix = make_text(700, seed=21)
-        self.prompts = [f"{prefix} {make_text(20, seed=200 + q)}" for q in range(3)]
-        self.l2 = root / "l2"
-
-    def run(self, name: str, kvport: dict | None, l2: Path | None = None) -> dict:
-        if kvport is not None:
-            kvport = {"l2_path": str(l2 or self.l2), "l1_bytes": "256MiB", "stats_dir": str(self.root / name), **kvport}
-        return run_prompts(self.root, name, self.model, self.prompts, kvport, CHUNK)
-
-    @functools.cached_property
-    def baseline(self) -> dict:
-        return self.run("baseline", None)
-
-    @functools.cached_property
-    def cold(self) -> dict:
-        return self.run("cold", {})
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Runs:
-    return Runs(tmp_path_factory.mktemp("vllm-hybrid"))
+def runs(tmp_path_factory) -> EngineRuns:
+    return EngineRuns(tmp_path_factory.mktemp("vllm-hybrid"), DIMS, CHUNK, prefix_seed=21, question_seed=200)
 
 
 def _outputs(result: dict) -> list[list[int]]:
     return [r["output_ids"] for r in result["results"]]
 
 
-def test_hybrid_model_outputs_identical_with_asynchronous_loads(runs: Runs) -> None:
+def test_hybrid_model_outputs_identical_with_asynchronous_loads(runs: EngineRuns) -> None:
     base, cold = runs.baseline, runs.cold
     assert len({tuple(ids) for ids in _outputs(base)}) > 1, "the test model must answer different prompts differently"
     assert _outputs(cold) == _outputs(base)
@@ -66,13 +39,12 @@ def test_hybrid_model_outputs_identical_with_asynchronous_loads(runs: Runs) -> N
     assert worker["connector"]["tokens_loaded"] == sum(hits) and worker["connector"]["load_failures"] == 0
 
 
-def test_corrupt_chunk_in_a_hybrid_model_is_recomputed_not_a_crash(runs: Runs) -> None:
+def test_corrupt_chunk_in_a_hybrid_model_is_recomputed_not_a_crash(runs: EngineRuns) -> None:
     from kvport.store.keys import chunk_keys
     from kvport.store.tiers.local_disk import LocalDiskTier
 
     cold = runs.cold
-    l2 = runs.root / "l2-corrupt"
-    shutil.copytree(runs.l2, l2)
+    l2 = runs.l2_copy("corrupt")
     first = cold["results"][0]
     keys = chunk_keys(first["prompt_ids"], CHUNK, cold["kvport_stats"]["worker0"]["namespace"])
     victim = LocalDiskTier(l2, 1 << 40).path(keys[1])
