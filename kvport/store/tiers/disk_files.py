@@ -125,3 +125,11 @@ class RateLimitedWarning:
         suffix = f" ({folded} more since the last such warning)" if folded else ""
         self._log.warning(message + suffix, *args)
         return True
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove ``path``; already gone (another process reclaimed or evicted it) is fine."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -12,7 +12,14 @@ import uuid
 from pathlib import Path
 
 from kvport.store.envelope import HEADER_BYTES, NO_NAMESPACE, namespace_digest, recorded_namespace
-from kvport.store.tiers.disk_files import NEW_PREFIX, STALE_TMP_S, SUFFIX, TMP_PREFIX, reclaim_if_debris
+from kvport.store.tiers.disk_files import (
+    NEW_PREFIX,
+    STALE_TMP_S,
+    SUFFIX,
+    TMP_PREFIX,
+    reclaim_if_debris,
+    unlink_quietly,
+)
 
 # Evict down to this fraction of capacity, so one eviction pass (a directory scan) covers many stores.
 LOW_WATERMARK = 0.9
@@ -136,10 +143,3 @@ def chunks_by_namespace(entries: list[tuple[float, int, Path]]):
             continue
         if digest is not None:
             yield digest, size, path
-
-
-def unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -32,6 +32,7 @@ from kvport.store.tiers.disk_files import (
     RateLimitedWarning,
     hold_writer_lock,
     make_dirs,
+    unlink_quietly,
 )
 from kvport.store.tiers.disk_space import (
     chunks_by_namespace,
@@ -39,7 +40,6 @@ from kvport.store.tiers.disk_space import (
     namespace_names,
     record_namespace,
     scan,
-    unlink_quietly,
 )
 
 if TYPE_CHECKING:

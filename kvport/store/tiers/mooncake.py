@@ -235,15 +235,20 @@ class MooncakeTier(RemoteTier):
         return [c == 1 for c in codes]
 
     def _read(self, keys, fingerprint, dsts) -> list[ReadResult]:
-        results: list[ReadResult] = []
+        return self._in_batches(self._read_part, keys, fingerprint, dsts)
+
+    def _in_batches(self, part, keys, fingerprint, bufs) -> list:
+        """``part(region, keys, fingerprint, bufs)`` over slices of at most ``max_batch`` keys, holding one staging
+        region for all of them."""
+        out: list = []
         region = self._regions.get()
         try:
             for start in range(0, len(keys), self.max_batch):
-                part, bufs = keys[start : start + self.max_batch], dsts[start : start + self.max_batch]
-                results.extend(self._read_part(region, part, fingerprint, bufs))
+                end = start + self.max_batch
+                out.extend(part(region, keys[start:end], fingerprint, bufs[start:end]))
         finally:
             self._regions.put(region)
-        return results
+        return out
 
     def _read_part(self, region: int, keys, fingerprint, dsts) -> list[ReadResult]:
         headers = self._headers(region, len(keys))
@@ -287,15 +292,7 @@ class MooncakeTier(RemoteTier):
         return ReadResult.HIT
 
     def _write(self, keys, fingerprint, srcs) -> list[bool | None]:
-        stored: list[bool | None] = []
-        region = self._regions.get()
-        try:
-            for start in range(0, len(keys), self.max_batch):
-                part, bufs = keys[start : start + self.max_batch], srcs[start : start + self.max_batch]
-                stored.extend(self._write_part(region, part, fingerprint, bufs))
-        finally:
-            self._regions.put(region)
-        return stored
+        return self._in_batches(self._write_part, keys, fingerprint, srcs)
 
     def _write_part(self, region: int, keys, fingerprint, srcs) -> list[bool | None]:
         headers = self._headers(region, len(keys))
