@@ -193,14 +193,13 @@ class Transfer:
         return TransferResult(chosen.path, chosen.reason, EventCompletion(self.platform, self.device, event, keep))
 
     def _order_after(self, after) -> None:
-        issuer = self.platform.current_stream(self.device)
-        for stream in (self.kernel_stream, self.dma_stream):
-            if after is None:
-                stream.wait_stream(issuer)
-            elif hasattr(after, "query") and not hasattr(after, "wait_event"):  # an event
-                stream.wait_event(after)
-            else:
-                stream.wait_stream(after)
+        if after is None:
+            after = self.platform.current_stream(self.device)
+        if hasattr(after, "wait_event"):  # a stream: one event marks where both side streams start
+            stream, after = after, self.platform.new_event()
+            after.record(stream)
+        self.kernel_stream.wait_event(after)
+        self.dma_stream.wait_event(after)
 
     # ---- paths -------------------------------------------------------------------------------------------
     def _dma(self, direction, descriptor, chunks, num_tokens, keep) -> None:
@@ -264,13 +263,15 @@ class Transfer:
 
         flat, joined, sizes = [None] * len(chunks), None, []
         if getattr(self.backend, "accepts_flat_ids", False):
-            tables = [flat_block_ids(descriptor, block_ids, num_tokens) for block_ids, _ in chunks]
+            pinned = len(chunks) == 1  # one table: built page-locked, no joining copy
+            tables = [flat_block_ids(descriptor, block_ids, num_tokens, pin_memory=pinned) for block_ids, _ in chunks]
             # From pinned memory without a host sync, so the launches below stay queued behind it on the stream.
             with self.platform.stream_scope(self.kernel_stream):
-                joined = torch.cat(tables).pin_memory().to(self.device, non_blocking=True)
+                host_ids = tables[0] if pinned else torch.cat(tables).pin_memory()
+                joined = host_ids.to(self.device, non_blocking=True)
             keep.append(joined)
             sizes = [t.numel() for t in tables]
-            flat = list(torch.split(joined, sizes))
+            flat = [joined] if pinned else list(torch.split(joined, sizes))
         chunk_bytes = descriptor.canonical_bytes(num_tokens)
         per_launch = min(MAX_STACK, self.model.piece_bytes // max(chunk_bytes, 1))
         if len(chunks) > 1 and per_launch > 1:
