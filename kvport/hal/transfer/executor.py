@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvport.hal.completion import Completion, EventCompletion
+from kvport.hal.transfer.block_id_ring import BlockIdRing
 from kvport.hal.transfer.planner import CostModel, Plan, plan
 from kvport.hal.transfer.regions import region_template
 from kvport.hal.transfer.segments import check_buffer
@@ -93,6 +94,7 @@ class Transfer:
         self.dma_stream = self.platform.new_stream(self.device)
         self.zero_copy_programs = ZERO_COPY_PROGRAMS
         self._staging: list[torch.Tensor] = []
+        self._id_ring = BlockIdRing(self.platform, self.device, self.kernel_stream)
         # Per-transfer host work memoized (host time matters): plans and staged pieces, see _memo.
         self._pieces: dict = {}
         self._plans: dict = {}
@@ -253,6 +255,27 @@ class Transfer:
             self._staging[index] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return self._staging[index]
 
+    def _staged_one_call(self, direction, descriptor, block_ids, host, num_tokens):
+        """A chunk that fits one staging piece, issued by the backend in one call on the kernel stream (ids up,
+        kernels, host copy): the same work as the general path below with one piece, less host time per chunk."""
+        from kvport.hal.transfer.segments import flat_block_ids
+
+        ids = flat_block_ids(descriptor, block_ids, num_tokens)
+        nbytes = descriptor.canonical_bytes(num_tokens)
+        staging = self._stage(0, nbytes)[:nbytes]
+        with self._id_ring.slot(ids) as (host_ids, device_ids):
+            self.backend.staged_chunk(
+                descriptor,
+                num_tokens,
+                host_ids,
+                device_ids,
+                staging,
+                host,
+                direction == "d2h",
+                self.kernel_stream.cuda_stream,
+            )
+        return self.kernel_stream
+
     def _work(self, descriptor, chunks, num_tokens, keep) -> list[_Work]:
         """The launches of a transfer, in order, with one upload of every chunk's block table. Chunks smaller than a
         piece are stacked, up to a piece's worth per launch; larger ones are split into pieces of streams."""
@@ -318,6 +341,9 @@ class Transfer:
         # The staging buffers outlive a call: a transfer issued before this one may still be copying out of them
         # (d2h, on the DMA stream) or scattering from them (h2d, on the kernel stream) when this one starts.
         self.kernel_stream.wait_stream(self.dma_stream)
+        if len(chunks) == 1 and num_tokens > 0 and hasattr(self.backend, "staged_chunk"):
+            if len(self._piece_list(descriptor, num_tokens)) == 1:
+                return self._staged_one_call(direction, descriptor, *chunks[0], num_tokens)
         work = self._work(descriptor, chunks, num_tokens, keep)
         size = max(w.nbytes for w in work)
         if len(work) == 1:

@@ -73,6 +73,18 @@ PYBIND11_MODULE(KVPORT_MODULE_NAME, m) {
       py::arg("count"), py::arg("flat_ids"), py::arg("n_ids"), py::arg("chunk"), py::arg("to_host"),
       py::arg("stream") = 0, py::arg("max_batch") = 0, py::arg("overlap") = false,
       "DMA of one chunk from a region template (host int64 arrays) and its flat block ids, copy engines only.");
+  m.def(
+      "staged_chunk",
+      [](std::uintptr_t launches, std::size_t n_launches, std::uintptr_t ids_host, std::uintptr_t ids_dev,
+         std::size_t ids_bytes, std::uintptr_t staging, std::uintptr_t host, std::size_t nbytes, bool gather,
+         std::uintptr_t stream) {
+        check(kvport::staged_chunk({reinterpret_cast<const std::int64_t*>(launches), n_launches, ids_host, ids_dev,
+                                    ids_bytes, staging, host, nbytes, gather, stream}),
+              "staged_chunk");
+      },
+      py::arg("launches"), py::arg("n_launches"), py::arg("ids_host"), py::arg("ids_dev"), py::arg("ids_bytes"),
+      py::arg("staging"), py::arg("host"), py::arg("nbytes"), py::arg("gather"), py::arg("stream"),
+      "One single-piece staged chunk in stream order: ids up, launches and one host copy (see ops.h).");
   m.attr("HAS_BATCHED_MEMCPY") = kvport::has_batched_memcpy();
   m.def("runtime_info", []() {
     int count = 0, runtime = 0, driver = 0;

@@ -58,6 +58,25 @@ struct RegionTemplateArgs {
 };
 const char* memcpy_template(const RegionTemplateArgs& args);
 
+// One single-piece staged chunk in stream order on one stream (kvport/kernels/cuda/staged_chunk.cu). `launches`
+// is a host int64 array of n_launches rows (table address, stream count, width, max tiles) of one compiled plan;
+// ids_host is pinned and must stay allocated until the stream reached this work; ids_dev and staging are device
+// buffers the stream owns. gather: engine -> staging -> host; scatter: host -> staging -> engine.
+inline constexpr std::size_t kStagedLaunchColumns = 4;
+struct StagedChunkArgs {
+  const std::int64_t* launches;
+  std::size_t n_launches;
+  std::uintptr_t ids_host;
+  std::uintptr_t ids_dev;
+  std::size_t ids_bytes;
+  std::uintptr_t staging;
+  std::uintptr_t host;
+  std::size_t nbytes;
+  bool gather;
+  std::uintptr_t stream;
+};
+const char* staged_chunk(const StagedChunkArgs& args);
+
 // Whether memcpy_batch(batched=true) uses a single batched runtime call in this build.
 bool has_batched_memcpy();
 
