@@ -46,7 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeat", type=int, default=10, help="least timed repetitions per case (mean of a >= 40 ms window reported)"
     )
-    parser.add_argument("--piece-mib", type=int, help="staged path: pipeline piece size in MiB (default: planner's)")
+    parser.add_argument(
+        "--piece-mib",
+        type=int,
+        help="staged path: fixed pipeline piece size in MiB (default: the planner's rule, CostModel.piece_bytes_for)",
+    )
     parser.add_argument("--zero-copy-programs", type=int, help="zero-copy path: CTAs/programs (default: executor's)")
     parser.add_argument(
         "--dma-batch", type=int, help="dma path: regions per cudaMemcpyBatchAsync call (0: one call per transfer)"
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = CostModel()
     if args.piece_mib is not None:
-        model = dataclasses.replace(model, piece_bytes=args.piece_mib << 20)
+        model = dataclasses.replace(model, piece_bytes=args.piece_mib << 20, min_piece_bytes=args.piece_mib << 20)
     if args.dma_batch is not None:
         model = dataclasses.replace(model, dma_batch_regions=args.dma_batch)
     if args.dma_flags is not None:

@@ -230,18 +230,20 @@ class Transfer:
                 )
 
     def _piece_list(self, descriptor, num_tokens):
-        key = (num_tokens, self.model.piece_bytes)
-        return self._memo(self._pieces, key, descriptor, lambda: self._split(descriptor, num_tokens))
+        piece = self.model.piece_bytes_for(descriptor.canonical_bytes(num_tokens))
+        return self._memo(
+            self._pieces, (num_tokens, piece), descriptor, lambda: self._split(descriptor, num_tokens, piece)
+        )
 
-    def _split(self, descriptor, num_tokens):
-        """Consecutive streams grouped into pieces of at least ``piece_bytes`` (the last may be smaller):
+    def _split(self, descriptor, num_tokens, piece: int):
+        """Consecutive streams grouped into pieces of at least ``piece`` bytes (the last may be smaller):
         (sub-descriptor, chunk offset, bytes) each."""
         offsets = descriptor.stream_offsets(num_tokens)
         total = descriptor.canonical_bytes(num_tokens)
         pieces, start = [], 0
         for i in range(1, len(descriptor.streams) + 1):
             end = offsets[i] if i < len(offsets) else total
-            if i == len(descriptor.streams) or end - offsets[start] >= self.model.piece_bytes:
+            if i == len(descriptor.streams) or end - offsets[start] >= piece:
                 sub = dataclasses.replace(descriptor, streams=descriptor.streams[start:i])
                 pieces.append((sub, offsets[start], end - offsets[start]))
                 start = i
@@ -300,7 +302,10 @@ class Transfer:
             sizes = [t.numel() for t in tables]
             flat = [joined] if pinned else list(torch.split(joined, sizes))
         chunk_bytes = descriptor.canonical_bytes(num_tokens)
-        per_launch = min(MAX_STACK, self.model.piece_bytes // max(chunk_bytes, 1))
+        # Stacks as large as the planner's piece for the whole move: several launches, so copying one stack out
+        # overlaps gathering the next (CostModel.piece_bytes_for).
+        piece = self.model.piece_bytes_for(len(chunks) * chunk_bytes)
+        per_launch = min(MAX_STACK, piece // max(chunk_bytes, 1))
         if len(chunks) > 1 and per_launch > 1:
             work, first, start = [], 0, 0  # start: where chunk ``first``'s ids begin in ``joined``
             while first < len(chunks):

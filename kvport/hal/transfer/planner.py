@@ -50,12 +50,23 @@ class CostModel:
     # 64 MiB 87-96%, 256 MiB 90-100% (GEMM 91-93%): each piece's kernel waits for SMs behind the engine's
     # kernels, so fewer, larger pieces stall the copy engine less. Alone all sizes reached 98-99%.
     piece_bytes: int = 256 << 20
+    # ...but a move is cut into at least ``staging_buffers`` pieces while they stay this large, so copying one piece
+    # overlaps gathering the next. H200, 2026-11-29, one run (docs/performance.md): DeepSeek V4 at 8K tokens (191
+    # MiB, one 256 MiB piece, gather at 1.8 TB/s then copy) 0.930 / 0.937 of memcpy alone; in 64 MiB pieces 0.964 /
+    # 0.970, under load equal (0.71-0.72); 32 MiB pieces lost under load (0.54-0.60); MLA (288 MiB) within +-0.01.
+    min_piece_bytes: int = 64 << 20
     # Ring depth of staging buffers: lets kernels run pieces ahead when an engine kernel holds the SMs a while.
     staging_buffers: int = 3
     # DMA path: regions per cudaMemcpyBatchAsync call (0: one call per chunk), and whether calls carry
     # cudaMemcpyFlagPreferOverlapWithCompute. Settings under test with `kvport bench kernels --dma-batch/--dma-flags`.
     dma_batch_regions: int = 0
     dma_overlap: bool = False
+
+    def piece_bytes_for(self, nbytes: int) -> int:
+        """Staged piece size for a move of ``nbytes``: ``piece_bytes``, or smaller down to ``min_piece_bytes`` so
+        that the move has ``staging_buffers`` pieces to pipeline (never above ``piece_bytes``)."""
+        spread = -(-nbytes // max(self.staging_buffers, 1))
+        return min(self.piece_bytes, max(self.min_piece_bytes, spread))
 
     @classmethod
     def from_bench(cls, path: Path) -> CostModel:
@@ -84,8 +95,9 @@ def estimate(model: CostModel, path: str, nbytes: int, regions: int, direction: 
         per = model.region_us_d2h if direction == "d2h" else model.region_us_h2d
         return link + regions * per * 1e-6 + model.dma_call_us * 1e-6
     if path == "staged":
-        pieces = max(1, -(-nbytes // model.piece_bytes))
-        first_piece = 2 * min(nbytes, model.piece_bytes) / (model.d2d_gbps * 1e9)
+        piece = model.piece_bytes_for(nbytes)
+        pieces = max(1, -(-nbytes // piece))
+        first_piece = 2 * min(nbytes, piece) / (model.d2d_gbps * 1e9)
         return link + first_piece + pieces * 2 * model.launch_us * 1e-6
     if path == "zero-copy":
         return nbytes / (model.link_gbps * model.zero_copy_efficiency * 1e9) + model.launch_us * 1e-6
