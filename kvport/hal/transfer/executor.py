@@ -302,10 +302,10 @@ class Transfer:
             sizes = [t.numel() for t in tables]
             flat = [joined] if pinned else list(torch.split(joined, sizes))
         chunk_bytes = descriptor.canonical_bytes(num_tokens)
-        # Stacks as large as the planner's piece for the whole move: several launches, so copying one stack out
-        # overlaps gathering the next (CostModel.piece_bytes_for).
-        piece = self.model.piece_bytes_for(len(chunks) * chunk_bytes)
-        per_launch = min(MAX_STACK, piece // max(chunk_bytes, 1))
+        # Stacks up to a full ``piece_bytes``, not CostModel.piece_bytes_for's smaller pieces: for 32 DeepSeek-V4
+        # chunks (191 MiB) four stacks instead of one gained alone (0.91 -> 0.92-0.94 of memcpy) but lost under
+        # load (0.69-0.72 -> 0.54-0.55: every launch waits for SMs the GEMM holds). H200, one run, 2026-11-29.
+        per_launch = min(MAX_STACK, self.model.piece_bytes // max(chunk_bytes, 1))
         if len(chunks) > 1 and per_launch > 1:
             work, first, start = [], 0, 0  # start: where chunk ``first``'s ids begin in ``joined``
             while first < len(chunks):
