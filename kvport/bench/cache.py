@@ -10,7 +10,7 @@ import random
 import sys
 from pathlib import Path
 
-from kvport.bench.kernels import BENCH_DIMS, GEMM_N
+from kvport.bench.kernels import BENCH_DIMS, add_gemm_argument, check_gemm_n
 from kvport.bench.storage import _atomic_write
 from kvport.errors import UserError
 
@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=256, help="cache chunk size in tokens (default 256)")
     parser.add_argument("--load", choices=("gemm", "none"), action="append", help="default: none gemm")
     parser.add_argument("--repeat", type=int, default=10, help="least timed repetitions per case")
+    add_gemm_argument(parser)
     parser.add_argument("--json", type=Path, help="write device, memcpy figures and one record per case")
 
 
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--tokens {tokens}: expected a positive multiple of --chunk-tokens {args.chunk_tokens}")
     if args.repeat < 1 or args.chunk_tokens < 1:
         raise UserError("--repeat and --chunk-tokens must be positive")
+    check_gemm_n(args.gemm_n)
     import torch
 
     if not torch.cuda.is_available():
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         backends=None,
         repeat=args.repeat,
         dims=BENCH_DIMS,
-        gemm_n=GEMM_N,
+        gemm_n=args.gemm_n,
     )
     records = []
     print(HEADER, flush=True)

@@ -30,8 +30,21 @@ BENCH_DIMS = {
     "swa_layers": 16,
 }
 # 8192^3 bf16 GEMM: ~1.4 ms on an H100 (1.1 TFLOP at ~800 TFLOP/s): long enough to time per launch, short
-# enough that a 20 ms transfer window holds a dozen of them.
+# enough that a 20 ms transfer window holds a dozen of them. A GEMM kernel holds every SM until it ends, so SM copy
+# paths under this load wait up to a kernel's length; --gemm-n 2048 (27 us kernels on an H200) is closer to a
+# decode step's kernels (docs/performance.md: staged 256-token chunks 0.37 under 8192, 0.89 under 2048).
 GEMM_N = 8192
+# Smallest --gemm-n accepted: a bound against typos (0, negative), not a measured limit.
+MIN_GEMM_N = 256
+
+
+def add_gemm_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gemm-n", type=int, default=GEMM_N, help=f"load: n x n x n bf16 GEMM loop (default {GEMM_N})")
+
+
+def check_gemm_n(value: int) -> None:
+    if value < MIN_GEMM_N:
+        raise UserError(f"--gemm-n {value}: expected at least {MIN_GEMM_N}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dma-flags", choices=("none", "overlap"), help="dma path: copy flags (overlap = PreferOverlapWithCompute)"
     )
+    add_gemm_argument(parser)
     parser.add_argument("--json", type=Path, help="write device, memcpy figures and one record per case")
     parser.add_argument("--plot", type=Path, help="write a PNG of ratio to memcpy per layout and backend")
 
@@ -70,6 +84,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--repeat", args.repeat), ("--piece-mib", args.piece_mib)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: expected a positive number")
+    check_gemm_n(args.gemm_n)
     if args.dma_batch is not None and args.dma_batch < 0:
         raise UserError(f"--dma-batch {args.dma_batch}: expected 0 (one call) or a positive region count")
     if args.zero_copy_programs is not None and args.zero_copy_programs < 1:
@@ -107,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         backends=args.backend,
         repeat=args.repeat,
         dims=BENCH_DIMS,
-        gemm_n=GEMM_N,
+        gemm_n=args.gemm_n,
         model=model,
         zero_copy_programs=args.zero_copy_programs,
     )

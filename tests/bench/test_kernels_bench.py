@@ -45,10 +45,10 @@ def test_parser_accepts_the_documented_flags():
     kernels.add_arguments(parser)
     args = parser.parse_args(
         "--layout a --layout b --tokens 8192 --tokens 256 --direction d2h --path dma --path auto --load gemm "
-        "--json out.json --plot out.png --piece-mib 64 --zero-copy-programs 16".split()
+        "--json out.json --plot out.png --piece-mib 64 --zero-copy-programs 16 --gemm-n 2048".split()
     )
     assert args.layout == ["a", "b"] and args.tokens == [8192, 256] and args.path == ["dma", "auto"]
-    assert args.load == ["gemm"] and args.json == Path("out.json") and args.piece_mib == 64
+    assert args.load == ["gemm"] and args.json == Path("out.json") and args.piece_mib == 64 and args.gemm_n == 2048
     with pytest.raises(SystemExit):
         parser.parse_args(["--direction", "sideways"])
 
@@ -136,6 +136,7 @@ def test_unwritable_outputs_are_user_errors(tmp_path):
         ("--repeat 0", "--repeat 0: expected a positive number"),
         ("--piece-mib 0", "--piece-mib 0: expected a positive number"),
         ("--zero-copy-programs -1", "--zero-copy-programs -1: expected a positive CTA/program count"),
+        ("--gemm-n 0", "--gemm-n 0: expected at least 256"),
     ],
 )
 def test_bad_flag_values_are_one_line_errors_on_any_machine(flags, message, capsys):
@@ -144,3 +145,10 @@ def test_bad_flag_values_are_one_line_errors_on_any_machine(flags, message, caps
     assert main(["bench", "kernels", *flags.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"kvport bench: {message}"
+
+
+def test_cache_bench_checks_the_gemm_size_before_any_device(capsys):
+    from kvport.cli.main import main
+
+    assert main(["bench", "cache", "--gemm-n", "100"]) == 2
+    assert capsys.readouterr().err.strip() == "kvport bench: --gemm-n 100: expected at least 256"
