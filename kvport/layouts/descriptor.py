@@ -46,6 +46,10 @@ class GroupDesc:
     def block_count(self, num_tokens: int) -> int:
         return -(-num_tokens // self.tokens_per_block)
 
+    def holds_ids(self, lowest: int, highest: int) -> bool:
+        """Whether block ids from ``lowest`` to ``highest`` all address blocks of the engine tensors."""
+        return lowest >= 0 and (not self.num_blocks or highest < self.num_blocks)
+
     def slot_count(self, num_tokens: int) -> int:
         if self.opaque:
             return self.block_count(num_tokens)
@@ -143,7 +147,7 @@ class CopyDescriptor:
                     f"group {group.name!r}: {num_tokens} tokens need {need} blocks, got {table.numel()} block ids"
                 )
             table = table[:need].to(device="cpu", dtype=torch.int64)
-            if table.numel() and (int(table.min()) < 0 or (group.num_blocks and int(table.max()) >= group.num_blocks)):
+            if table.numel() and not group.holds_ids(int(table.min()), int(table.max())):
                 limit = f"0..{group.num_blocks - 1}" if group.num_blocks else ">= 0"
                 raise ValueError(f"group {group.name!r}: block ids must be in {limit}, got {table.tolist()}")
             tables.append(table)

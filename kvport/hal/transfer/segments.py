@@ -224,7 +224,7 @@ def _flat_int_list(descriptor: CopyDescriptor, block_ids: Sequence, num_tokens: 
         ids = table[:need]
         if len(ids) < need or any(type(i) is not int for i in ids):
             return None
-        if ids and (min(ids) < 0 or (group.num_blocks and max(ids) >= group.num_blocks)):
+        if ids and not group.holds_ids(min(ids), max(ids)):
             return None
         flat.extend(ids)
     return flat
