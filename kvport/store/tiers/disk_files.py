@@ -127,7 +127,7 @@ class RateLimitedWarning:
         return True
 
 
-def unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str | os.PathLike) -> None:
     """Remove ``path``; already gone (another process reclaimed or evicted it) is fine."""
     try:
         os.unlink(path)

@@ -87,10 +87,7 @@ def evict_lru(root: Path, file_mode: int, capacity: int, free_bytes: int) -> tup
                 break
             if path.name.startswith(TMP_PREFIX):
                 continue  # a live writer's file (dead writers' ones were reclaimed by the scan)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass  # evicted or replaced by the other process
+            unlink_quietly(path)  # already gone: evicted or replaced by the other process
             total -= size
             evicted += 1
         return evicted, total

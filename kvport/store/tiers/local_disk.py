@@ -336,10 +336,7 @@ class LocalDiskTier(ThreadedTier):
         return False
 
     def delete_one(self, key: str) -> None:
-        try:
-            os.unlink(self.path(key))
-        except FileNotFoundError:
-            pass
+        unlink_quietly(self.path(key))
 
     def _inc(self, name: str, **labels: str) -> None:
         if self.metrics is not None:
