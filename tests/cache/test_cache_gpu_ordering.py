@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from kvport.cache import CacheEngine, load_config
-from kvport.hal.backends.torch_ref import TorchBackend
-from kvport.hal.registry import load_backend
 from kvport.layouts import allocate, load_layout
+from kvport.testing.gpu import backend_or_skip, reference_gather
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,29 +26,12 @@ SLEEP_CYCLES = 1_000_000_000
 LAYOUTS = ["vllm-flash-nhd", "vllm-flash-hnd", "vllm-mla"]
 
 
-def _backend(name: str):
-    from kvport.hal.platform import detect_platform
-
-    backend = load_backend(name)
-    verdict = backend.available(detect_platform())
-    if not verdict:
-        pytest.skip(f"{name}: {verdict.reason}")
-    return backend
-
-
 def _kv(name: str, chunks: int, seed: int | None):
     spec = load_layout(name, layers=8)
     blocks = [(chunks + 2) * CHUNK // g.tokens_per_block for g in spec.groups]
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     fill = "random" if seed is not None else "zeros"
     return allocate(spec, blocks if len(blocks) > 1 else blocks[0], device="cuda", generator=gen, fill=fill)
-
-
-def _reference(descriptor, tables, tokens: int) -> torch.Tensor:
-    out = torch.empty(descriptor.canonical_bytes(tokens), dtype=torch.uint8, device="cuda")
-    TorchBackend().gather(descriptor, tables, out, tokens)
-    torch.cuda.synchronize()
-    return out
 
 
 def _tables(descriptor, first_block: int, tokens: int):
@@ -60,7 +42,7 @@ def _tables(descriptor, first_block: int, tokens: int):
 @pytest.mark.parametrize("backend_name", ["cuda", "triton"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_store_waits_for_the_kv_the_stream_is_still_writing(tmp_path, layout, backend_name, async_store):
-    backend = _backend(backend_name)
+    backend = backend_or_skip(backend_name)
     src = _kv(layout, 4, seed=1)
     cfg = load_config(
         overrides={"chunk_tokens": CHUNK, "l1_bytes": "512MiB", "l2_path": str(tmp_path), "async_store": async_store},
@@ -77,21 +59,21 @@ def test_store_waits_for_the_kv_the_stream_is_still_writing(tmp_path, layout, ba
         tokens = [7, *range(2 * CHUNK - 1)]
         assert writer.store(tokens, second) == 2 * CHUNK
         writer.flush()
-    expected = _reference(src.descriptor, second, 2 * CHUNK)
+    expected = reference_gather(src.descriptor, second, 2 * CHUNK)
     dst = _kv(layout, 4, seed=None)
     target = _tables(dst.descriptor, 0, 2 * CHUNK)
     with CacheEngine(cfg, f"order-{layout}") as reader:
         reader.bind(dst.descriptor, backend)
         assert reader.load(tokens, target, 2 * CHUNK) == 2 * CHUNK
     torch.cuda.synchronize()
-    got = _reference(dst.descriptor, target, 2 * CHUNK)
+    got = reference_gather(dst.descriptor, target, 2 * CHUNK)
     assert torch.equal(got, expected), f"{int((got != expected).sum())} of {got.numel()} bytes differ"
 
 
 @pytest.mark.parametrize("backend_name", ["cuda", "triton"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_load_keeps_its_l1_slots_until_the_scatter_read_them(tmp_path, layout, backend_name):
-    backend = _backend(backend_name)
+    backend = backend_or_skip(backend_name)
     chunks = 6
     src = _kv(layout, chunks, seed=2)
     tokens = list(range(chunks * CHUNK))
@@ -103,7 +85,7 @@ def test_load_keeps_its_l1_slots_until_the_scatter_read_them(tmp_path, layout, b
         assert writer.store(tokens, tables) == chunks * CHUNK
         assert writer.store(warm, tables) == CHUNK
         writer.flush()
-    expected = _reference(src.descriptor, tables, chunks * CHUNK)
+    expected = reference_gather(src.descriptor, tables, chunks * CHUNK)
     dst = _kv(layout, chunks, seed=None)
     slot = -(-src.descriptor.canonical_bytes(CHUNK) // 4096) * 4096
     # Two L1 slots for six chunks read ahead from disk: slots are reused while earlier scatters may still run.
@@ -115,5 +97,5 @@ def test_load_keeps_its_l1_slots_until_the_scatter_read_them(tmp_path, layout, b
         torch.cuda._sleep(SLEEP_CYCLES)  # the engine's stream is busy: every scatter queues behind this
         assert reader.load(tokens, tables, chunks * CHUNK) == chunks * CHUNK
     torch.cuda.synchronize()
-    got = _reference(dst.descriptor, tables, chunks * CHUNK)
+    got = reference_gather(dst.descriptor, tables, chunks * CHUNK)
     assert torch.equal(got, expected), f"{int((got != expected).sum())} of {got.numel()} bytes differ"

@@ -11,12 +11,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from kvport.hal.platform import detect_platform  # noqa: E402
-from kvport.hal.registry import candidates  # noqa: E402
 from kvport.hal.transfer.differential import buffers, check_gather, check_scatter, random_block_ids  # noqa: E402
 from kvport.hal.transfer.executor import Transfer  # noqa: E402
 from kvport.hal.transfer.planner import CostModel  # noqa: E402
 from kvport.hal.transfer.samples import SAMPLES, Dims, sample  # noqa: E402
 from kvport.layouts import allocate, catalog_names, load_layout  # noqa: E402
+from kvport.testing.gpu import backend_or_skip, native_or_none  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,19 +25,6 @@ pytestmark = [
 
 BACKENDS = ["triton", "cuda"]
 MODES = ["device", "dma", "staged", "zero-copy"]
-
-
-def _backend(name):
-    found = {c.name: c for c in candidates(detect_platform())}
-    cand = found[name]
-    if not cand.verdict.ok:
-        pytest.skip(f"{name}: {cand.verdict.reason}")
-    return cand.backend
-
-
-def _native():
-    found = {c.name: c for c in candidates(detect_platform())}
-    return found["cuda"].backend if found["cuda"].verdict.ok else None
 
 
 def _kv(name, seed, extra_tokens=5):
@@ -81,14 +68,14 @@ class HostPath:
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("layout", catalog_names())
 def test_layout_backend_path(layout, backend_name, mode):
-    backend = _backend(backend_name)
+    backend = backend_or_skip(backend_name)
     # crc32, not hash(): str hashes change per process (PYTHONHASHSEED), so a failure could not be replayed.
     kv, ids, tokens = _kv(layout, seed=zlib.crc32(f"{layout}/{backend_name}/{mode}".encode()) % 1000)
     if mode == "device":
         check_gather(backend, kv.descriptor, ids, tokens, "cuda")
         check_scatter(backend, kv.descriptor, ids, tokens, "cuda")
         return
-    native = _native()
+    native = native_or_none()
     if mode == "dma" and native is None:
         pytest.skip("DMA path needs the native module")
     # Small pieces so the staged pipeline really alternates its two staging buffers.
@@ -102,8 +89,8 @@ def test_layout_backend_path(layout, backend_name, mode):
 @pytest.mark.parametrize("mode", ["dma", "staged", "zero-copy"])
 def test_gather_waits_for_the_engine_stream(backend_name, mode):
     """KV written by queued work on the compute stream must be what the transfer reads."""
-    backend = _backend(backend_name)
-    native = _native()
+    backend = backend_or_skip(backend_name)
+    native = native_or_none()
     if mode == "dma" and native is None:
         pytest.skip("DMA path needs the native module")
     kv, ids, tokens = _kv("vllm-flash-nhd", seed=5)
@@ -124,7 +111,7 @@ def test_native_expected_when_built_for_cuda():
     info = read_build_info() or {}
     if info.get("target") != "cuda":
         pytest.skip("native module not built for cuda here")
-    backend = _backend("cuda")
+    backend = backend_or_skip("cuda")
     assert backend.expected(detect_platform())
 
 
@@ -132,9 +119,9 @@ def test_native_expected_when_built_for_cuda():
 @pytest.mark.parametrize("layout", ["vllm-flash-hnd", "deepseek-v4"])
 def test_single_piece_staged(layout, backend_name):
     """Default pieces are larger than these transfers: the one-stream staged variant must be exact too."""
-    backend = _backend(backend_name)
+    backend = backend_or_skip(backend_name)
     kv, ids, tokens = _kv(layout, seed=11)
-    adapter = HostPath(Transfer(backend, "cuda", native=_native()), "staged")
+    adapter = HostPath(Transfer(backend, "cuda", native=native_or_none()), "staged")
     check_gather(adapter, kv.descriptor, ids, tokens, "cpu")
     check_scatter(adapter, kv.descriptor, ids, tokens, "cpu")
 
@@ -144,7 +131,7 @@ def test_single_piece_staged(layout, backend_name):
 def test_samples_short_odd_rows(name, backend_name):
     """mla_odd has rows shorter than a warp and not a power of two long (12-byte scale runs, 36-byte rows at a
     40-byte stride): lanes past such a row must neither copy nor write the padding after it."""
-    backend = _backend(backend_name)
+    backend = backend_or_skip(backend_name)
     for tokens in (7, 23):
         descriptor = sample(name, Dims(), device="cuda", seed=tokens)
         ids = random_block_ids(descriptor, tokens, random.Random(tokens), Dims().blocks)
@@ -159,13 +146,13 @@ def test_back_to_back_staged_transfers_keep_their_own_bytes(backend_name, direct
     first transfer's copies (d2h) or scatters (h2d) are held behind a sleep on their stream while the second runs."""
     from kvport.kernels.torch.gather import gather as ref_gather
 
-    backend = _backend(backend_name)
+    backend = backend_or_skip(backend_name)
     kv, ids, tokens = _kv("vllm-flash-nhd", seed=13)
     d = kv.descriptor
     # Disjoint blocks for the second transfer, so neither can pass for the other.
     other = [sorted(set(range(2 * len(t) + 1)) - set(t))[: len(t)] for t in ids]
     nbytes = d.canonical_bytes(tokens)
-    transfer = Transfer(backend, "cuda", CostModel(piece_bytes=-(-nbytes // 2)), native=_native())
+    transfer = Transfer(backend, "cuda", CostModel(piece_bytes=-(-nbytes // 2)), native=native_or_none())
     assert 2 <= len(transfer._piece_list(d, tokens)) <= transfer.model.staging_buffers
     first = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
     second = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
@@ -193,7 +180,7 @@ def test_back_to_back_staged_transfers_keep_their_own_bytes(backend_name, direct
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_pageable_host_chunk_is_refused(backend_name):
     """A kernel cannot reach pageable host memory: a ValueError before launch, not a device fault."""
-    backend = _backend(backend_name)
+    backend = backend_or_skip(backend_name)
     kv, ids, tokens = _kv("vllm-flash-nhd", seed=17)
     chunk = torch.zeros(kv.descriptor.canonical_bytes(tokens), dtype=torch.uint8)
     with pytest.raises(ValueError, match="must be pinned"):
@@ -211,8 +198,8 @@ def test_one_move_of_several_chunks_each_in_its_own_buffer(backend_name, mode, l
     byte-exact against the reference (untouched bytes: test_layout_backend_path)."""
     from kvport.kernels.torch.gather import gather as ref_gather
 
-    backend = _backend(backend_name)
-    native = _native()
+    backend = backend_or_skip(backend_name)
+    native = native_or_none()
     if mode == "dma" and native is None:
         pytest.skip("DMA path needs the native module")
     kv, ids, tokens = _kv(layout, seed=21, extra_tokens=0)

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from kvport.hal.backends.torch_ref import TorchBackend
 from kvport.layouts import allocate, load_layout
 from kvport.server.spawn import ServerProcess
+from kvport.testing.gpu import reference_gather
 
 pytestmark = [
     pytest.mark.gpu,
@@ -68,14 +68,9 @@ def test_device_kv_through_the_server_byte_exact(tmp_path, name) -> None:
         reader = RemoteCache(cfg, f"gpu-{name}")
         reader.bind(dst.descriptor)
         assert reader.load(tokens, other, len(tokens)) == 3 * chunk
-        torch.cuda.synchronize()
-        ref = TorchBackend()
         size = src.descriptor.canonical_bytes(3 * chunk)
-        a = torch.empty(size, dtype=torch.uint8, device="cuda")
-        b = torch.empty(size, dtype=torch.uint8, device="cuda")
-        ref.gather(src.descriptor, tables, a, 3 * chunk)
-        ref.gather(dst.descriptor, other, b, 3 * chunk)
-        torch.cuda.synchronize()
+        a = reference_gather(src.descriptor, tables, 3 * chunk)
+        b = reference_gather(dst.descriptor, other, 3 * chunk)
         bad = (a != b).nonzero().flatten()
         if bad.numel():  # which chunks, whether never written (zeros), and whether the shared slots hold them
             per = size // 3
@@ -85,8 +80,7 @@ def test_device_kv_through_the_server_byte_exact(tmp_path, name) -> None:
             where = f"first at {int(bad[0])}, chunks {chunks}, {int((b[bad] == 0).sum())} of them zero"
             time.sleep(0.5)  # a second load later: right then means the first raced a transfer still in flight
             reader.load(tokens, other, len(tokens))
-            ref.gather(dst.descriptor, other, b, 3 * chunk)
-            torch.cuda.synchronize()
+            b = reference_gather(dst.descriptor, other, 3 * chunk)
             where += f"; a second load 0.5 s later: {int((a != b).sum())} bytes differ"
             writer.close()
             reader.close()

@@ -21,26 +21,30 @@ class CostModel:
 
     link_gbps: float = 55.0  # pinned cudaMemcpy, 1 GiB, either direction
     d2d_gbps: float = 2926.0  # D2D memcpy counting read + write
-    # Per-region overhead of the copy engines once the host keeps ahead (regions filled natively, one batched call
-    # per chunk). H200, 2026-11-29, `.dev`-sweep recorded in docs/performance.md: 1024 regions of 32 KiB per
-    # 256-token NHD chunk reached 0.98-0.99 of memcpy both ways, i.e. under 0.01 us per region; 18 KiB MLA regions
-    # reached only 0.58-0.71 (D2H) and 0.10-0.23 (H2D): below some region size the engines stall per region.
-    region_us_d2h: float = 0.01
-    region_us_h2d: float = 0.01
-    # So the DMA path is taken only for regions at least this large (mean bytes per region, per direction), where it
-    # was measured at full speed; smaller rows go through SM kernels.
+    # Host time per region of a batched copy-engine call: the driver describes each region on the calling thread,
+    # busy engines or not, and the engines move no faster than they are described. H200 VM, CUDA 13 driver 580,
+    # 2026-11-29 (docs/performance.md, "the copy engines' two speeds"): 0.46-0.95 us per region, varying within one
+    # process; with the stream held by a kernel while the host described 1024 regions of 32 KiB, the engines then
+    # moved them at 54 GB/s. So a 32 KiB region costs 0.6-0.9 us of host for 0.6 us of link: the two speeds
+    # (~54 and ~36 GB/s) of 256-token NHD chunks are the host's.
+    region_us_d2h: float = 0.6
+    region_us_h2d: float = 0.6
+    # So the DMA path is taken only for regions at least this large (mean bytes per region, per direction): 1024
+    # regions of 32 KiB per 256-token NHD chunk reached 0.98-0.99 of memcpy when the host was fast; 18 KiB MLA
+    # regions only 0.58-0.71 (D2H) and 0.10-0.23 (H2D). Smaller rows go through SM kernels.
     dma_min_region_bytes_d2h: int = 32 << 10
     dma_min_region_bytes_h2d: int = 32 << 10
-    # ...and only for moves smaller than this; larger ones are staged. 8K-token NHD moves (1 GiB) on four H200
-    # machines, 2026-11-29 (docs/performance.md): the copy engines reached 0.98, 0.59, 0.65-0.96 and 0.56-0.88 of
-    # memcpy alone, varying within one run even on one host buffer; the staged path 0.97-0.99 alone and 0.91-0.98
-    # under load on every machine (it costs the GEMM ~3%). One or a few chunks stay on the copy engines: under load
-    # a single 256-token chunk kept 0.47-0.97 there and 0.37-0.40 staged (its kernel waits for SMs). The crossover
-    # between 32 MiB and 1 GiB was not measured: 512 MiB is two staged pieces, the least at which the pipeline
-    # overlaps one piece's wait for SMs with another's copy.
+    # ...and only for moves smaller than this; larger ones are staged. 8K-token NHD moves (1 GiB, 32768 regions)
+    # on four H200 machines, 2026-11-29 (docs/performance.md): the copy engines reached 0.98, 0.59, 0.65-0.96 and
+    # 0.56-0.88 of memcpy alone (the host's describing speed, above) and held the issuing thread for the whole move
+    # (16-30 ms); the staged path 0.97-0.99 alone and 0.91-0.98 under load on every machine (it costs the GEMM ~3%),
+    # for ~0.1 ms of host per piece. One or a few chunks stay on the copy engines: under load a single 256-token
+    # chunk kept 0.47-0.97 there and 0.37-0.40 staged (its kernel waits for SMs). The crossover between 32 MiB and
+    # 1 GiB was not measured: 512 MiB is two staged pieces, the least at which the pipeline overlaps one piece's wait
+    # for SMs with another's copy.
     dma_max_move_bytes: int = 512 << 20
     launch_us: float = 8.0  # one kernel launch plus its event, from the host
-    dma_call_us: float = 8.0  # one batched copy call (or the first of many) before the engine starts moving
+    dma_call_us: float = 8.0  # one batched copy call (or the first of many) before the engines start moving
     # SM kernels through mapped host memory reached 95% of the link (DESIGN.md prototype, NHD).
     zero_copy_efficiency: float = 0.95
     # Zero-copy occupies SMs for the whole transfer and slows the engine (GEMM at 49-75% of solo speed), so it is
@@ -93,7 +97,8 @@ def estimate(model: CostModel, path: str, nbytes: int, regions: int, direction: 
     link = nbytes / (model.link_gbps * 1e9)
     if path == "dma":
         per = model.region_us_d2h if direction == "d2h" else model.region_us_h2d
-        return link + regions * per * 1e-6 + model.dma_call_us * 1e-6
+        # The engines copy while the host describes the next regions: the slower of the two sets the pace.
+        return max(link, regions * per * 1e-6) + model.dma_call_us * 1e-6
     if path == "staged":
         piece = model.piece_bytes_for(nbytes)
         pieces = max(1, -(-nbytes // piece))

@@ -9,12 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvport.hal.platform import detect_platform  # noqa: E402
-from kvport.hal.registry import candidates  # noqa: E402
 from kvport.hal.transfer.block_id_ring import SLOTS  # noqa: E402
 from kvport.hal.transfer.executor import Transfer  # noqa: E402
 from kvport.kernels.torch.gather import gather as ref_gather  # noqa: E402
 from kvport.layouts import allocate, load_layout  # noqa: E402
+from kvport.testing.gpu import backend_or_skip  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,17 +23,10 @@ pytestmark = [
 CHUNKS = 2 * SLOTS + 3
 
 
-def _native():
-    found = {c.name: c for c in candidates(detect_platform())}
-    if not found["cuda"].verdict.ok:
-        pytest.skip(f"cuda: {found['cuda'].verdict.reason}")
-    return found["cuda"].backend
-
-
 @pytest.mark.parametrize("direction", ["d2h", "h2d"])
 @pytest.mark.parametrize("layout", ["deepseek-v4", "vllm-mla", "vllm-flash-hnd"])
 def test_chunks_in_flight_beyond_the_slots_keep_their_own_blocks(layout, direction):
-    native = _native()
+    native = backend_or_skip("cuda")
     spec = load_layout(layout)
     tokens = 2 * max(g.tokens_per_block for g in spec.groups) + 3
     need = [-(-tokens // g.tokens_per_block) for g in spec.groups]
