@@ -3,6 +3,7 @@ Owns timing with device events and the GEMM load loop; must not print tables (ke
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import sys
@@ -16,6 +17,7 @@ from kvport.hal.transfer.executor import Transfer
 
 GIB = 1 << 30
 MAX_DMA_REGIONS = 1 << 17
+LOAD_STEP_MS = 1.0  # one GEMM-load step (graph replay) lasts at least this long: ~100x its host launch cost
 
 
 class SkipCase(Exception):
@@ -50,6 +52,7 @@ class Bench:
         self.native = next((b for b in self.backends.values() if hasattr(b, "memcpy_regions")), None)
         self._memcpy_cache: dict = {}
         self._gemm_solo_ms: float | None = None
+        self._load_graph, self.gemms_per_step = None, 1
 
     # -- setup ------------------------------------------------------------------------------------------------
     def _backends(self, names):
@@ -118,12 +121,27 @@ class Bench:
         return self._memcpy_cache[key]
 
     def gemm_solo_ms(self) -> float:
+        """One GEMM of the load, alone (ms); also captures the load's CUDA graph (``load_step``)."""
         if self._gemm_solo_ms is None:
             a = torch.randn(self.gemm_n, self.gemm_n, device=self.device, dtype=torch.bfloat16)
             b = torch.randn(self.gemm_n, self.gemm_n, device=self.device, dtype=torch.bfloat16)
             self._gemm = (a, b, torch.empty_like(a))
             self._gemm_solo_ms = self._time(lambda: torch.matmul(a, b, out=self._gemm[2]), 30)
+            # The load is replayed from a graph of GEMMs lasting >= LOAD_STEP_MS: issued one by one, short GEMMs
+            # (27 us at n=2048) finish as fast as the host issues them, so none would still be queued when the
+            # transfers start and the load would not be a load.
+            per_step = max(1, math.ceil(LOAD_STEP_MS / self._gemm_solo_ms))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(per_step):
+                    torch.matmul(a, b, out=self._gemm[2])
+            self._load_graph, self.gemms_per_step = graph, per_step
         return self._gemm_solo_ms
+
+    def load_step(self) -> None:
+        """Queue one step of the GEMM load (``gemms_per_step`` GEMMs) on the current stream."""
+        self.gemm_solo_ms()
+        self._load_graph.replay()
 
     # -- cases ------------------------------------------------------------------------------------------------
     def cases(self, layouts):
@@ -193,7 +211,11 @@ class Bench:
                 "h2d_gbps": self.memcpy_gbps("h2d", GIB),
                 "d2d_gbps": self.memcpy_gbps("d2d", GIB),
             },
-            "gemm": {"n": self.gemm_n, "solo_ms": self.gemm_solo_ms() if "gemm" in self.loads else None},
+            "gemm": {
+                "n": self.gemm_n,
+                "solo_ms": self.gemm_solo_ms() if "gemm" in self.loads else None,
+                "per_load_step": self.gemms_per_step,
+            },
             "records": list(records),
         }
 
@@ -270,22 +292,21 @@ class Bench:
     def _under_load(self, enqueue) -> tuple[float, float]:
         """Transfers back to back while a GEMM loop runs on another stream, both started together.
 
-        Returns (mean transfer ms, GEMM speed as a ratio to solo: solo ms / mean ms of the GEMMs that ran
+        Returns (mean transfer ms, GEMM speed as a ratio to solo: solo ms / mean ms of the load steps that ran
         entirely inside the transfer window)."""
-        self.gemm_solo_ms()
-        a, b, c = self._gemm
+        step_ms = self.gemm_solo_ms() * self.gemms_per_step
         alone = self._time(enqueue, 2)
         reps = self._reps(alone)
-        n_gemm = int(alone * reps * 1.5 / self._gemm_solo_ms) + 6
+        n_gemm = int(alone * reps * 1.5 / step_ms) + 6  # load steps (graph replays), each timed by events
         load = torch.cuda.Stream(self.device)
-        # Solo speed measured just before, the same way and over as many GEMMs (per-GEMM events on the load
+        # Solo speed measured just before, the same way and over as many steps (per-step events on the load
         # stream): sustained GEMMs slow down as clocks settle, and that must not be charged to the transfer.
         solo_events = _events(n_gemm + 1)
         torch.cuda.synchronize()
         with torch.cuda.stream(load):
             solo_events[0].record()
             for i in range(n_gemm):
-                torch.matmul(a, b, out=c)
+                self.load_step()
                 solo_events[i + 1].record()
         torch.cuda.synchronize()
         solo = statistics.mean(solo_events[i].elapsed_time(solo_events[i + 1]) for i in range(n_gemm))
@@ -295,7 +316,7 @@ class Bench:
         with torch.cuda.stream(load):
             gemm_events[0].record()
             for i in range(n_gemm):
-                torch.matmul(a, b, out=c)
+                self.load_step()
                 gemm_events[i + 1].record()
         xfer_events[0].record()
         for _ in range(reps):

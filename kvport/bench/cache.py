@@ -182,9 +182,7 @@ def _step_cost(bench, issue) -> tuple[float, float]:
 
     import torch
 
-    bench.gemm_solo_ms()
-    a, b, c = bench._gemm
-    n = max(1, int(20.0 / bench._gemm_solo_ms))
+    n = max(1, round(20.0 / (bench.gemm_solo_ms() * bench.gemms_per_step)))  # load steps of ~20 ms in all
     step_stream = torch.cuda.Stream(bench.device)
 
     def step(with_op: bool) -> float:
@@ -194,7 +192,7 @@ def _step_cost(bench, issue) -> tuple[float, float]:
         with torch.cuda.stream(step_stream):
             start.record()
             for _ in range(n):
-                torch.matmul(a, b, out=c)
+                bench.load_step()
             end.record()
         if with_op:
             issue()
