@@ -15,9 +15,10 @@ from kvport.cache.facade import CacheFacade
 from kvport.cache.pipeline import Handle, Ticket
 from kvport.errors import UserError
 from kvport.hal.completion import all_of
-from kvport.store.chunk_store import NO_SLOT, ChunkStore
+from kvport.store.chunk_store import ChunkStore
 from kvport.store.l1 import Lease
 from kvport.store.metrics import CacheMetrics
+from kvport.store.read_ahead import NO_SLOT
 
 if TYPE_CHECKING:
     from kvport.cache.mover import ChunkMover

@@ -12,8 +12,8 @@ import zmq
 from kvport.errors import UserError
 from kvport.server import protocol as P
 from kvport.server.sessions import Reservation, Session, peer_pid
-from kvport.store.chunk_store import NO_SLOT
 from kvport.store.l1 import Lease
+from kvport.store.read_ahead import NO_SLOT
 
 
 class RequestHandlers:

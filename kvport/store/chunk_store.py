@@ -1,6 +1,6 @@
 """The chunk store: the L1 host pool plus an ordered list of tiers, and the policy that connects them.
-Owns lookup, admission (write-through to every tier), fetch with read-ahead, promotion of a slower tier's hits and
-the store's metrics; must not know devices, descriptors, backends or engines (the cache's mover moves bytes)."""
+Owns lookup, admission (write-through to every tier), fetch (its read-ahead walk: kvport.store.read_ahead) and the
+store's metrics; must not know devices, descriptors, backends or engines (the cache's mover moves bytes)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from kvport.errors import UserError
 from kvport.store.keys import iter_chunk_keys
 from kvport.store.l1 import L1Pool, Lease
 from kvport.store.metrics import CacheMetrics
+from kvport.store.read_ahead import ReadAhead, read_result
 from kvport.store.tiers import ReadResult, build_tier
 
 if TYPE_CHECKING:
@@ -26,10 +27,6 @@ if TYPE_CHECKING:
     from kvport.store.tiers.base import Tier
 
 _log = logging.getLogger("kvport.store")
-# fetch() yields this for a chunk a tier holds when no L1 slot is free to read it into (every slot pinned).
-NO_SLOT = object()
-# Longest wait for a chunk another thread is reading into L1 (one chunk read takes milliseconds).
-FILL_WAIT_S = 1.0
 
 
 class ChunkStore:
@@ -236,119 +233,17 @@ class ChunkStore:
         """For each key in order: a pinned L1 lease holding the chunk (read from a tier if needed), None on a miss
         (the consumer stops), or NO_SLOT (a tier holds it but no L1 slot is free: see ``read_into``). Tier reads run
         ``prefetch_depth`` chunks ahead in one batched call per tier; whatever the consumer does not take is
-        committed to L1 (or dropped) once its read finished, never left pinned."""
+        committed to L1 (or dropped) once its read finished, never left pinned (kvport.store.read_ahead)."""
         self._check_l1()
-        window: deque[tuple[str, Any, Any]] = deque()  # (key, lease or result, tier future or None)
-        next_key = 0
         depth = self.config.prefetch_depth if (self.config.prefetch and self.tiers) else 1
-        try:
-            while True:
-                next_key = self._fill_window(keys, next_key, window, depth)
-                if not window:
-                    return
-                key, got, future = window.popleft()
-                if future is not None:
-                    got = self._finish_read(key, got, future)
-                yield got
-                if got is None:
-                    return
-        finally:
-            for key, got, future in window:
-                if future is not None:
-                    future.add_done_callback(lambda f, k=key, lease=got: self._settle_unused(k, lease, f))
-                elif isinstance(got, Lease):
-                    got.release()
-
-    def _fill_window(self, keys, next_key, window, depth) -> int:
-        """Queue up to ``depth`` keys: L1 hits as leases at once; L1 misses as reserved slots read in one batched
-        call to the first tier."""
-        reads: list[tuple[str, Lease]] = []
-        while next_key < len(keys) and len(window) + len(reads) < depth:
-            key = keys[next_key]
-            lease = self.l1.acquire(key)
-            if lease is not None:
-                self.metrics.inc("hits", op="load", tier="l1")
-                if reads:  # keep order: this hit waits behind the reads queued before it
-                    self._issue_reads(reads, window)
-                    reads = []
-                window.append((key, lease, None))
-            elif not self.tiers:
-                self.metrics.inc("misses", op="load", tier="l1")
-                if reads:
-                    self._issue_reads(reads, window)
-                    reads = []
-                window.append((key, None, None))
-                return len(keys)  # nothing after a miss can be loaded
-            else:
-                lease = self.l1.reserve(key)
-                if lease is None:
-                    # Another thread is filling this key right now (wait for it, briefly) or every slot is pinned.
-                    lease = self.l1.acquire(key, wait_fill=FILL_WAIT_S)
-                    if reads:
-                        self._issue_reads(reads, window)
-                        reads = []
-                    if lease is not None:
-                        self.metrics.inc("hits", op="load", tier="l1")
-                    window.append((key, lease if lease is not None else NO_SLOT, None))
-                else:
-                    reads.append((key, lease))
-            next_key += 1
-        if reads:
-            self._issue_reads(reads, window)
-        return next_key
-
-    def _issue_reads(self, reads: list[tuple[str, Lease]], window) -> None:
-        tier = self.tiers[0]
-        keys = [k for k, _ in reads]
-        try:
-            futures = tier.get(keys, self.fingerprint, [lease.buffer for _, lease in reads])
-        except Exception as exc:
-            futures = [_failed(exc) for _ in reads]
-        for (key, lease), future in zip(reads, futures):
-            window.append((key, lease, future))
-
-    def _finish_read(self, key: str, lease: Lease, future: cf.Future) -> Any:
-        """The reserved lease once the first tier's read finished: committed on a hit, else tried on the next tiers
-        (a hit there is promoted to the faster tiers); None when no tier has a valid copy."""
-        tier_index = 0
-        result = _result(future, self.tiers[0].timeout_s)
-        while result is not ReadResult.HIT and tier_index + 1 < len(self.tiers) and future.done():
-            self.metrics.inc("misses", op="load", tier=self.tiers[tier_index].kind)
-            tier_index += 1
-            future = self.tiers[tier_index].get([key], self.fingerprint, [lease.buffer])[0]
-            result = _result(future, self.tiers[tier_index].timeout_s)
-        if not future.done():
-            # Past the tier's time bound: a miss for this request, but the tier may still write into the slot, so it
-            # stays reserved (invisible, never reused) until the read really ends.
-            self.metrics.inc("misses", op="load", tier=self.tiers[tier_index].kind)
-            self.metrics.inc("failures", tier=self.tiers[tier_index].kind, reason="timeout")
-            future.add_done_callback(lambda _f: self.l1.abort(lease))
-            return None
-        if result is not ReadResult.HIT:
-            self.metrics.inc("misses", op="load", tier=self.tiers[tier_index].kind)
-            self.l1.abort(lease)
-            return None
-        self.metrics.inc("hits", op="load", tier=self.tiers[tier_index].kind)
-        self.l1.commit(lease)
-        if tier_index:
-            promoted = self.l1.acquire(key)
-            if promoted is not None:
-                self._write_through(promoted, self.tiers[:tier_index])
-        return lease
-
-    def _settle_unused(self, key: str, lease: Lease, future: cf.Future) -> None:
-        """A read-ahead nobody consumed: keep a valid chunk in L1 (unpinned), drop anything else."""
-        if _result(future) is ReadResult.HIT:
-            self.l1.commit(lease)
-            lease.release()
-        else:
-            self.l1.abort(lease)
+        reads = ReadAhead(self.l1, self.tiers, self.metrics, self.fingerprint, self._write_through, depth)
+        yield from reads.walk(keys)
 
     def read_into(self, key: str, dst: torch.Tensor) -> bool:
         """Read a chunk from the first tier that has a valid copy straight into ``dst`` (L1 bypassed)."""
         for tier in self.tiers:
             future = tier.get([key], self.fingerprint, [dst])[0]
-            if _result(future, tier.timeout_s) is ReadResult.HIT:
+            if read_result(future, tier.timeout_s) is ReadResult.HIT:
                 self.metrics.inc("hits", op="load", tier=tier.kind)
                 return True
             if not future.done():
@@ -423,20 +318,3 @@ def _safe_contains(tier: Tier, keys: list[str]) -> int:
     except Exception:  # a tier that cannot answer holds nothing for this request; its own metrics say why
         _log.warning("kvport store: %s could not answer a lookup", tier.describe(), exc_info=True)
         return 0
-
-
-def _result(future: cf.Future, timeout: float | None = None) -> ReadResult:
-    """The read's outcome; IO_ERROR when it failed or is still running after ``timeout`` seconds (the tier's bound)."""
-    try:
-        return future.result(timeout)
-    except cf.TimeoutError:
-        return ReadResult.IO_ERROR
-    except Exception:
-        _log.warning("kvport store: a tier read failed", exc_info=True)
-        return ReadResult.IO_ERROR
-
-
-def _failed(exc: BaseException) -> cf.Future:
-    future: cf.Future = cf.Future()
-    future.set_exception(exc)
-    return future
