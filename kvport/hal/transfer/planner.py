@@ -37,7 +37,7 @@ class CostModel:
     # ...and only for moves smaller than this; larger ones are staged. 8K-token NHD moves (1 GiB, 32768 regions)
     # on four H200 machines, 2026-11-29 (docs/performance.md): the copy engines reached 0.98, 0.59, 0.65-0.96 and
     # 0.56-0.88 of memcpy alone (the host's describing speed, above) and held the issuing thread for the whole move
-    # (16-30 ms); the staged path 0.97-0.99 alone and 0.91-0.98 under load on every machine (it costs the GEMM ~3%),
+    # (15-31 ms); the staged path 0.97-0.99 alone and 0.91-0.98 under load on every machine (it costs the GEMM ~3%),
     # for ~0.1 ms of host per piece. One or a few chunks stay on the copy engines: under load a single 256-token
     # chunk kept 0.47-0.97 there and 0.37-0.40 staged (its kernel waits for SMs). The crossover between 32 MiB and
     # 1 GiB was not measured: 512 MiB is two staged pieces, the least at which the pipeline overlaps one piece's wait
