@@ -70,18 +70,11 @@ class Bench:
         return out
 
     def _layouts(self):
-        from kvport.layouts import allocate, catalog_names, load_layout
+        from kvport.layouts import allocate, catalog_names
 
         names = self.layouts or catalog_names()
         for name in names:
-            spec = load_layout(name)
-            have = dict(spec.dims)
-            dims = {k: v for k, v in self.dims.items() if k in have}
-            if any(g.kind != "attention" for g in spec.groups if not g.opaque):
-                # MLA/DeepSeek layouts keep their own latent width (vllm-mla calls it head_dim=576).
-                dims = {k: v for k, v in dims.items() if k in ("layers", "dtype")}
-            spec = load_layout(name, **dims)
-            yield name, spec, allocate
+            yield name, sized_layout(name, self.dims), allocate
 
     # -- limits -----------------------------------------------------------------------------------------------
     def _time(self, fn, reps: int) -> float:
@@ -332,6 +325,20 @@ class Bench:
                 inside.append(g1 - g0)
         gemm_ratio = solo / statistics.mean(inside) if inside else float("nan")
         return t_end / reps, gemm_ratio
+
+
+def sized_layout(name: str, dims: dict):
+    """Catalog layout ``name`` at the benchmark's model size: the ``dims`` it has; layouts with groups that are not
+    plain attention take only layers and dtype."""
+    from kvport.layouts import load_layout
+
+    spec = load_layout(name)
+    have = dict(spec.dims)
+    dims = {k: v for k, v in dims.items() if k in have}
+    if any(g.kind != "attention" for g in spec.groups if not g.opaque):
+        # MLA/DeepSeek layouts keep their own latent width (vllm-mla calls it head_dim=576).
+        dims = {k: v for k, v in dims.items() if k in ("layers", "dtype")}
+    return load_layout(name, **dims)
 
 
 def _torch_backend():

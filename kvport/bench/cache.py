@@ -81,15 +81,11 @@ def _cases(bench, layout: str, tokens: int, args):
     the bare transfer of the same chunks (the mover's Transfer.move, same path) as the reference."""
     import torch
 
+    from kvport.bench._kernel_cases import sized_layout
     from kvport.cache import CacheEngine, load_config
-    from kvport.layouts import allocate, load_layout
+    from kvport.layouts import allocate
 
-    spec = load_layout(layout)
-    have = dict(spec.dims)
-    dims = {k: v for k, v in BENCH_DIMS.items() if k in have}
-    if any(g.kind != "attention" for g in spec.groups if not g.opaque):
-        dims = {k: v for k, v in dims.items() if k in ("layers", "dtype")}
-    spec = load_layout(layout, **dims)
+    spec = sized_layout(layout, BENCH_DIMS)
     chunk = args.chunk_tokens
     need = [-(-tokens // g.tokens_per_block) for g in spec.groups]
     num_blocks = [2 * n + 2 for n in need]

@@ -10,12 +10,13 @@ import time
 
 import torch
 
+from kvport.bench._kernel_cases import sized_layout
 from kvport.bench.kernels import BENCH_DIMS
 from kvport.cache import CacheEngine, load_config
 from kvport.cache import mover as mv
 from kvport.hal import completion as comp
 from kvport.hal.transfer import executor as ex
-from kvport.layouts import allocate, load_layout
+from kvport.layouts import allocate
 from kvport.store import chunk_store as cs
 
 acc = collections.defaultdict(list)
@@ -44,12 +45,7 @@ timed(mv.ChunkMover, "to_host", "ChunkMover.to_host")
 
 layout = sys.argv[1]
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 300
-spec = load_layout(layout)
-have = dict(spec.dims)
-dims = {k: v for k, v in BENCH_DIMS.items() if k in have}
-if any(g.kind != "attention" for g in spec.groups if not g.opaque):
-    dims = {k: v for k, v in dims.items() if k in ("layers", "dtype")}
-spec = load_layout(layout, **dims)
+spec = sized_layout(layout, BENCH_DIMS)
 need = [-(-256 // g.tokens_per_block) for g in spec.groups]
 nb = [2 * n + 2 for n in need]
 kv = allocate(spec, nb if len(nb) > 1 else nb[0], device="cuda", fill="zeros")

@@ -8,18 +8,14 @@ import time
 
 import torch
 
+from kvport.bench._kernel_cases import sized_layout
 from kvport.bench.kernels import BENCH_DIMS
 from kvport.cache import CacheEngine, load_config
-from kvport.layouts import allocate, load_layout
+from kvport.layouts import allocate
 
 layout = sys.argv[1]
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 300
-spec = load_layout(layout)
-have = dict(spec.dims)
-dims = {k: v for k, v in BENCH_DIMS.items() if k in have}
-if any(g.kind != "attention" for g in spec.groups if not g.opaque):
-    dims = {k: v for k, v in dims.items() if k in ("layers", "dtype")}
-spec = load_layout(layout, **dims)
+spec = sized_layout(layout, BENCH_DIMS)
 need = [-(-256 // g.tokens_per_block) for g in spec.groups]
 nb = [2 * n + 2 for n in need]
 kv = allocate(spec, nb if len(nb) > 1 else nb[0], device="cuda", fill="zeros")

@@ -9,11 +9,11 @@ import sys
 
 import torch
 
-from kvport.bench._kernel_cases import Bench
+from kvport.bench._kernel_cases import Bench, sized_layout
 from kvport.bench.kernels import BENCH_DIMS, GEMM_N
 from kvport.hal.transfer.executor import Transfer
 from kvport.hal.transfer.planner import CostModel
-from kvport.layouts import allocate, load_layout
+from kvport.layouts import allocate
 
 out = []
 bench = Bench(None, [], [], [], ["none", "gemm"], None, 5, BENCH_DIMS, GEMM_N)
@@ -21,12 +21,7 @@ native = bench.native
 backend = bench.backends["cuda"]
 layouts = sys.argv[1].split(",") if len(sys.argv) > 1 else ["vllm-flash-nhd", "vllm-mla"]
 for name in layouts:
-    spec = load_layout(name)
-    have = dict(spec.dims)
-    dims = {k: v for k, v in BENCH_DIMS.items() if k in have}
-    if any(g.kind != "attention" for g in spec.groups if not g.opaque):
-        dims = {k: v for k, v in dims.items() if k in ("layers", "dtype")}
-    spec = load_layout(name, **dims)
+    spec = sized_layout(name, BENCH_DIMS)
     for tokens in (8192, 256):
         need = [-(-tokens // g.tokens_per_block) for g in spec.groups]
         nb = [2 * n + 2 for n in need]
