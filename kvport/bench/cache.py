@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
+import time
 from pathlib import Path
 
 from kvport.bench.kernels import BENCH_DIMS, add_gemm_argument, check_gemm_n
@@ -108,15 +110,18 @@ def _cases(bench, layout: str, tokens: int, args):
     mover = engine.mover
     counter = [0]
     in_flight: list = []
+    host_s: list[float] = []  # the engine thread's time in each submit_store/submit_load + wait_on
 
     def store_once():
         counter[0] += 1  # new keys every time
         while len(in_flight) >= max_in_flight:
             in_flight.pop(0).wait()
+        start = time.perf_counter()
         ticket = engine.submit_store([counter[0], *range(tokens - 1)], ids, tokens)
+        ticket.completion.wait_on()
+        host_s.append(time.perf_counter() - start)
         if ticket.tokens != tokens:
             raise RuntimeError(f"store moved {ticket.tokens} of {tokens} tokens (L1 full?)")
-        ticket.completion.wait_on()
         in_flight.append(ticket)
 
     prefix = list(range(tokens))
@@ -126,10 +131,12 @@ def _cases(bench, layout: str, tokens: int, args):
     bufs = [lease.buffer for lease in leases]
 
     def load_once():
+        start = time.perf_counter()
         ticket = engine.submit_load(prefix, ids, tokens)
+        ticket.completion.wait_on()
+        host_s.append(time.perf_counter() - start)
         if ticket.tokens != tokens:
             raise RuntimeError(f"load moved {ticket.tokens} of {tokens} tokens")
-        ticket.completion.wait_on()
 
     def bare(direction):
         def once():
@@ -145,6 +152,7 @@ def _cases(bench, layout: str, tokens: int, args):
                 row = {"layout": layout, "tokens": tokens, "op": op, "path": path, "load": load, "bytes": nbytes}
                 limit = bench.memcpy_gbps(direction, nbytes)
                 for name, issue in (("transfer", bare(direction)), ("cache", fn)):
+                    host_s.clear()
                     if load == "gemm":
                         ms, gemm = bench._under_load(issue)
                     else:
@@ -155,6 +163,8 @@ def _cases(bench, layout: str, tokens: int, args):
                         in_flight.pop(0).wait()
                     row[f"{name}_ratio"] = nbytes / ms / 1e6 / limit
                     row[f"{name}_gemm"] = gemm
+                    if name == "cache":
+                        row["cache_host_ms"] = statistics.median(host_s) * 1e3
                 row["memcpy_gbps"] = limit
                 row["cache_vs_transfer"] = row["cache_ratio"] / row["transfer_ratio"]
                 if load == "gemm":
@@ -174,8 +184,6 @@ def _step_cost(bench, issue) -> tuple[float, float]:
     """What one cache operation adds to a forward step it overlaps: a step of GEMMs (about 20 ms, like a prefill
     step of a mid-size model) on its own stream, timed alone and with the operation issued as the step starts.
     Returns (step ms alone, ms added), medians of five."""
-    import statistics
-
     import torch
 
     n = max(1, round(20.0 / (bench.gemm_solo_ms() * bench.gemms_per_step)))  # load steps of ~20 ms in all
@@ -203,7 +211,7 @@ def _step_cost(bench, issue) -> tuple[float, float]:
 
 HEADER = (
     f"{'layout':16} {'tokens':>6} {'op':5} {'path':9} {'load':5} {'MiB':>7} {'transfer':>8} {'(gemm)':>6} "
-    f"{'cache':>6} {'(gemm)':>6} {'cache/xfer':>10} {'step +ms':>9}"
+    f"{'cache':>6} {'(gemm)':>6} {'cache/xfer':>10} {'host ms':>8} {'step +ms':>9}"
 )
 
 
@@ -214,7 +222,7 @@ def format_record(r: dict) -> str:
     return (
         f"{r['layout']:16} {r['tokens']:>6} {r['op']:5} {r['path']:9} {r['load']:5} {r['bytes'] / 2**20:7.1f} "
         f"{r['transfer_ratio']:8.3f} {gemm(r['transfer_gemm'])} {r['cache_ratio']:6.3f} {gemm(r['cache_gemm'])} "
-        f"{r['cache_vs_transfer']:10.3f} "
+        f"{r['cache_vs_transfer']:10.3f} {r['cache_host_ms']:8.3f} "
         + (f"{r['step_added_ms']:9.3f}" if r.get("step_added_ms") is not None else f"{'-':>9}")
     )
 
