@@ -7,9 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 from kvport.bench.kernels import BENCH_DIMS, add_gemm_argument, check_gemm_n
@@ -110,18 +108,15 @@ def _cases(bench, layout: str, tokens: int, args):
     mover = engine.mover
     counter = [0]
     in_flight: list = []
-    host_s: list[float] = []  # the engine thread's time in each submit_store/submit_load + wait_on
 
     def store_once():
         counter[0] += 1  # new keys every time
         while len(in_flight) >= max_in_flight:
             in_flight.pop(0).wait()
-        start = time.perf_counter()
         ticket = engine.submit_store([counter[0], *range(tokens - 1)], ids, tokens)
-        ticket.completion.wait_on()
-        host_s.append(time.perf_counter() - start)
         if ticket.tokens != tokens:
             raise RuntimeError(f"store moved {ticket.tokens} of {tokens} tokens (L1 full?)")
+        ticket.completion.wait_on()
         in_flight.append(ticket)
 
     prefix = list(range(tokens))
@@ -131,12 +126,10 @@ def _cases(bench, layout: str, tokens: int, args):
     bufs = [lease.buffer for lease in leases]
 
     def load_once():
-        start = time.perf_counter()
         ticket = engine.submit_load(prefix, ids, tokens)
-        ticket.completion.wait_on()
-        host_s.append(time.perf_counter() - start)
         if ticket.tokens != tokens:
             raise RuntimeError(f"load moved {ticket.tokens} of {tokens} tokens")
+        ticket.completion.wait_on()
 
     def bare(direction):
         def once():
@@ -152,7 +145,6 @@ def _cases(bench, layout: str, tokens: int, args):
                 row = {"layout": layout, "tokens": tokens, "op": op, "path": path, "load": load, "bytes": nbytes}
                 limit = bench.memcpy_gbps(direction, nbytes)
                 for name, issue in (("transfer", bare(direction)), ("cache", fn)):
-                    host_s.clear()
                     if load == "gemm":
                         ms, gemm = bench._under_load(issue)
                     else:
@@ -163,12 +155,10 @@ def _cases(bench, layout: str, tokens: int, args):
                         in_flight.pop(0).wait()
                     row[f"{name}_ratio"] = nbytes / ms / 1e6 / limit
                     row[f"{name}_gemm"] = gemm
-                    if name == "cache":
-                        row["cache_host_ms"] = statistics.median(host_s) * 1e3
                 row["memcpy_gbps"] = limit
                 row["cache_vs_transfer"] = row["cache_ratio"] / row["transfer_ratio"]
                 if load == "gemm":
-                    row["step_ms"], row["step_added_ms"] = _step_cost(bench, fn)
+                    row["step_ms"], row["step_added_ms"], row["host_ms"] = _step_cost(bench, fn)
                     while in_flight:
                         in_flight.pop(0).wait()
                 yield row
@@ -180,14 +170,20 @@ def _cases(bench, layout: str, tokens: int, args):
         torch.cuda.empty_cache()
 
 
-def _step_cost(bench, issue) -> tuple[float, float]:
+def _step_cost(bench, issue) -> tuple[float, float, float]:
     """What one cache operation adds to a forward step it overlaps: a step of GEMMs (about 20 ms, like a prefill
-    step of a mid-size model) on its own stream, timed alone and with the operation issued as the step starts.
-    Returns (step ms alone, ms added), medians of five."""
+    step of a mid-size model) on its own stream, timed alone and with the operation issued as the step starts, and
+    the calling thread's time in that one call (the engine's own thread pays it; measured here, with no other
+    transfer in flight, rather than in the throughput loops, where it includes waiting for a free slot).
+    Returns (step ms alone, ms added, host ms of the call), medians of five."""
+    import statistics
+    import time
+
     import torch
 
     n = max(1, round(20.0 / (bench.gemm_solo_ms() * bench.gemms_per_step)))  # load steps of ~20 ms in all
     step_stream = torch.cuda.Stream(bench.device)
+    host: list[float] = []
 
     def step(with_op: bool) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -199,19 +195,22 @@ def _step_cost(bench, issue) -> tuple[float, float]:
                 bench.load_step()
             end.record()
         if with_op:
+            began = time.perf_counter()
             issue()
+            host.append(time.perf_counter() - began)
         torch.cuda.synchronize()
         return start.elapsed_time(end)
 
     step(True)
+    host.clear()
     alone = statistics.median(step(False) for _ in range(5))
     loaded = statistics.median(step(True) for _ in range(5))
-    return alone, loaded - alone
+    return alone, loaded - alone, statistics.median(host) * 1e3
 
 
 HEADER = (
     f"{'layout':16} {'tokens':>6} {'op':5} {'path':9} {'load':5} {'MiB':>7} {'transfer':>8} {'(gemm)':>6} "
-    f"{'cache':>6} {'(gemm)':>6} {'cache/xfer':>10} {'host ms':>8} {'step +ms':>9}"
+    f"{'cache':>6} {'(gemm)':>6} {'cache/xfer':>10} {'step +ms':>9} {'host ms':>8}"
 )
 
 
@@ -222,8 +221,12 @@ def format_record(r: dict) -> str:
     return (
         f"{r['layout']:16} {r['tokens']:>6} {r['op']:5} {r['path']:9} {r['load']:5} {r['bytes'] / 2**20:7.1f} "
         f"{r['transfer_ratio']:8.3f} {gemm(r['transfer_gemm'])} {r['cache_ratio']:6.3f} {gemm(r['cache_gemm'])} "
-        f"{r['cache_vs_transfer']:10.3f} {r['cache_host_ms']:8.3f} "
-        + (f"{r['step_added_ms']:9.3f}" if r.get("step_added_ms") is not None else f"{'-':>9}")
+        f"{r['cache_vs_transfer']:10.3f} "
+        + (
+            f"{r['step_added_ms']:9.3f} {r['host_ms']:8.3f}"
+            if r.get("step_added_ms") is not None
+            else f"{'-':>9} {'-':>8}"
+        )
     )
 
 
