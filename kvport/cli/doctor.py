@@ -69,6 +69,15 @@ def render(report: dict[str, Any]) -> str:
         f"native     target={native['target']} archs={','.join(native['archs']) or '-'} "
         f"{'usable' if native['usable'] else 'loadable' if native['loadable'] else 'not loadable'}: {native['reason']}",
     ]
+    if native.get("batched_copies") is not None:
+        from kvport.hal.transfer.planner import CostModel, unbatched_floor_bytes
+
+        floor = unbatched_floor_bytes(CostModel()) >> 10
+        lines.append(
+            "  copy engines: batched calls (cudaMemcpyBatchAsync)"
+            if native["batched_copies"]
+            else f"  copy engines: one call per region (no batched memcpy in this build); regions < {floor} KiB staged"
+        )
     for name, reason in platform["reasons"].items():
         lines.append(f"  not {name}: {reason}")
     lines.append("backends (priority order):")

@@ -22,6 +22,9 @@ class NativeStatus:
     reason: str
     runtime: dict[str, Any] | None = None
     usable: bool = False  # it imports and its runtime sees at least one device (known only with query_runtime)
+    # Copy-engine regions described in batched calls (CUDA >= 12.8) or one call per region (HIP, older CUDA: the
+    # planner then keeps small regions off the copy engines); None when the module does not load.
+    batched_copies: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"archs": list(self.archs)}
@@ -69,14 +72,16 @@ def native_status(query_runtime: bool = False, build_info_path: Path = BUILD_INF
             target, archs, False, f"built for {target} but kvport._native_{target} does not load: {exc}"
         )
     archs = archs or tuple(a for a in str(getattr(module, "ARCHS", "")).split(";") if a)
+    batched = bool(getattr(module, "HAS_BATCHED_MEMCPY", False))
     runtime = None
     if query_runtime:
         runtime = dict(module.runtime_info())
         if runtime.get("error") or runtime.get("device_count", 0) == 0:
             why = runtime.get("error") or "no device"
-            return NativeStatus(target, archs, True, f"kvport._native_{target} loads; {target} runtime: {why}", runtime)
+            reason = f"kvport._native_{target} loads; {target} runtime: {why}"
+            return NativeStatus(target, archs, True, reason, runtime, batched_copies=batched)
     loads = f"kvport._native_{target} loads ({info.get('reason', 'built')})"
-    return NativeStatus(target, archs, True, loads, runtime, usable=query_runtime)
+    return NativeStatus(target, archs, True, loads, runtime, usable=query_runtime, batched_copies=batched)
 
 
 def _importable(target: str) -> bool:

@@ -79,3 +79,17 @@ def test_doctor_shows_a_bad_cache_config_and_fails(capsys, tmp_path):
     assert main(["doctor", "--json", "--config", str(path), "--no-engine-imports"]) == 1
     error = json.loads(capsys.readouterr().out)["cache_config"]["error"]
     assert "unknown key 'l2_pth'" in error
+
+
+def test_doctor_says_how_the_copy_engines_are_driven():
+    """A loadable native module reports batched copy calls or one call per region (then small regions are staged);
+    with no module there is nothing to say."""
+    from kvport.cli import doctor
+
+    report = doctor.collect(engine_imports=False)
+    report["native"]["batched_copies"] = True
+    assert "copy engines: batched calls" in doctor.render(report)
+    report["native"]["batched_copies"] = False
+    assert "copy engines: one call per region" in doctor.render(report)
+    report["native"]["batched_copies"] = None
+    assert "copy engines" not in doctor.render(report)

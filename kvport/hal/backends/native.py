@@ -27,6 +27,12 @@ class NativeBackend(SegmentedBackend):
             self._module = load_native(self.target)
         return self._module
 
+    @property
+    def batched_copies(self) -> bool:
+        """Whether this build's DMA path describes regions in batched calls (cudaMemcpyBatchAsync, CUDA >= 12.8);
+        HIP and older CUDA builds issue one async copy per region (kvport/kernels/cuda/memcpy_batch.cu)."""
+        return bool(getattr(self.module(), "HAS_BATCHED_MEMCPY", False))
+
     def available(self, platform) -> Verdict:
         from kvport.hal.native import native_status
 

@@ -88,6 +88,8 @@ class Transfer:
         self.platform = platform or platform_for_device(self.device)
         self.model = model or CostModel()
         self.native = native  # a NativeBackend for the DMA path, or None
+        # Without batched calls (HIP builds) the planner keeps small regions off the copy engines.
+        self.dma_batched = bool(getattr(native, "batched_copies", True))
         # High priority: under load the short gather/scatter kernels get SMs as soon as any free up, so the copy
         # engine is not left waiting behind a long engine kernel (the GEMM-under-load case of the benchmark).
         self.kernel_stream = self.platform.new_stream(self.device, high_priority=True)
@@ -136,7 +138,9 @@ class Transfer:
             self._plans,
             (num_tokens, direction, path, chunks),
             descriptor,
-            lambda: plan(descriptor, num_tokens, direction, self.allowed(descriptor), path, self.model, chunks),
+            lambda: plan(
+                descriptor, num_tokens, direction, self.allowed(descriptor), path, self.model, chunks, self.dma_batched
+            ),
         )
 
     # ---- entry points ----------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ class CostModel:
     # (~54 and ~36 GB/s) of 256-token NHD chunks are the host's.
     region_us_d2h: float = 0.6
     region_us_h2d: float = 0.6
+    # Host time per region where the native build has no batched call and issues one async copy per region (HIP
+    # before ROCm 7.14, CUDA before 12.8): one cudaMemcpyAsync per 32 KiB region cost 2.3-2.8 us on the H200 (1024
+    # regions: 2.3-2.8 ms, same measurement). hipMemcpyAsync was not measured (no AMD GPU here).
+    region_us_unbatched: float = 2.5
     # So the DMA path is taken only for regions at least this large (mean bytes per region, per direction): 1024
     # regions of 32 KiB per 256-token NHD chunk reached 0.98-0.99 of memcpy when the host was fast; 18 KiB MLA
     # regions only 0.58-0.71 (D2H) and 0.10-0.23 (H2D). Smaller rows go through SM kernels.
@@ -93,10 +97,18 @@ class Plan:
     estimates_s: dict[str, float]
 
 
-def estimate(model: CostModel, path: str, nbytes: int, regions: int, direction: str) -> float:
+def unbatched_floor_bytes(model: CostModel) -> int:
+    """The least region the copy engines keep up with when every region is its own copy call: its link time equals
+    the host's time per call."""
+    return int(model.region_us_unbatched * 1e-6 * model.link_gbps * 1e9)
+
+
+def estimate(model: CostModel, path: str, nbytes: int, regions: int, direction: str, dma_batched: bool = True) -> float:
     link = nbytes / (model.link_gbps * 1e9)
     if path == "dma":
         per = model.region_us_d2h if direction == "d2h" else model.region_us_h2d
+        if not dma_batched:
+            per = model.region_us_unbatched
         # The engines copy while the host describes the next regions: the slower of the two sets the pace.
         return max(link, regions * per * 1e-6) + model.dma_call_us * 1e-6
     if path == "staged":
@@ -117,15 +129,17 @@ def plan(
     path: str = "auto",
     model: CostModel | None = None,
     chunks: int = 1,
+    dma_batched: bool = True,
 ) -> Plan:
     """Choose a path for ``chunks`` chunks of ``num_tokens`` tokens moved as one transfer. ``allowed`` maps each
-    path to "" when it can run or to the reason it cannot."""
+    path to "" when it can run or to the reason it cannot; ``dma_batched`` says whether the DMA path describes its
+    regions in batched calls (else one copy call per region: kvport.kernels.cuda.memcpy_batch)."""
     model = model or CostModel()
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     nbytes = chunks * descriptor.canonical_bytes(num_tokens)
     regions = chunks * region_count(descriptor, num_tokens)
-    est = {p: estimate(model, p, nbytes, regions, direction) for p in PATHS}
+    est = {p: estimate(model, p, nbytes, regions, direction, dma_batched) for p in PATHS}
     if path != "auto":
         if path not in PATHS:
             raise ValueError(f"path must be auto or one of {PATHS}, got {path!r}")
@@ -136,12 +150,20 @@ def plan(
     if not usable:
         raise ValueError("no transfer path can run: " + "; ".join(f"{p}: {allowed[p]}" for p in PATHS))
     floor = model.dma_min_region_bytes_d2h if direction == "d2h" else model.dma_min_region_bytes_h2d
+    calls = "batched calls"
+    if not dma_batched:
+        # One call per region: the engines keep up with the link only when a region's link time covers the host's
+        # time per call (2.5 us x 55 GB/s: regions of ~134 KiB); 32 KiB NHD rows would run at a quarter of it.
+        floor = max(floor, unbatched_floor_bytes(model))
+        calls = "one copy call per region (this build has no batched memcpy)"
     mean_region = nbytes / max(regions, 1)
     large = nbytes >= model.dma_max_move_bytes and "staged" in usable
     if "dma" in usable and mean_region >= floor and not large:
         # The copy engines and no SM time taken from the engine: under load the SM kernels of a chunk-sized move
         # wait for SMs the engine's kernels hold.
-        return Plan("dma", f"{nbytes} B in {regions} regions of {mean_region:.0f} B >= {floor} B: copy engines", est)
+        return Plan(
+            "dma", f"{nbytes} B in {regions} regions of {mean_region:.0f} B >= {floor} B: copy engines, {calls}", est
+        )
     if "dma" in usable and len(usable) > 1:
         # Regions below the size the copy engines keep up with, or a move large enough that the staged pipeline's
         # steady speed beats the copy engines' machine-to-machine spread (CostModel.dma_max_move_bytes).
@@ -152,4 +174,6 @@ def plan(
         raise ValueError("no transfer path can run: " + "; ".join(f"{p}: {allowed[p]}" for p in PATHS))
     best = min(usable, key=lambda p: est[p])
     why = ", ".join(f"{p} {est[p] * 1e3:.3f} ms" for p in usable)
+    if not dma_batched and not allowed.get("dma"):
+        why += f"; copy engines below {floor} B regions skipped: {calls}"
     return Plan(best, f"{nbytes} B in {regions} regions; estimates: {why}", est)

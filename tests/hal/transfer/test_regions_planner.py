@@ -94,6 +94,26 @@ def test_planner_takes_the_copy_engines_for_large_regions_only():
     assert plan(hnd, 8192, "d2h", only_dma).path == "dma"
 
 
+def test_without_batched_copies_small_regions_are_staged():
+    """A build that issues one copy call per region (HIP, CUDA < 12.8) keeps 32 KiB NHD rows off the copy engines
+    (2.5 us of host per call would hold them to a quarter of the link) and says why; regions large enough for one
+    call each still take them, and a requested or only-possible DMA path still runs."""
+    # A Llama-3-8B-shaped 256-token chunk (32 MiB): larger than zero-copy's limit, so the choice is DMA or staged.
+    nhd = sample("nhd", Dims(layers=32, heads=8, head_dim=128, block=16, blocks=40))
+    big = sample("nhd", Dims(layers=32, heads=8, head_dim=128, block=128, blocks=6))  # 256 KiB regions
+    for direction in ("d2h", "h2d"):
+        assert plan(nhd, 256, direction, ALL_OK).path == "dma"
+        chosen = plan(nhd, 256, direction, ALL_OK, dma_batched=False)
+        assert chosen.path == "staged" and "one copy call per region" in chosen.reason
+        wide = plan(big, 256, direction, ALL_OK, dma_batched=False)
+        assert wide.path == "dma" and "one copy call per region" in wide.reason
+    assert plan(nhd, 256, "d2h", ALL_OK, path="dma", dma_batched=False).path == "dma"
+    only_dma = dict(ALL_OK, staged="backend cannot", **{"zero-copy": "backend cannot"})
+    assert plan(nhd, 256, "d2h", only_dma, dma_batched=False).path == "dma"
+    m = CostModel()
+    assert estimate(m, "dma", 32 << 20, 1024, "d2h", dma_batched=False) > estimate(m, "dma", 32 << 20, 1024, "d2h")
+
+
 def test_planner_stages_moves_past_the_copy_engines_size_limit():
     """Large moves go staged even with large regions (the copy engines' speed varied 0.56-0.99 between machines);
     a model without the limit, or no staged path, keeps them on the copy engines."""

@@ -46,6 +46,12 @@ def test_native_module_builds(env, tmp_path):
     spec.loader.exec_module(module)
     assert module.TARGET == target.name
     assert module.HAS_BATCHED_MEMCPY is (target.name == "cuda" and _nvcc_version(target.compiler) >= (12, 8))
+    # ...and reaches the planner through the backend (kvport.hal.transfer.planner: dma_batched).
+    from kvport.hal.backends.native import CudaBackend, HipBackend
+
+    backend = CudaBackend() if target.name == "cuda" else HipBackend()
+    backend._module = module
+    assert backend.batched_copies is module.HAS_BATCHED_MEMCPY
 
 
 def _nvcc_version(nvcc: str) -> tuple[int, int]:
