@@ -100,7 +100,7 @@ class Plan:
 def unbatched_floor_bytes(model: CostModel) -> int:
     """The least region the copy engines keep up with when every region is its own copy call: its link time equals
     the host's time per call."""
-    return int(model.region_us_unbatched * 1e-6 * model.link_gbps * 1e9)
+    return round(model.region_us_unbatched * 1e-6 * model.link_gbps * 1e9)
 
 
 def estimate(model: CostModel, path: str, nbytes: int, regions: int, direction: str, dma_batched: bool = True) -> float:
@@ -149,7 +149,7 @@ def plan(
     usable = [p for p in PATHS if not allowed.get(p)]
     if not usable:
         raise ValueError("no transfer path can run: " + "; ".join(f"{p}: {allowed[p]}" for p in PATHS))
-    floor = model.dma_min_region_bytes_d2h if direction == "d2h" else model.dma_min_region_bytes_h2d
+    floor = batched_floor = model.dma_min_region_bytes_d2h if direction == "d2h" else model.dma_min_region_bytes_h2d
     calls = "batched calls"
     if not dma_batched:
         # One call per region: the engines keep up with the link only when a region's link time covers the host's
@@ -174,6 +174,6 @@ def plan(
         raise ValueError("no transfer path can run: " + "; ".join(f"{p}: {allowed[p]}" for p in PATHS))
     best = min(usable, key=lambda p: est[p])
     why = ", ".join(f"{p} {est[p] * 1e3:.3f} ms" for p in usable)
-    if not dma_batched and not allowed.get("dma"):
-        why += f"; copy engines below {floor} B regions skipped: {calls}"
+    if best != "dma" and not dma_batched and not allowed.get("dma") and batched_floor <= mean_region < floor:
+        why += f"; copy engines skipped for regions under {floor} B: {calls}"
     return Plan(best, f"{nbytes} B in {regions} regions; estimates: {why}", est)
