@@ -3,20 +3,16 @@ bare transfer's own issue time with the same depth. usage: prof_cache4.py LAYOUT
 
 import collections
 import functools
-import random
 import statistics
 import sys
 import time
 
 import torch
+from _one_chunk import one_chunk_engine
 
-from kvport.bench._kernel_cases import sized_layout
-from kvport.bench.kernels import BENCH_DIMS
-from kvport.cache import CacheEngine, load_config
 from kvport.cache import mover as mv
 from kvport.hal import completion as comp
 from kvport.hal.transfer import executor as ex
-from kvport.layouts import allocate
 from kvport.store import chunk_store as cs
 
 acc = collections.defaultdict(list)
@@ -45,16 +41,7 @@ timed(mv.ChunkMover, "to_host", "ChunkMover.to_host")
 
 layout = sys.argv[1]
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 300
-spec = sized_layout(layout, BENCH_DIMS)
-need = [-(-256 // g.tokens_per_block) for g in spec.groups]
-nb = [2 * n + 2 for n in need]
-kv = allocate(spec, nb if len(nb) > 1 else nb[0], device="cuda", fill="zeros")
-ids = [random.Random(0).sample(range(b), n) for b, n in zip(nb, need)]
-if len(ids) == 1:
-    ids = ids[0]
-cfg = load_config(overrides={"chunk_tokens": 256, "l1_bytes": "4GiB"}, environ={})
-e = CacheEngine(cfg, "prof")
-e.bind(kv.descriptor)
+kv, ids, e = one_chunk_engine(layout, "prof")
 print(type(e.chunks).__name__)
 
 

@@ -1,30 +1,16 @@
 """Where a cached store's time goes (device): host issue time, and how late the ticket settles after the device
 finished (watcher thread + callback + GIL). usage: prof_cache3.py LAYOUT [N]"""
 
-import random
 import statistics
 import sys
 import time
 
 import torch
-
-from kvport.bench._kernel_cases import sized_layout
-from kvport.bench.kernels import BENCH_DIMS
-from kvport.cache import CacheEngine, load_config
-from kvport.layouts import allocate
+from _one_chunk import one_chunk_engine
 
 layout = sys.argv[1]
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 300
-spec = sized_layout(layout, BENCH_DIMS)
-need = [-(-256 // g.tokens_per_block) for g in spec.groups]
-nb = [2 * n + 2 for n in need]
-kv = allocate(spec, nb if len(nb) > 1 else nb[0], device="cuda", fill="zeros")
-ids = [random.Random(0).sample(range(b), n) for b, n in zip(nb, need)]
-if len(ids) == 1:
-    ids = ids[0]
-cfg = load_config(overrides={"chunk_tokens": 256, "l1_bytes": "4GiB"}, environ={})
-e = CacheEngine(cfg, "prof")
-e.bind(kv.descriptor)
+kv, ids, e = one_chunk_engine(layout, "prof")
 rnd = [0]
 
 

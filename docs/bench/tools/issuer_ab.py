@@ -3,28 +3,16 @@
 issuer thread vs on the calling thread; engine-thread ms per store call and GB/s, alternating rounds.
 Runs only on branch dma-issuer (it switches Transfer._issuer / dma_issue_reason); kept as run for docs/performance.md (2026-11-30)."""
 
-import random
 import statistics
 import sys
 import time
 
 import torch
-
-from kvport.bench._kernel_cases import sized_layout
-from kvport.bench.kernels import BENCH_DIMS
-from kvport.cache import CacheEngine, load_config
-from kvport.layouts import allocate
+from _one_chunk import one_chunk_engine
 
 layout = sys.argv[1] if len(sys.argv) > 1 else "vllm-flash-nhd"
 N = 200
-spec = sized_layout(layout, BENCH_DIMS)
-need = [-(-256 // g.tokens_per_block) for g in spec.groups]
-nb = [2 * n + 2 for n in need]
-kv = allocate(spec, nb if len(nb) > 1 else nb[0], device="cuda", fill="zeros")
-ids = [random.Random(0).sample(range(b), n) for b, n in zip(nb, need)]
-ids = ids[0] if len(ids) == 1 else ids
-e = CacheEngine(load_config(overrides={"chunk_tokens": 256, "l1_bytes": "4GiB"}, environ={}), "ab")
-e.bind(kv.descriptor)
+kv, ids, e = one_chunk_engine(layout, "ab")
 t = e.mover.transfer
 nbytes = kv.descriptor.canonical_bytes(256)
 print("path", e.mover.path_for("d2h", 256), "bytes", nbytes)

@@ -6,29 +6,17 @@ chunk), issuer-N (issuer thread, batch calls of N regions, so the driver lock is
 Runs only on branch dma-issuer (it switches Transfer._issuer / dma_issue_reason); kept as run for docs/performance.md (2026-11-30)."""
 
 import dataclasses
-import random
 import statistics
 import sys
 import time
 
 import torch
-
-from kvport.bench._kernel_cases import sized_layout
-from kvport.bench.kernels import BENCH_DIMS
-from kvport.cache import CacheEngine, load_config
-from kvport.layouts import allocate
+from _one_chunk import one_chunk_engine
 
 layout = sys.argv[1] if len(sys.argv) > 1 else "vllm-flash-nhd"
 ITERS, LAUNCHES = 60, 500
 GAP_S = float(sys.argv[2]) / 1e3 if len(sys.argv) > 2 else 0.0  # pure-Python "scheduler" time after each store
-spec = sized_layout(layout, BENCH_DIMS)
-need = [-(-256 // g.tokens_per_block) for g in spec.groups]
-nb = [2 * n + 2 for n in need]
-kv = allocate(spec, nb if len(nb) > 1 else nb[0], device="cuda", fill="zeros")
-ids = [random.Random(0).sample(range(b), n) for b, n in zip(nb, need)]
-ids = ids[0] if len(ids) == 1 else ids
-e = CacheEngine(load_config(overrides={"chunk_tokens": 256, "l1_bytes": "4GiB"}, environ={}), "ab")
-e.bind(kv.descriptor)
+kv, ids, e = one_chunk_engine(layout, "ab")
 t = e.mover.transfer
 base_model = t.model
 x = torch.zeros(1024, device="cuda")
