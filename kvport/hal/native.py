@@ -39,6 +39,12 @@ def read_build_info(path: Path = BUILD_INFO) -> dict[str, Any] | None:
         return {"target": "unknown", "reason": f"{path.name} is unreadable: {exc}"}
 
 
+def has_batched_copies(module: ModuleType) -> bool:
+    """Whether a loaded native module describes copy-engine regions in batched calls (cudaMemcpyBatchAsync, CUDA >=
+    12.8); HIP and older CUDA builds issue one async copy per region (kvport/kernels/cuda/memcpy_batch.cu)."""
+    return bool(getattr(module, "HAS_BATCHED_MEMCPY", False))
+
+
 def load_native(target: str) -> ModuleType:
     """Import kvport._native_<target>; raises ImportError with the loader's reason."""
     if target not in NATIVE_TARGETS:
@@ -72,7 +78,7 @@ def native_status(query_runtime: bool = False, build_info_path: Path = BUILD_INF
             target, archs, False, f"built for {target} but kvport._native_{target} does not load: {exc}"
         )
     archs = archs or tuple(a for a in str(getattr(module, "ARCHS", "")).split(";") if a)
-    batched = bool(getattr(module, "HAS_BATCHED_MEMCPY", False))
+    batched = has_batched_copies(module)
     runtime = None
     if query_runtime:
         runtime = dict(module.runtime_info())

@@ -29,9 +29,10 @@ class NativeBackend(SegmentedBackend):
 
     @property
     def batched_copies(self) -> bool:
-        """Whether this build's DMA path describes regions in batched calls (cudaMemcpyBatchAsync, CUDA >= 12.8);
-        HIP and older CUDA builds issue one async copy per region (kvport/kernels/cuda/memcpy_batch.cu)."""
-        return bool(getattr(self.module(), "HAS_BATCHED_MEMCPY", False))
+        """Whether this build's DMA path describes regions in batched calls (kvport.hal.native.has_batched_copies)."""
+        from kvport.hal.native import has_batched_copies
+
+        return has_batched_copies(self.module())
 
     def available(self, platform) -> Verdict:
         from kvport.hal.native import native_status
