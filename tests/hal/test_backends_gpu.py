@@ -96,6 +96,11 @@ def test_gather_waits_for_the_engine_stream(backend_name, mode):
     kv, ids, tokens = _kv("vllm-flash-nhd", seed=5)
     transfer = Transfer(backend, "cuda", native=native)
     host = torch.zeros(kv.descriptor.canonical_bytes(tokens), dtype=torch.uint8, pin_memory=True)
+    # Warm: a first call compiles tables and allocates pinned and device buffers, which synchronizes the host and
+    # would hide a missing stream wait; the one-call path also fills all its block-id slots.
+    for _ in range(9):
+        transfer.to_host(kv.descriptor, ids, host, tokens, path=mode).synchronize()
+    host.zero_()
     torch.cuda.synchronize()
     torch.cuda._sleep(100_000_000)  # ~50 ms of queued "forward pass" before the write lands
     for buf in buffers(kv.descriptor):

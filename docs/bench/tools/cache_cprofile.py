@@ -1,5 +1,6 @@
 # ruff: noqa: E401, E702  (kept as run)
-"""Device: cProfile of N one-chunk submit_store + wait_on (3 in flight), by tottime. usage: cache_cprof.py LAYOUT [N]"""
+"""Device: cProfile of N one-chunk submit_store + wait_on (3 in flight), by tottime and by cumulative time, with
+the callers of the event waits. usage: cache_cprofile.py LAYOUT [N]"""
 
 import cProfile
 import pstats
@@ -39,3 +40,5 @@ torch.cuda.synchronize()
 p.disable()
 st = pstats.Stats(p)
 st.sort_stats("tottime").print_stats(28)
+st.sort_stats("cumulative").print_stats(45)
+st.print_callers("synchronize|wait_event|record")

@@ -19,7 +19,9 @@ acc = collections.defaultdict(list)
 
 
 def timed(owner, name, label=None):
-    f = getattr(owner, name)
+    f = getattr(owner, name, None)
+    if f is None:  # a step this tree does not have (the tool also runs on older trees for A/B)
+        return
 
     @functools.wraps(f)
     def w(*a, **k):
@@ -34,9 +36,16 @@ def timed(owner, name, label=None):
 
 for n in ("move", "_order_after", "_staged_one_call", "_dma", "plan", "_stage"):
     timed(ex.Transfer, n, "Transfer." + n)
+try:
+    from kvport.hal.transfer import one_call
+
+    timed(one_call.OneCallChunks, "issue", "OneCallChunks.issue")
+except ImportError:
+    pass
 for n in ("keys", "absent", "reserve", "admit"):
     timed(cs.ChunkStore, n, "ChunkStore." + n) if hasattr(cs, "ChunkStore") else None
 timed(comp.EventCompletion, "add_done_callback", "EventCompletion.add_done_callback")
+timed(comp.EventCompletion, "_finish", "EventCompletion._finish (watcher: settle callbacks)")
 timed(mv.ChunkMover, "to_host", "ChunkMover.to_host")
 
 layout = sys.argv[1]

@@ -18,7 +18,7 @@ class NativeBackend(SegmentedBackend):
     def __init__(self) -> None:
         self._tables = TableCache("zero", max_width=16)
         self._module = None
-        self._packed: dict = {}  # id(launches) -> (launches, int64 CPU rows for staged_chunk)
+        self._packed: dict = {}  # one-call chunks' launch rows, see _pack
 
     def module(self):
         if self._module is None:
@@ -84,37 +84,61 @@ class NativeBackend(SegmentedBackend):
                 stream,
             )
 
-    def staged_chunk(self, descriptor, num_tokens, ids_host, ids_dev, staging, host, gather: bool, stream: int):
-        """One chunk that fits one staging buffer, in one native call on the raw ``stream`` handle: ``ids_host``
-        (pinned int64 flat block ids; keep it alive until the stream ran this) uploaded into ``ids_dev``, then
-        engine -> ``staging`` -> ``host`` (gather) or ``host`` -> ``staging`` -> engine. The same kernels and copies
-        as a gather or scatter followed or preceded by a copy, without ~30 Python-level calls per chunk between them
-        (a one-chunk DeepSeek-V4 transfer spent twice its link time on the host, docs/performance.md)."""
-        import torch
-
-        nbytes = descriptor.canonical_bytes(num_tokens)
-        _, launches = self._tables.get(descriptor, num_tokens, staging, lambda width: width)
-        hit = self._packed.get(id(launches))
-        if hit is None or hit[0] is not launches:
-            rows = [
-                [item.table.data_ptr(), item.n_streams, item.launch.width, item.launch.max_tiles] for item in launches
-            ]
-            if len(self._packed) > 64:
-                self._packed.clear()
-            hit = self._packed[id(launches)] = (launches, torch.tensor(rows, dtype=torch.int64).reshape(-1, 4))
-        packed = hit[1]
+    def staged_chunk(
+        self,
+        descriptor,
+        num_tokens: int,
+        ids: list[int],
+        ids_host,
+        ids_dev,
+        staging,
+        host,
+        gather: bool,
+        stream: int,
+        after: tuple[int, int] = (0, 0),
+        busy: tuple[int, int] = (0, 0),
+    ) -> None:
+        """One chunk that fits one staging buffer, in one native call on the raw ``stream`` handle: the flat block
+        ``ids`` written into ``ids_host`` (pinned, room for them; keep it until the stream ran this) and uploaded
+        into ``ids_dev``, then engine -> ``staging`` -> ``host`` (gather) or ``host`` -> ``staging`` -> engine;
+        first the stream waits for the queued work of ``after`` and ``busy`` ((raw stream, raw event) each, event 0:
+        no wait; see ops.h). The same kernels and copies as a gather or scatter followed or preceded by a copy,
+        without the ~60 Python-level calls of issuing them and their ordering one by one (a one-chunk DeepSeek-V4
+        transfer spent twice its link time on the host, docs/performance.md)."""
+        key = (id(descriptor), num_tokens, staging.data_ptr())
+        hit = self._packed.get(key)
+        if hit is None or hit[0] is not descriptor:
+            hit = self._pack(key, descriptor, num_tokens, staging)
+        _, _, packed, n_launches, nbytes = hit
         self.module().staged_chunk(
             packed.data_ptr(),
-            len(launches),
+            n_launches,
+            ids,
             ids_host.data_ptr(),
             ids_dev.data_ptr(),
-            ids_host.numel() * 8,
             staging.data_ptr(),
             host.data_ptr(),
             nbytes,
             gather,
             stream,
+            after[0],
+            after[1],
+            busy[0],
+            busy[1],
         )
+
+    def _pack(self, key, descriptor, num_tokens: int, staging):
+        """The compiled launches of a one-call chunk as the native call's int64 rows, memoized per (descriptor,
+        tokens, staging address); the entry holds the launches, so their device tables outlive the table cache's."""
+        import torch
+
+        _, launches = self._tables.get(descriptor, num_tokens, staging, lambda width: width)
+        rows = [[item.table.data_ptr(), item.n_streams, item.launch.width, item.launch.max_tiles] for item in launches]
+        if len(self._packed) > 64:
+            self._packed.clear()
+        packed = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+        hit = self._packed[key] = (descriptor, launches, packed, len(launches), descriptor.canonical_bytes(num_tokens))
+        return hit
 
     def memcpy_regions(
         self, dsts, srcs, sizes, batched: bool = True, max_batch: int = 0, overlap: bool = False

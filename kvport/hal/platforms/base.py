@@ -64,6 +64,16 @@ class Platform:
         """Block the host until all work queued on ``device`` finished (for synchronous fallbacks only)."""
         return None
 
+    # ---- raw handles, for native calls that order streams themselves (platforms with a native target) ----------
+    def current_stream_handle(self, index: int) -> int:
+        raise NotImplementedError(f"platform {self.name} has no raw stream handles")
+
+    def stream_handle(self, stream) -> int:
+        raise NotImplementedError(f"platform {self.name} has no raw stream handles")
+
+    def event_handle(self, event) -> int:
+        raise NotImplementedError(f"platform {self.name} has no raw event handles")
+
 
 class StreamPlatform(Platform):
     """A platform whose torch module (torch.cuda, torch.xpu) has streams and events: subclasses name the module."""

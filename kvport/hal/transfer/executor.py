@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvport.hal.completion import Completion, EventCompletion
-from kvport.hal.transfer.block_id_ring import BlockIdRing
 from kvport.hal.transfer.planner import CostModel, Plan, plan
 from kvport.hal.transfer.regions import region_template
 from kvport.hal.transfer.segments import check_buffer
@@ -85,6 +84,8 @@ class Transfer:
 
         self.backend = backend
         self.device = torch.device(device)
+        if self.device.index is None and self.device.type != "cpu":
+            self.device = torch.device(self.device.type, getattr(torch, self.device.type).current_device())
         self.platform = platform or platform_for_device(self.device)
         self.model = model or CostModel()
         self.native = native  # a NativeBackend for the DMA path, or None
@@ -96,7 +97,12 @@ class Transfer:
         self.dma_stream = self.platform.new_stream(self.device)
         self.zero_copy_programs = ZERO_COPY_PROGRAMS
         self._staging: list[torch.Tensor] = []
-        self._id_ring = BlockIdRing(self.platform, self.device, self.kernel_stream)
+        # Chunks that fit one staging piece go through the native backend in one call (kvport.hal.transfer.one_call).
+        self._one_call = None
+        if hasattr(backend, "staged_chunk"):
+            from kvport.hal.transfer.one_call import OneCallChunks
+
+            self._one_call = OneCallChunks(self.platform, self.device, self.kernel_stream, self.dma_stream)
         # Per-transfer host work memoized (host time matters): plans and staged pieces, see _memo.
         self._pieces: dict = {}
         self._plans: dict = {}
@@ -175,8 +181,14 @@ class Transfer:
                 )
             check_buffer("transfer host chunk", host, need)
         chosen = self.plan(descriptor, num_tokens, direction, path, len(chunks))
-        self._order_after(after)
         keep: list = [host for _, host in chunks]
+        if chosen.path == "staged" and self._fits_one_call(descriptor, chunks, num_tokens):
+            if after is not None:
+                self._order_after(after)
+            staging = self._stage(0, need)
+            event = self._one_call.issue(self.backend, descriptor, chunks[0], num_tokens, staging, direction, after)
+            return TransferResult(chosen.path, chosen.reason, EventCompletion(self.platform, self.device, event, keep))
+        self._order_after(after)
         if chosen.path == "dma":
             self._dma(direction, descriptor, chunks, num_tokens, keep)
             done = self.dma_stream
@@ -197,6 +209,12 @@ class Transfer:
         event = self.platform.new_event()
         event.record(done)
         return TransferResult(chosen.path, chosen.reason, EventCompletion(self.platform, self.device, event, keep))
+
+    def _fits_one_call(self, descriptor, chunks, num_tokens: int) -> bool:
+        """One chunk that fits one staging piece, and a backend that issues it in one call."""
+        if self._one_call is None or len(chunks) != 1 or num_tokens <= 0:
+            return False
+        return len(self._piece_list(descriptor, num_tokens)) == 1
 
     def _order_after(self, after) -> None:
         if after is None:
@@ -264,27 +282,6 @@ class Transfer:
             self.dma_stream.synchronize()
             self._staging[index] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return self._staging[index]
-
-    def _staged_one_call(self, direction, descriptor, block_ids, host, num_tokens):
-        """A chunk that fits one staging piece, issued by the backend in one call on the kernel stream (ids up,
-        kernels, host copy): the same work as the general path below with one piece, less host time per chunk."""
-        from kvport.hal.transfer.segments import flat_block_ids
-
-        ids = flat_block_ids(descriptor, block_ids, num_tokens)
-        nbytes = descriptor.canonical_bytes(num_tokens)
-        staging = self._stage(0, nbytes)[:nbytes]
-        with self._id_ring.slot(ids) as (host_ids, device_ids):
-            self.backend.staged_chunk(
-                descriptor,
-                num_tokens,
-                host_ids,
-                device_ids,
-                staging,
-                host,
-                direction == "d2h",
-                self.kernel_stream.cuda_stream,
-            )
-        return self.kernel_stream
 
     def _work(self, descriptor, chunks, num_tokens, keep) -> list[_Work]:
         """The launches of a transfer, in order, with one upload of every chunk's block table. Chunks smaller than a
@@ -354,9 +351,6 @@ class Transfer:
         # The staging buffers outlive a call: a transfer issued before this one may still be copying out of them
         # (d2h, on the DMA stream) or scattering from them (h2d, on the kernel stream) when this one starts.
         self.kernel_stream.wait_stream(self.dma_stream)
-        if len(chunks) == 1 and num_tokens > 0 and hasattr(self.backend, "staged_chunk"):
-            if len(self._piece_list(descriptor, num_tokens)) == 1:
-                return self._staged_one_call(direction, descriptor, *chunks[0], num_tokens)
         work = self._work(descriptor, chunks, num_tokens, keep)
         size = max(w.nbytes for w in work)
         if len(work) == 1:

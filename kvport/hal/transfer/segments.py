@@ -207,6 +207,12 @@ def flat_block_ids(
     return joined.pin_memory() if pin_memory else joined
 
 
+def flat_block_id_list(descriptor: CopyDescriptor, block_ids: Sequence, num_tokens: int) -> list[int]:
+    """``flat_block_ids`` as a list of Python ints (what a native call takes as its argument)."""
+    flat = _flat_int_list(descriptor, block_ids, num_tokens)
+    return flat if flat is not None else flat_block_ids(descriptor, block_ids, num_tokens).tolist()
+
+
 def _flat_int_list(descriptor: CopyDescriptor, block_ids: Sequence, num_tokens: int) -> list[int] | None:
     """The same ids and the same checks as ``CopyDescriptor.block_tables`` when every table is a list or tuple of
     Python ints (what engines and the cache hand over), on Python ints: per chunk, the torch calls of the general

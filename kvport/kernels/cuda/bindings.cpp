@@ -1,9 +1,11 @@
 // pybind11 surface of the native module (kvport._native_cuda / kvport._native_hip): raw pointers, sizes and
 // stream handles only, so the module never links libtorch and works across torch versions.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "ops.h"
 
@@ -79,16 +81,21 @@ PYBIND11_MODULE(KVPORT_MODULE_NAME, m) {
       "DMA of one chunk from a region template (host int64 arrays) and its flat block ids, copy engines only.");
   m.def(
       "staged_chunk",
-      [](std::uintptr_t launches, std::size_t n_launches, std::uintptr_t ids_host, std::uintptr_t ids_dev,
-         std::size_t ids_bytes, std::uintptr_t staging, std::uintptr_t host, std::size_t nbytes, bool gather,
-         std::uintptr_t stream) {
-        check(kvport::staged_chunk({reinterpret_cast<const std::int64_t*>(launches), n_launches, ids_host, ids_dev,
-                                    ids_bytes, staging, host, nbytes, gather, stream}),
+      [](std::uintptr_t launches, std::size_t n_launches, const std::vector<std::int64_t>& ids,
+         std::uintptr_t ids_host, std::uintptr_t ids_dev, std::uintptr_t staging, std::uintptr_t host,
+         std::size_t nbytes, bool gather, std::uintptr_t stream, std::uintptr_t after_stream,
+         std::uintptr_t after_event, std::uintptr_t busy_stream, std::uintptr_t busy_event) {
+        check(kvport::staged_chunk({reinterpret_cast<const std::int64_t*>(launches), n_launches, ids.data(),
+                                    ids.size(), ids_host, ids_dev, staging, host, nbytes, gather, stream,
+                                    {after_stream, after_event}, {busy_stream, busy_event}}),
               "staged_chunk");
       },
-      py::arg("launches"), py::arg("n_launches"), py::arg("ids_host"), py::arg("ids_dev"), py::arg("ids_bytes"),
-      py::arg("staging"), py::arg("host"), py::arg("nbytes"), py::arg("gather"), py::arg("stream"), no_gil,
-      "One single-piece staged chunk in stream order: ids up, launches and one host copy (see ops.h).");
+      py::arg("launches"), py::arg("n_launches"), py::arg("ids"), py::arg("ids_host"), py::arg("ids_dev"),
+      py::arg("staging"), py::arg("host"), py::arg("nbytes"), py::arg("gather"), py::arg("stream"),
+      py::arg("after_stream") = 0, py::arg("after_event") = 0, py::arg("busy_stream") = 0, py::arg("busy_event") = 0,
+      no_gil,
+      "One single-piece staged chunk in stream order, after the given streams' queued work: ids written and "
+      "uploaded, launches and one host copy (see ops.h).");
   m.attr("HAS_BATCHED_MEMCPY") = kvport::has_batched_memcpy();
   m.def("runtime_info", []() {
     int count = 0, runtime = 0, driver = 0;

@@ -60,20 +60,31 @@ const char* memcpy_template(const RegionTemplateArgs& args);
 
 // One single-piece staged chunk in stream order on one stream (kvport/kernels/cuda/staged_chunk.cu). `launches`
 // is a host int64 array of n_launches rows (table address, stream count, width, max tiles) of one compiled plan;
-// ids_host is pinned and must stay allocated until the stream reached this work; ids_dev and staging are device
-// buffers the stream owns. gather: engine -> staging -> host; scatter: host -> staging -> engine.
+// `ids` (n_ids block ids) are written into ids_host, pinned with room for them, which must stay allocated until
+// the stream reached this work; ids_dev and staging are device buffers the stream owns. gather: engine -> staging
+// -> host; scatter: host -> staging -> engine. Before any of it the stream waits for `after` (the engine's stream:
+// the forward that wrote the KV) and `busy` (a stream that may still read staging), each only if it has work left,
+// through its event (recorded there again each time; a wait keeps the record it saw). An event of 0 skips that wait
+// (a stream handle of 0 is the legacy default stream).
 inline constexpr std::size_t kStagedLaunchColumns = 4;
+struct StreamOrder {
+  std::uintptr_t stream;
+  std::uintptr_t event;
+};
 struct StagedChunkArgs {
   const std::int64_t* launches;
   std::size_t n_launches;
+  const std::int64_t* ids;
+  std::size_t n_ids;
   std::uintptr_t ids_host;
   std::uintptr_t ids_dev;
-  std::size_t ids_bytes;
   std::uintptr_t staging;
   std::uintptr_t host;
   std::size_t nbytes;
   bool gather;
   std::uintptr_t stream;
+  StreamOrder after;
+  StreamOrder busy;
 };
 const char* staged_chunk(const StagedChunkArgs& args);
 

@@ -21,3 +21,8 @@
 #define cudaDriverGetVersion hipDriverGetVersion
 #define cudaMemcpyAsync hipMemcpyAsync
 #define cudaMemcpyDefault hipMemcpyDefault
+#define cudaErrorNotReady hipErrorNotReady
+#define cudaEvent_t hipEvent_t
+#define cudaEventRecord hipEventRecord
+#define cudaStreamQuery hipStreamQuery
+#define cudaStreamWaitEvent hipStreamWaitEvent
