@@ -81,13 +81,16 @@ class Bench:
         """Milliseconds per call of fn() issued back to back (after one warm-up), from device events.
 
         Back to back is how a connector moves a prefix, chunk after chunk, and it is how the memcpy limit is timed
-        too; host-side issue cost shows up wherever the host cannot keep ahead of the device."""
+        too; host-side issue cost shows up wherever the host cannot keep ahead of the device. A call may return a
+        Completion: the window then ends when the last one finished entirely (its copy to the host included)."""
         fn()
         torch.cuda.synchronize()
         start, end = _events(2)
         start.record()
+        last = None
         for _ in range(reps):
-            fn()
+            last = fn()
+        _all_of_it(last)
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / reps
@@ -278,7 +281,8 @@ class Bench:
                 result = transfer.to_host(descriptor, ids, host, tokens, path=chosen)
             else:
                 result = transfer.from_host(host, descriptor, ids, tokens, path=chosen)
-            result.wait()  # the timing stream waits for the side streams, as an engine would
+            result.wait()  # the timing stream waits as an engine would: until the transfer is done with its KV
+            return result.completion
 
         return chosen, one
 
@@ -312,8 +316,10 @@ class Bench:
                 self.load_step()
                 gemm_events[i + 1].record()
         xfer_events[0].record()
+        last = None
         for _ in range(reps):
-            enqueue()
+            last = enqueue()
+        _all_of_it(last)
         xfer_events[1].record()
         torch.cuda.synchronize()
         t_end = xfer_events[0].elapsed_time(xfer_events[1])
@@ -345,3 +351,13 @@ def _torch_backend():
     from kvport.hal.backends.torch_ref import TorchBackend
 
     return TorchBackend()
+
+
+def _all_of_it(last) -> None:
+    """The timing stream waits for all of the last transfer of a window (its copy to the host included): an
+    engine's stream waits only until a store is done with its KV, while the window must end with the last byte.
+    Transfers of one window run their copies in issue order, so the last one's end is the window's."""
+    from kvport.hal.completion import Completion
+
+    if isinstance(last, Completion):
+        last.wait_on_all()

@@ -118,6 +118,7 @@ def _cases(bench, layout: str, tokens: int, args):
             raise RuntimeError(f"store moved {ticket.tokens} of {tokens} tokens (L1 full?)")
         ticket.completion.wait_on()
         in_flight.append(ticket)
+        return ticket.completion
 
     prefix = list(range(tokens))
     assert engine.store(prefix, ids, tokens) == tokens
@@ -130,11 +131,14 @@ def _cases(bench, layout: str, tokens: int, args):
         if ticket.tokens != tokens:
             raise RuntimeError(f"load moved {ticket.tokens} of {tokens} tokens")
         ticket.completion.wait_on()
+        return ticket.completion
 
     def bare(direction):
         def once():
             chunks_ = list(zip(tables, bufs))
-            mover.transfer.move(direction, mover.descriptor, chunks_, chunk, mover.path).wait()
+            result = mover.transfer.move(direction, mover.descriptor, chunks_, chunk, mover.path)
+            result.wait()
+            return result.completion
 
         return once
 
@@ -159,8 +163,10 @@ def _cases(bench, layout: str, tokens: int, args):
                 row["cache_vs_transfer"] = row["cache_ratio"] / row["transfer_ratio"]
                 if load == "gemm":
                     row["step_ms"], row["step_added_ms"], row["host_ms"] = _step_cost(bench, fn)
-                    while in_flight:
-                        in_flight.pop(0).wait()
+                else:
+                    row["stream_wait_ms"] = _stream_wait(fn)
+                while in_flight:
+                    in_flight.pop(0).wait()
                 yield row
     finally:
         for lease in leases:
@@ -208,9 +214,30 @@ def _step_cost(bench, issue) -> tuple[float, float, float]:
     return alone, loaded - alone, statistics.median(host) * 1e3
 
 
+def _stream_wait(issue) -> float:
+    """How long the engine's own stream waits for one cache operation when it is ordered after it, as the vLLM
+    worker does (issued after the forward on the current stream, ``wait_on`` before the next): ms from the operation's
+    issue to when the stream's next kernel may start, median of five, nothing else in flight. A store holds the
+    stream until its gather read the blocks, a load until its scatter wrote them."""
+    import statistics
+
+    import torch
+
+    waits = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        issue()
+        end.record()
+        end.synchronize()
+        waits.append(begin.elapsed_time(end))
+    return statistics.median(waits[1:])
+
+
 HEADER = (
     f"{'layout':16} {'tokens':>6} {'op':5} {'path':9} {'load':5} {'MiB':>7} {'transfer':>8} {'(gemm)':>6} "
-    f"{'cache':>6} {'(gemm)':>6} {'cache/xfer':>10} {'step +ms':>9} {'host ms':>8}"
+    f"{'cache':>6} {'(gemm)':>6} {'cache/xfer':>10} {'step +ms':>9} {'host ms':>8} {'wait ms':>8}"
 )
 
 
@@ -227,6 +254,7 @@ def format_record(r: dict) -> str:
             if r.get("step_added_ms") is not None
             else f"{'-':>9} {'-':>8}"
         )
+        + (f" {r['stream_wait_ms']:8.3f}" if r.get("stream_wait_ms") is not None else f" {'-':>8}")
     )
 
 

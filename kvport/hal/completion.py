@@ -2,9 +2,12 @@
 Owns the completion types and the one watcher thread that runs their callbacks; must not issue copies itself.
 
 A completion is finished when the device work it stands for has finished. Three ways to wait on it:
-``wait()`` blocks the host; ``wait_on(stream)`` orders a device stream after it without blocking the host (what an
-engine does before its forward reads loaded blocks); ``add_done_callback(fn)`` runs ``fn(error)`` once it finished
-(on the watcher thread), which is how the cache commits a gathered chunk or frees a buffer a scatter read."""
+``wait()`` blocks the host; ``wait_on(stream)`` orders a device stream after the work's use of engine memory without
+blocking the host (what an engine does before its forward reads loaded blocks or overwrites blocks a store read:
+for a staged store that is the end of its gather, before the copy to the host has run); ``add_done_callback(fn)``
+runs ``fn(error)`` once all of it finished (on the watcher thread), which is how the cache commits a gathered chunk
+or frees a buffer a scatter read. ``wait_on_all(stream)`` orders a stream after all of it (a benchmark timing a
+store to its last byte)."""
 
 from __future__ import annotations
 
@@ -31,7 +34,12 @@ class Completion(abc.ABC):
 
     @abc.abstractmethod
     def wait_on(self, stream: Any = None) -> None:
-        """Order ``stream`` (default: the device's current stream) after the work, without blocking the host."""
+        """Order ``stream`` (default: the device's current stream) after the work's use of engine memory, without
+        blocking the host. Host buffers a store fills are final only once the completion is done."""
+
+    def wait_on_all(self, stream: Any = None) -> None:
+        """Order ``stream`` after all of the work, host buffers included, without blocking the host."""
+        self.wait_on(stream)
 
     @abc.abstractmethod
     def add_done_callback(self, fn: Callback) -> None:
@@ -62,11 +70,13 @@ READY = Ready()
 
 
 class EventCompletion(Completion):
-    """Device work that ends at ``event`` (recorded on a stream of ``platform``); ``keepalive`` holds the buffers the
-    work reads or writes until it finished, so none is freed under a running copy."""
+    """Device work that ends at ``event`` (recorded on a stream of ``platform``) and is done with engine memory at
+    ``released`` (default: ``event``; a staged store's gather ends before its copy to the host); ``keepalive`` holds
+    the buffers the work reads or writes until it finished, so none is freed under a running copy."""
 
-    def __init__(self, platform, device, event, keepalive: Sequence[Any] = ()) -> None:
+    def __init__(self, platform, device, event, keepalive: Sequence[Any] = (), released=None) -> None:
         self.platform, self.device, self.event = platform, device, event
+        self.released = event if released is None else released
         self._keepalive = list(keepalive)
         self._lock = threading.Lock()
         self._finished = False
@@ -103,6 +113,9 @@ class EventCompletion(Completion):
             raise self._error
 
     def wait_on(self, stream: Any = None) -> None:
+        (stream or self.platform.current_stream(self.device)).wait_event(self.released)
+
+    def wait_on_all(self, stream: Any = None) -> None:
         (stream or self.platform.current_stream(self.device)).wait_event(self.event)
 
     def add_done_callback(self, fn: Callback) -> None:
@@ -143,6 +156,10 @@ class AllOf(Completion):
     def wait_on(self, stream: Any = None) -> None:
         for part in self.parts:
             part.wait_on(stream)
+
+    def wait_on_all(self, stream: Any = None) -> None:
+        for part in self.parts:
+            part.wait_on_all(stream)
 
     def add_done_callback(self, fn: Callback) -> None:
         if not self.parts:

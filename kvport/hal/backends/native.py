@@ -94,17 +94,18 @@ class NativeBackend(SegmentedBackend):
         staging,
         host,
         gather: bool,
-        stream: int,
+        streams: tuple[int, int],
+        slot_events: tuple[int, int],
         after: tuple[int, int] = (0, 0),
-        busy: tuple[int, int] = (0, 0),
     ) -> None:
-        """One chunk that fits one staging buffer, in one native call on the raw ``stream`` handle: the flat block
-        ``ids`` written into ``ids_host`` (pinned, room for them; keep it until the stream ran this) and uploaded
-        into ``ids_dev``, then engine -> ``staging`` -> ``host`` (gather) or ``host`` -> ``staging`` -> engine;
-        first the stream waits for the queued work of ``after`` and ``busy`` ((raw stream, raw event) each, event 0:
-        no wait; see ops.h). The same kernels and copies as a gather or scatter followed or preceded by a copy,
-        without the ~60 Python-level calls of issuing them and their ordering one by one (a one-chunk DeepSeek-V4
-        transfer spent twice its link time on the host, docs/performance.md)."""
+        """One chunk that fits one ``staging`` slot, in one native call: the flat block ``ids`` written into
+        ``ids_host`` (pinned, room for them; keep it until the kernel stream ran this) and uploaded into ``ids_dev``,
+        then engine -> ``staging`` -> ``host`` (gather) or ``host`` -> ``staging`` -> engine, the kernels on
+        ``streams[0]`` and the host copy on ``streams[1]`` (raw handles). ``slot_events`` (filled, freed: raw
+        events) hand the slot between them; the kernels first wait for the queued work of ``after`` (raw stream,
+        raw event; event 0: no wait). See ops.h. The same kernels and copies as a gather or scatter followed or
+        preceded by a copy, without the ~60 Python-level calls of issuing them and their ordering one by one (a
+        one-chunk DeepSeek-V4 transfer spent twice its link time on the host, docs/performance.md)."""
         key = (id(descriptor), num_tokens, staging.data_ptr())
         hit = self._packed.get(key)
         if hit is None or hit[0] is not descriptor:
@@ -120,11 +121,9 @@ class NativeBackend(SegmentedBackend):
             host.data_ptr(),
             nbytes,
             gather,
-            stream,
-            after[0],
-            after[1],
-            busy[0],
-            busy[1],
+            *streams,
+            *slot_events,
+            *after,
         )
 
     def _pack(self, key, descriptor, num_tokens: int, staging):

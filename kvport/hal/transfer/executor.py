@@ -38,7 +38,8 @@ class TransferResult:
     completion: Completion
 
     def wait(self, stream=None) -> None:
-        """Make ``stream`` (default: the current one) wait for the transfer, without blocking the host."""
+        """Make ``stream`` (default: the current one) wait until the transfer is done with engine memory, without
+        blocking the host (a staged store's copy to the host may still run: ``completion.wait_on_all``)."""
         self.completion.wait_on(stream)
 
     def synchronize(self) -> None:
@@ -97,7 +98,8 @@ class Transfer:
         self.dma_stream = self.platform.new_stream(self.device)
         self.zero_copy_programs = ZERO_COPY_PROGRAMS
         self._staging: list[torch.Tensor] = []
-        # Chunks that fit one staging piece go through the native backend in one call (kvport.hal.transfer.one_call).
+        # Chunks that fit one staging piece go through the native backend in one call, with staging slots of their
+        # own (kvport.hal.transfer.one_call).
         self._one_call = None
         if hasattr(backend, "staged_chunk"):
             from kvport.hal.transfer.one_call import OneCallChunks
@@ -185,10 +187,11 @@ class Transfer:
         if chosen.path == "staged" and self._fits_one_call(descriptor, chunks, num_tokens):
             if after is not None:
                 self._order_after(after)
-            staging = self._stage(0, need)
-            event = self._one_call.issue(self.backend, descriptor, chunks[0], num_tokens, staging, direction, after)
-            return TransferResult(chosen.path, chosen.reason, EventCompletion(self.platform, self.device, event, keep))
+            event, released = self._one_call.issue(self.backend, descriptor, chunks[0], num_tokens, direction, after)
+            completion = EventCompletion(self.platform, self.device, event, keep, released)
+            return TransferResult(chosen.path, chosen.reason, completion)
         self._order_after(after)
+        released = None  # where the transfer is done with engine memory, if before its end
         if chosen.path == "dma":
             self._dma(direction, descriptor, chunks, num_tokens, keep)
             done = self.dma_stream
@@ -206,9 +209,13 @@ class Transfer:
             done = self.kernel_stream
         else:
             done = self._staged(direction, descriptor, chunks, num_tokens, keep)
+            if direction == "d2h" and done is self.dma_stream:  # gathers into pieces, copied out after them
+                released = self.platform.new_event()
+                released.record(self.kernel_stream)
         event = self.platform.new_event()
         event.record(done)
-        return TransferResult(chosen.path, chosen.reason, EventCompletion(self.platform, self.device, event, keep))
+        completion = EventCompletion(self.platform, self.device, event, keep, released)
+        return TransferResult(chosen.path, chosen.reason, completion)
 
     def _fits_one_call(self, descriptor, chunks, num_tokens: int) -> bool:
         """One chunk that fits one staging piece, and a backend that issues it in one call."""

@@ -83,19 +83,20 @@ PYBIND11_MODULE(KVPORT_MODULE_NAME, m) {
       "staged_chunk",
       [](std::uintptr_t launches, std::size_t n_launches, const std::vector<std::int64_t>& ids,
          std::uintptr_t ids_host, std::uintptr_t ids_dev, std::uintptr_t staging, std::uintptr_t host,
-         std::size_t nbytes, bool gather, std::uintptr_t stream, std::uintptr_t after_stream,
-         std::uintptr_t after_event, std::uintptr_t busy_stream, std::uintptr_t busy_event) {
+         std::size_t nbytes, bool gather, std::uintptr_t kernel_stream, std::uintptr_t copy_stream,
+         std::uintptr_t filled_event, std::uintptr_t freed_event, std::uintptr_t after_stream,
+         std::uintptr_t after_event) {
         check(kvport::staged_chunk({reinterpret_cast<const std::int64_t*>(launches), n_launches, ids.data(),
-                                    ids.size(), ids_host, ids_dev, staging, host, nbytes, gather, stream,
-                                    {after_stream, after_event}, {busy_stream, busy_event}}),
+                                    ids.size(), ids_host, ids_dev, staging, host, nbytes, gather, kernel_stream,
+                                    copy_stream, filled_event, freed_event, {after_stream, after_event}}),
               "staged_chunk");
       },
       py::arg("launches"), py::arg("n_launches"), py::arg("ids"), py::arg("ids_host"), py::arg("ids_dev"),
-      py::arg("staging"), py::arg("host"), py::arg("nbytes"), py::arg("gather"), py::arg("stream"),
-      py::arg("after_stream") = 0, py::arg("after_event") = 0, py::arg("busy_stream") = 0, py::arg("busy_event") = 0,
-      no_gil,
-      "One single-piece staged chunk in stream order, after the given streams' queued work: ids written and "
-      "uploaded, launches and one host copy (see ops.h).");
+      py::arg("staging"), py::arg("host"), py::arg("nbytes"), py::arg("gather"), py::arg("kernel_stream"),
+      py::arg("copy_stream"), py::arg("filled_event"), py::arg("freed_event"), py::arg("after_stream") = 0,
+      py::arg("after_event") = 0, no_gil,
+      "One single-piece staged chunk: kernels on one stream, the host copy on another, a staging slot handed "
+      "between them by two events, after the engine stream's queued work (see ops.h).");
   m.attr("HAS_BATCHED_MEMCPY") = kvport::has_batched_memcpy();
   m.def("runtime_info", []() {
     int count = 0, runtime = 0, driver = 0;

@@ -58,13 +58,16 @@ struct RegionTemplateArgs {
 };
 const char* memcpy_template(const RegionTemplateArgs& args);
 
-// One single-piece staged chunk in stream order on one stream (kvport/kernels/cuda/staged_chunk.cu). `launches`
-// is a host int64 array of n_launches rows (table address, stream count, width, max tiles) of one compiled plan;
-// `ids` (n_ids block ids) are written into ids_host, pinned with room for them, which must stay allocated until
-// the stream reached this work; ids_dev and staging are device buffers the stream owns. gather: engine -> staging
-// -> host; scatter: host -> staging -> engine. Before any of it the stream waits for `after` (the engine's stream:
-// the forward that wrote the KV) and `busy` (a stream that may still read staging), each only if it has work left,
-// through its event (recorded there again each time; a wait keeps the record it saw). An event of 0 skips that wait
+// One single-piece staged chunk issued in one call (kvport/kernels/cuda/staged_chunk.cu): kernels on
+// kernel_stream, the host copy on copy_stream, so consecutive chunks on alternating staging slots overlap one's copy
+// with the next one's kernels. `launches` is a host int64 array of n_launches rows (table address, stream count,
+// width, max tiles) of one compiled plan; `ids` (n_ids block ids) are written into ids_host, pinned with room for
+// them, which must stay allocated until kernel_stream reached this work; ids_dev is kernel_stream's device buffer.
+// gather: engine -> staging -> host; scatter: host -> staging -> engine. The slot is written only after
+// `freed_event` (recorded by the slot's previous chunk once done reading it; recorded once beforehand for a new
+// slot), `filled_event` hands the slot from writer to reader, and both are recorded again here. The kernels first
+// wait for `after` (the engine's stream: the forward that wrote the KV), only if it has work left, through its
+// event (recorded there again each time; a wait keeps the record it saw). An `after` event of 0 skips that wait
 // (a stream handle of 0 is the legacy default stream).
 inline constexpr std::size_t kStagedLaunchColumns = 4;
 struct StreamOrder {
@@ -82,9 +85,11 @@ struct StagedChunkArgs {
   std::uintptr_t host;
   std::size_t nbytes;
   bool gather;
-  std::uintptr_t stream;
+  std::uintptr_t kernel_stream;
+  std::uintptr_t copy_stream;
+  std::uintptr_t filled_event;
+  std::uintptr_t freed_event;
   StreamOrder after;
-  StreamOrder busy;
 };
 const char* staged_chunk(const StagedChunkArgs& args);
 

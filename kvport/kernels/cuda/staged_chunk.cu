@@ -1,5 +1,6 @@
-// staged_chunk: one single-piece staged chunk issued in one host call, in stream order. Gather: block ids up, the
-// plan's launches into device staging, one copy to the host chunk; scatter: ids up, one copy into staging, launches.
+// staged_chunk: one single-piece staged chunk issued in one host call. Gather: block ids up, the plan's launches
+// into a device staging slot (kernel stream), one copy to the host chunk (copy stream); scatter: one copy into the
+// slot (copy stream), ids up and the launches (kernel stream). Events hand the slot between the two streams.
 #include <cstring>
 
 #include "ops.h"
@@ -16,6 +17,16 @@ const char* copy(std::uintptr_t dst, std::uintptr_t src, std::size_t nbytes, cud
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+const char* check(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
+
+cudaEvent_t event_of(std::uintptr_t handle) { return reinterpret_cast<cudaEvent_t>(handle); }
+
+// `to` continues after what `from` has queued so far.
+const char* hand_over(cudaStream_t from, cudaStream_t to, std::uintptr_t event) {
+  if (const char* e = check(cudaEventRecord(event_of(event), from))) return e;
+  return check(cudaStreamWaitEvent(to, event_of(event), 0));
+}
+
 // `s` waits for what `o.stream` has queued so far, if anything: an idle stream costs one query, no wait (each
 // cross-stream wait cost the copy engines ~1% of a back-to-back chunk, docs/performance.md).
 const char* wait_for(cudaStream_t s, const StreamOrder& o) {
@@ -24,34 +35,47 @@ const char* wait_for(cudaStream_t s, const StreamOrder& o) {
   cudaError_t err = cudaStreamQuery(other);
   if (err == cudaSuccess) return nullptr;
   if (err != cudaErrorNotReady) return cudaGetErrorString(err);
-  auto event = reinterpret_cast<cudaEvent_t>(o.event);
-  if ((err = cudaEventRecord(event, other)) != cudaSuccess) return cudaGetErrorString(err);
-  err = cudaStreamWaitEvent(s, event, 0);
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return hand_over(other, s, o.event);
+}
+
+const char* launch_all(const StagedChunkArgs& a) {
+  for (std::size_t i = 0; i < a.n_launches; ++i) {
+    const std::int64_t* p = a.launches + kStagedLaunchColumns * i;
+    const SegmentArgs seg{static_cast<std::uintptr_t>(p[0]), p[1], a.ids_dev, a.staging, static_cast<int>(p[2]),
+                          p[3], 0, a.kernel_stream};
+    if (const char* e = a.gather ? gather(seg) : scatter(seg)) return e;
+  }
+  return nullptr;
+}
+
+const char* upload_ids(const StagedChunkArgs& a, cudaStream_t s) {
+  const std::size_t ids_bytes = a.n_ids * sizeof(std::int64_t);
+  std::memcpy(reinterpret_cast<void*>(a.ids_host), a.ids, ids_bytes);
+  return copy(a.ids_dev, a.ids_host, ids_bytes, s);
 }
 
 }  // namespace
 
 const char* staged_chunk(const StagedChunkArgs& a) {
-  auto s = reinterpret_cast<cudaStream_t>(a.stream);
-  if (const char* e = wait_for(s, a.after)) return e;
-  if (const char* e = wait_for(s, a.busy)) return e;
-  const std::size_t ids_bytes = a.n_ids * sizeof(std::int64_t);
-  std::memcpy(reinterpret_cast<void*>(a.ids_host), a.ids, ids_bytes);
-  if (const char* e = copy(a.ids_dev, a.ids_host, ids_bytes, s)) return e;
-  if (!a.gather) {
-    if (const char* e = copy(a.staging, a.host, a.nbytes, s)) return e;
-  }
-  for (std::size_t i = 0; i < a.n_launches; ++i) {
-    const std::int64_t* p = a.launches + kStagedLaunchColumns * i;
-    const SegmentArgs seg{static_cast<std::uintptr_t>(p[0]), p[1], a.ids_dev, a.staging, static_cast<int>(p[2]),
-                          p[3], 0, a.stream};
-    if (const char* e = a.gather ? gather(seg) : scatter(seg)) return e;
-  }
+  auto kernels = reinterpret_cast<cudaStream_t>(a.kernel_stream);
+  auto copies = reinterpret_cast<cudaStream_t>(a.copy_stream);
   if (a.gather) {
-    if (const char* e = copy(a.host, a.staging, a.nbytes, s)) return e;
+    if (const char* e = wait_for(kernels, a.after)) return e;
+    if (const char* e = check(cudaStreamWaitEvent(kernels, event_of(a.freed_event), 0))) return e;
+    if (const char* e = upload_ids(a, kernels)) return e;
+    if (const char* e = launch_all(a)) return e;
+    if (const char* e = hand_over(kernels, copies, a.filled_event)) return e;
+    if (const char* e = copy(a.host, a.staging, a.nbytes, copies)) return e;
+    return check(cudaEventRecord(event_of(a.freed_event), copies));
   }
-  return nullptr;
+  if (const char* e = check(cudaStreamWaitEvent(copies, event_of(a.freed_event), 0))) return e;
+  if (const char* e = copy(a.staging, a.host, a.nbytes, copies)) return e;
+  if (const char* e = check(cudaEventRecord(event_of(a.filled_event), copies))) return e;
+  if (const char* e = wait_for(kernels, a.after)) return e;
+  if (const char* e = upload_ids(a, kernels)) return e;
+  if (const char* e = check(cudaStreamWaitEvent(kernels, event_of(a.filled_event), 0))) return e;
+  if (const char* e = launch_all(a)) return e;
+  return check(cudaEventRecord(event_of(a.freed_event), kernels));
 }
 
 }  // namespace kvport

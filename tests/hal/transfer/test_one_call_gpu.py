@@ -1,5 +1,5 @@
 """One-call staged chunks on a GPU: the native call's own stream ordering (the engine's current stream, an explicit
-``after``, a drain still reading staging) and the platform's raw stream handles it relies on."""
+``after``, staging slots handed between the kernel and copy streams) and the platform's raw handles it relies on."""
 
 from __future__ import annotations
 
@@ -95,11 +95,11 @@ def test_explicit_after_stream_orders_the_one_call():
 
 
 @pytest.mark.parametrize("direction", ["d2h", "h2d"])
-def test_one_call_waits_for_a_drain_still_reading_staging(direction):
-    """A multi-piece d2h move drains staging on the DMA stream; a one-call chunk issued right after gathers into the
-    same staging buffer and must wait for that drain (h2d: the same moves the other way). Pieces of 32 MiB: each
-    drain copy takes ~0.6 ms of link, the one-call gather of 32 MiB ~0.03 ms of HBM, so a gather that did not wait
-    would overwrite the first piece while it is being copied out."""
+def test_one_call_right_after_a_multi_piece_move(direction):
+    """A multi-piece d2h move drains its staging on the DMA stream while a one-call chunk issued right after runs
+    its kernels (h2d: the same moves the other way); neither may touch the other's bytes. Pieces of 32 MiB: each
+    drain copy takes ~0.6 ms of link, the one-call gather of 32 MiB ~0.03 ms of HBM, so a one-call chunk that
+    shared the first piece's buffer without waiting would overwrite it while it is being copied out."""
     big, small = 768, 256
     dims = {"layers": 32, "kv_heads": 8, "head_dim": 128}  # Llama-3-8B-sized KV: 128 KiB per token
     d, ids, _ = _setup("vllm-flash-nhd", big, **dims)
@@ -129,3 +129,84 @@ def test_one_call_waits_for_a_drain_still_reading_staging(direction):
     torch.cuda.synchronize()
     assert torch.equal(hosts[big], _expect(d, ids, big)), f"{direction}: the multi-piece move lost bytes"
     assert torch.equal(hosts[small], _expect(d, small_ids, small)), f"{direction}: the one-call chunk lost bytes"
+
+
+@pytest.mark.parametrize("direction", ["d2h", "h2d"])
+@pytest.mark.parametrize("layout", ["deepseek-v4", "vllm-mla"])
+def test_consecutive_chunks_reuse_a_slot_only_after_its_reader(layout, direction):
+    """Chunks alternate between two staging slots, kernels on one stream and host copies on the other. With the
+    slots' readers held behind a sleep (d2h: the copies; h2d: the kernels), the third chunk must not refill slot 0
+    before the first chunk's reader emptied it; every chunk moves its own blocks."""
+    from kvport.hal.transfer.one_call import STAGING_SLOTS
+
+    chunks = 2 * STAGING_SLOTS + 1
+    tokens = 64
+    d, _, transfer = _setup(layout, tokens)
+    need = [-(-tokens // g.tokens_per_block) for g in d.groups]
+    # Disjoint blocks per chunk, so a chunk that moved through another's slot contents cannot pass.
+    kv = allocate(
+        load_layout(layout),
+        [chunks * n + 1 for n in need] if len(need) > 1 else chunks * need[0] + 1,
+        device="cuda",
+        generator=torch.Generator().manual_seed(3),
+    )
+    d = kv.descriptor
+    rng = random.Random(3)
+    order = [rng.sample(range(chunks * n + 1), chunks * n + 1) for n in need]
+    tables = [[order[g][c * n : (c + 1) * n] for g, n in enumerate(need)] for c in range(chunks)]
+    nbytes = d.canonical_bytes(tokens)
+    hosts = [torch.empty(nbytes, dtype=torch.uint8).pin_memory() for _ in range(chunks)]
+
+    def issue(host, table):
+        if direction == "d2h":
+            return transfer.to_host(d, table, host, tokens, path="staged")
+        return transfer.from_host(host, d, table, tokens, path="staged")
+
+    for _ in range(SLOTS + 1):  # warm: tables, both slots, every block-id slot
+        issue(hosts[0], tables[0]).synchronize()
+    for c, host in enumerate(hosts):
+        host.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(c)))
+    held = transfer.dma_stream if direction == "d2h" else transfer.kernel_stream
+    with torch.cuda.stream(held):
+        torch.cuda._sleep(SLEEP)
+    results = [issue(host, table) for host, table in zip(hosts, tables)]
+    assert all(r.path == "staged" for r in results)
+    torch.cuda.synchronize()
+    for c, (host, table) in enumerate(zip(hosts, tables)):
+        assert torch.equal(host, _expect(d, table, tokens)), f"{layout} {direction}: chunk {c} lost its bytes"
+
+
+@pytest.mark.parametrize("one_call", [True, False])
+def test_a_store_releases_engine_memory_before_its_copy_lands(one_call):
+    """``wait_on`` orders the engine's stream after a staged store's gathers only, so the engine's next forward does
+    not wait for the copy to the host; ``wait_on_all`` and the completion itself wait for the copy; the bytes are
+    the blocks' as they were gathered. One call: the copy is held behind a sleep on the copy stream. Pieces (three
+    of 32 MiB, Llama-3-8B-sized KV): the copies take ~1.8 ms of link, the gathers ~0.1 ms."""
+    if one_call:
+        tokens, dims, model = 64, {}, None
+    else:
+        tokens, dims = 768, {"layers": 32, "kv_heads": 8, "head_dim": 128}
+        d, _, _ = _setup("vllm-flash-nhd", tokens, **dims)
+        piece = d.canonical_bytes(256)
+        model = CostModel(piece_bytes=piece, min_piece_bytes=piece)
+    d, ids, transfer = _setup("vllm-flash-nhd", tokens, model, **dims)
+    assert transfer._fits_one_call(d, [(ids, None)], tokens) == one_call
+    host = torch.zeros(d.canonical_bytes(tokens), dtype=torch.uint8).pin_memory()
+    _warm(transfer, d, ids, host, tokens)
+    want = _expect(d, ids, tokens)
+    if one_call:
+        with torch.cuda.stream(transfer.dma_stream):
+            torch.cuda._sleep(SLEEP)
+    result = transfer.to_host(d, ids, host, tokens, path="staged")
+    result.wait()
+    released = torch.cuda.Event()
+    released.record()
+    for stream in d.streams:  # the engine overwrites its blocks once released, while the copy still runs
+        stream.buffer.view(torch.uint8).fill_(0x11)
+    result.completion.wait_on_all()
+    landed = torch.cuda.Event()
+    landed.record()
+    released.synchronize()
+    assert not landed.query() and not result.completion.done(), "wait_on waited for the copy to the host"
+    torch.cuda.synchronize()
+    assert result.completion.done() and torch.equal(host, want)
