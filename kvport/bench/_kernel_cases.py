@@ -281,7 +281,9 @@ class Bench:
                 result = transfer.to_host(descriptor, ids, host, tokens, path=chosen)
             else:
                 result = transfer.from_host(host, descriptor, ids, tokens, path=chosen)
-            result.wait()  # the timing stream waits as an engine would: until the transfer is done with its KV
+            # The timing stream waits as an engine would: until the transfer is done with its KV (_all_of_it ends
+            # the window with the last byte).
+            result.completion.wait_on()
             return result.completion
 
         return chosen, one

@@ -136,9 +136,9 @@ def _cases(bench, layout: str, tokens: int, args):
     def bare(direction):
         def once():
             chunks_ = list(zip(tables, bufs))
-            result = mover.transfer.move(direction, mover.descriptor, chunks_, chunk, mover.path)
-            result.wait()
-            return result.completion
+            completion = mover.transfer.move(direction, mover.descriptor, chunks_, chunk, mover.path).completion
+            completion.wait_on()  # as the cache's own tickets are waited on
+            return completion
 
         return once
 

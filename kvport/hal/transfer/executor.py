@@ -38,9 +38,9 @@ class TransferResult:
     completion: Completion
 
     def wait(self, stream=None) -> None:
-        """Make ``stream`` (default: the current one) wait until the transfer is done with engine memory, without
-        blocking the host (a staged store's copy to the host may still run: ``completion.wait_on_all``)."""
-        self.completion.wait_on(stream)
+        """Make ``stream`` (default: the current one) wait for the whole transfer, host buffers included, without
+        blocking the host. An engine that only needs its KV memory back waits less: ``completion.wait_on``."""
+        self.completion.wait_on_all(stream)
 
     def synchronize(self) -> None:
         """Block the host until the transfer finished."""

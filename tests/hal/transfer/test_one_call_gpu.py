@@ -198,7 +198,7 @@ def test_a_store_releases_engine_memory_before_its_copy_lands(one_call):
         with torch.cuda.stream(transfer.dma_stream):
             torch.cuda._sleep(SLEEP)
     result = transfer.to_host(d, ids, host, tokens, path="staged")
-    result.wait()
+    result.completion.wait_on()
     released = torch.cuda.Event()
     released.record()
     for stream in d.streams:  # the engine overwrites its blocks once released, while the copy still runs
