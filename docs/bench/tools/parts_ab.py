@@ -1,7 +1,8 @@
 # ruff: noqa: B023, E501  (kept as run; its lambdas are called at once, in the loop that defines them)
 """Device A/B: one 256-token staged chunk back to back, in parts (default) vs one part (events withheld), alternating
 rounds; ms per op and ratio to a pinned memcpy of the same bytes.
-Runs only on branch parts-overlap (it withholds Transfer._chunk_events); kept as run for docs/performance.md (2026-11-30)."""
+Runs only on branch parts-overlap (it withholds Transfer._chunk_events); kept as run for docs/performance.md (2026-11-30).
+Its window end is not ordered after the transfers: see the correction in docs/performance.md."""
 
 import random
 import sys
