@@ -85,8 +85,9 @@ class Transfer:
 
         self.backend = backend
         self.device = torch.device(device)
-        if self.device.index is None and self.device.type != "cpu":
-            self.device = torch.device(self.device.type, getattr(torch, self.device.type).current_device())
+        api = getattr(torch, self.device.type, None)
+        if self.device.index is None and self.device.type != "cpu" and hasattr(api, "current_device"):
+            self.device = torch.device(self.device.type, api.current_device())  # native calls need the index
         self.platform = platform or platform_for_device(self.device)
         self.model = model or CostModel()
         self.native = native  # a NativeBackend for the DMA path, or None
