@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvport.hal.completion import Completion, EventCompletion
+from kvport.hal.transfer.pieces import stream_pieces
 from kvport.hal.transfer.planner import CostModel, Plan, plan
 from kvport.hal.transfer.regions import region_template
 from kvport.hal.transfer.segments import check_buffer
@@ -262,22 +263,8 @@ class Transfer:
     def _piece_list(self, descriptor, num_tokens):
         piece = self.model.piece_bytes_for(descriptor.canonical_bytes(num_tokens))
         return self._memo(
-            self._pieces, (num_tokens, piece), descriptor, lambda: self._split(descriptor, num_tokens, piece)
+            self._pieces, (num_tokens, piece), descriptor, lambda: stream_pieces(descriptor, num_tokens, piece)
         )
-
-    def _split(self, descriptor, num_tokens, piece: int):
-        """Consecutive streams grouped into pieces of at least ``piece`` bytes (the last may be smaller):
-        (sub-descriptor, chunk offset, bytes) each."""
-        offsets = descriptor.stream_offsets(num_tokens)
-        total = descriptor.canonical_bytes(num_tokens)
-        pieces, start = [], 0
-        for i in range(1, len(descriptor.streams) + 1):
-            end = offsets[i] if i < len(offsets) else total
-            if i == len(descriptor.streams) or end - offsets[start] >= piece:
-                sub = dataclasses.replace(descriptor, streams=descriptor.streams[start:i])
-                pieces.append((sub, offsets[start], end - offsets[start]))
-                start = i
-        return pieces
 
     def _stage(self, index: int, nbytes: int):
         import torch
