@@ -1,5 +1,5 @@
-"""The executor's host-side bookkeeping on CPU, streams faked: staged pieces tile the chunk in canonical order,
-and the per-descriptor memos stay bounded when descriptors come and go."""
+"""The executor's host-side bookkeeping on CPU, streams faked: staged pieces follow the cost model and are memoized
+(their tiling: test_pieces.py), and the per-descriptor memos stay bounded when descriptors come and go."""
 
 from __future__ import annotations
 
@@ -22,16 +22,15 @@ def transfer(monkeypatch):
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 23])
-def test_pieces_tile_the_chunk_in_order(transfer, tokens):
+def test_pieces_come_from_the_models_piece_size_and_are_memoized(transfer, tokens):
+    from kvport.hal.transfer.pieces import stream_pieces
+
     d = sample("mla_odd", Dims())
     pieces = transfer._piece_list(d, tokens)
-    assert [s for sub, _, _ in pieces for s in sub.streams] == list(d.streams)
-    offset = 0
-    for sub, start, nbytes in pieces:
-        assert start == offset and nbytes == sub.canonical_bytes(tokens)
-        offset += nbytes
-    assert offset == d.canonical_bytes(tokens)
-    assert all(n >= transfer.model.piece_bytes for _, _, n in pieces[:-1])
+    piece = transfer.model.piece_bytes_for(d.canonical_bytes(tokens))
+    assert [(sub.streams, start, n) for sub, start, n in pieces] == [
+        (sub.streams, start, n) for sub, start, n in stream_pieces(d, tokens, piece)
+    ]
     assert transfer._piece_list(d, tokens) is pieces
 
 
