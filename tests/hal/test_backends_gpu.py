@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from kvport.hal.platform import detect_platform  # noqa: E402
+from kvport.hal.transfer.block_id_ring import SLOTS  # noqa: E402
 from kvport.hal.transfer.differential import buffers, check_gather, check_scatter, random_block_ids  # noqa: E402
 from kvport.hal.transfer.executor import Transfer  # noqa: E402
 from kvport.hal.transfer.planner import CostModel  # noqa: E402
@@ -98,7 +99,7 @@ def test_gather_waits_for_the_engine_stream(backend_name, mode):
     host = torch.zeros(kv.descriptor.canonical_bytes(tokens), dtype=torch.uint8, pin_memory=True)
     # Warm: a first call compiles tables and allocates pinned and device buffers, which synchronizes the host and
     # would hide a missing stream wait; the one-call path also fills all its block-id slots.
-    for _ in range(9):
+    for _ in range(SLOTS + 1):
         transfer.to_host(kv.descriptor, ids, host, tokens, path=mode).synchronize()
     host.zero_()
     torch.cuda.synchronize()

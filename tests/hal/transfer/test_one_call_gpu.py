@@ -45,6 +45,13 @@ def _warm(transfer, d, ids, host, tokens):
         transfer.to_host(d, ids, host, tokens, path="staged").synchronize()
 
 
+def _write_later(d, value):
+    """On the current stream: the ~50 ms sleep, then every KV buffer of ``d`` filled with ``value``."""
+    torch.cuda._sleep(SLEEP)
+    for stream in d.streams:
+        stream.buffer.view(torch.uint8).fill_(value)
+
+
 def _expect(d, ids, tokens):
     out = torch.empty(d.canonical_bytes(tokens), dtype=torch.uint8)
     ref_gather(d, ids, out, tokens)
@@ -72,9 +79,7 @@ def test_waits_for_the_engines_current_side_stream(layout):
     _warm(transfer, d, ids, host, tokens)
     engine = torch.cuda.Stream()
     with torch.cuda.stream(engine):
-        torch.cuda._sleep(SLEEP)
-        for stream in d.streams:
-            stream.buffer.view(torch.uint8).fill_(0x5A)
+        _write_later(d, 0x5A)
         result = transfer.to_host(d, ids, host, tokens, path="staged")
     result.synchronize()
     assert bool((host == 0x5A).all()), "the one-call gather read KV before the engine's stream wrote it"
@@ -87,9 +92,7 @@ def test_explicit_after_stream_orders_the_one_call():
     _warm(transfer, d, ids, host, tokens)
     writer = torch.cuda.Stream()
     with torch.cuda.stream(writer):
-        torch.cuda._sleep(SLEEP)
-        for stream in d.streams:
-            stream.buffer.view(torch.uint8).fill_(0x33)
+        _write_later(d, 0x33)
     transfer.to_host(d, ids, host, tokens, path="staged", after=writer).synchronize()
     assert bool((host == 0x33).all()), "the one-call gather did not wait for the explicit after stream"
 
