@@ -4,8 +4,10 @@ running 8192^3 GEMMs before and after it (the next "forward" waits for the store
 
 `kvport bench kernels --load gemm` runs its GEMMs on a stream of their own, so a transfer's kernels wait for SMs at
 some random point of a 1.6 ms GEMM. Here the transfer becomes ready at a kernel boundary of the engine's stream (the
-end of the forward that wrote the KV), where a high-priority stream gets the SMs first. Latency = from that boundary
-(an event recorded on the engine stream) to the transfer's last byte, median of N; ratio = memcpy / kvport.
+end of the forward that wrote the KV), where a high-priority stream gets the SMs first. From that boundary (an event
+recorded on the engine stream), medians of N: ms to the transfer's last byte (ratio memcpy / kvport) and ms until the
+next forward may start. kvport's load copies into its own staging before the boundary (only its scatter waits), so
+its last byte can come sooner after the boundary than a plain copy's, which writes engine memory.
 usage: boundary_latency.py [N] [LAYOUT ...]"""
 
 import random
@@ -36,30 +38,37 @@ def gemm():
 
 
 def one(kind, direction, d, ids, tokens, host, dev_flat, load):
-    """Latency in ms of one transfer ordered after the engine stream, with GEMMs around it when ``load``."""
-    ready, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    """(ms from the boundary to the transfer's last byte, ms from the boundary to the next forward's start) of one
+    transfer ordered after the engine stream, with GEMMs before and after it when ``load``."""
+    ready, done, resume = (torch.cuda.Event(enable_timing=True) for _ in range(3))
     if load:
         gemm()
     ready.record(engine)
     if kind == "memcpy":
+        # Engine memory on one side: after the forward that wrote it (store) or that may still read it (load), and
+        # the next forward after its last byte (a plain copy uses engine memory to its end).
         side.wait_event(ready)
         with torch.cuda.stream(side):
-            (host.copy_(dev_flat, non_blocking=True) if direction == "d2h" else dev_flat.copy_(host, non_blocking=True))
+            if direction == "d2h":
+                host.copy_(dev_flat, non_blocking=True)
+            else:
+                dev_flat.copy_(host, non_blocking=True)
         done.record(side)
-        if direction == "h2d":
-            engine.wait_stream(side)
+        engine.wait_stream(side)
     else:
         if direction == "d2h":
             res = transfer.to_host(d, ids, host, tokens, path="auto")
         else:
             res = transfer.from_host(host, d, ids, tokens, path="auto")
-        res.completion.wait_on(engine)  # the vLLM worker's order: the next forward after the store's release
+        res.completion.wait_on(engine)  # the vLLM worker's order: the next forward after the release / the load
+        side.wait_event(ready)
         res.completion.wait_on_all(side)
         done.record(side)
+    resume.record(engine)
     if load:
-        gemm()  # the next forward: after the store's release, or after the load (wait_on above)
+        gemm()  # the next forward
     torch.cuda.synchronize()
-    return ready.elapsed_time(done)
+    return ready.elapsed_time(done), ready.elapsed_time(resume)
 
 
 for name in LAYOUTS:
@@ -80,10 +89,11 @@ for name in LAYOUTS:
                 got = {}
                 for kind in ("memcpy", "kvport", "memcpy", "kvport"):  # interleaved; first round warms up
                     got[kind] = [one(kind, direction, d, ids, tokens, host, dev_flat, load) for _ in range(N)]
-                mc, kp = statistics.median(got["memcpy"]), statistics.median(got["kvport"])
+                mc, kp = ([statistics.median(x[i] for x in got[k]) for i in (0, 1)] for k in ("memcpy", "kvport"))
                 print(
                     f"{name:16s} {tokens:5d} {direction} {path:7s} {'engine GEMMs' if load else 'alone':12s} "
-                    f"memcpy {mc:7.3f} ms  kvport {kp:7.3f} ms  ratio {mc / kp:5.3f}",
+                    f"last byte: memcpy {mc[0]:7.3f} kvport {kp[0]:7.3f} ms ({mc[0] / kp[0]:5.3f})  "
+                    f"next forward waits: memcpy {mc[1]:7.3f} kvport {kp[1]:7.3f} ms",
                     flush=True,
                 )
         del kv, host, dev_flat
