@@ -8,8 +8,9 @@ end of the forward that wrote the KV), where a high-priority stream gets the SMs
 recorded on the engine stream), medians of N: ms to the transfer's last byte (ratio memcpy / kvport) and ms until the
 next forward may start. kvport's load copies into its own staging before the boundary (only its scatter waits), so
 its last byte can come sooner after the boundary than a plain copy's, which writes engine memory.
-usage: boundary_latency.py [N] [LAYOUT ...]"""
+usage: boundary_latency.py [N] [LAYOUT ...]; KVPORT_TOOL_PATH=staged|dma|... forces a path (default auto)."""
 
+import os
 import random
 import statistics
 import sys
@@ -23,6 +24,7 @@ from kvport.hal.registry import candidates
 from kvport.hal.transfer.executor import Transfer
 from kvport.layouts import allocate
 
+PATH = os.environ.get("KVPORT_TOOL_PATH", "auto")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 15
 LAYOUTS = sys.argv[2:] or ["vllm-flash-nhd", "vllm-flash-hnd", "vllm-mla", "deepseek-v4"]
 found = {c.name: c.backend for c in candidates(detect_platform()) if c.verdict.ok}
@@ -57,9 +59,9 @@ def one(kind, direction, d, ids, tokens, host, dev_flat, load):
         engine.wait_stream(side)
     else:
         if direction == "d2h":
-            res = transfer.to_host(d, ids, host, tokens, path="auto")
+            res = transfer.to_host(d, ids, host, tokens, path=PATH)
         else:
-            res = transfer.from_host(host, d, ids, tokens, path="auto")
+            res = transfer.from_host(host, d, ids, tokens, path=PATH)
         res.completion.wait_on(engine)  # the vLLM worker's order: the next forward after the release / the load
         side.wait_event(ready)
         res.completion.wait_on_all(side)
@@ -73,7 +75,7 @@ def one(kind, direction, d, ids, tokens, host, dev_flat, load):
 
 for name in LAYOUTS:
     spec = sized_layout(name, BENCH_DIMS)
-    for tokens in (256, 8192):
+    for tokens in [int(t) for t in os.environ.get("KVPORT_TOOL_TOKENS", "256,8192").split(",")]:
         need = [-(-tokens // g.tokens_per_block) for g in spec.groups]
         nb = [2 * n + 2 for n in need]
         kv = allocate(spec, nb if len(nb) > 1 else nb[0], device="cuda", fill="zeros")
@@ -83,7 +85,7 @@ for name in LAYOUTS:
         nbytes = d.canonical_bytes(tokens)
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         dev_flat = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-        path = transfer.plan(d, tokens, "d2h").path
+        path = transfer.plan(d, tokens, "d2h", path=PATH).path
         for direction in ("d2h", "h2d"):
             for load in (False, True):
                 got = {}
