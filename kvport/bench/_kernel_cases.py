@@ -217,7 +217,15 @@ class Bench:
 
     def case(self, name, descriptor, ids, tokens, direction, backend_name, path, load) -> dict:
         nbytes = descriptor.canonical_bytes(tokens)
+        if load == "engine" and (direction == "d2d" or backend_name == "per-block"):
+            raise SkipCase("engine order times host transfers of the transfer pipeline only")
         used, enqueue = self._enqueue(descriptor, ids, tokens, direction, backend_name, path, nbytes)
+        if load == "engine":
+            return (
+                self._case_key(name, backend_name, direction, tokens, path, load)
+                | self._engine_case(enqueue, direction, nbytes)
+                | dict(path_used=used)
+            )
         if load == "gemm":
             ms, gemm_ratio = self._under_load(enqueue)
         else:
@@ -234,6 +242,25 @@ class Bench:
             memcpy_gbps=limit,
             ratio_to_memcpy=gbps / limit,
             gemm_ratio=gemm_ratio,
+        )
+
+    def _engine_case(self, enqueue, direction: str, nbytes: int) -> dict:
+        """One transfer per engine step in the engine's own order, against a plain copy issued the same way."""
+        from kvport.bench._engine_order import engine_ordered, memcpy_enqueue
+
+        self.gemm_solo_ms()  # captures the load step's graph
+        reps = max(self.repeat, 11)
+        ms, wait = engine_ordered(self.load_step, enqueue, reps)
+        ref_ms, ref_wait = engine_ordered(self.load_step, memcpy_enqueue(direction, nbytes, self.device), reps)
+        return dict(
+            bytes=nbytes,
+            ms=ms,
+            gbps=nbytes / ms / 1e6,
+            memcpy_gbps=nbytes / ref_ms / 1e6,
+            ratio_to_memcpy=ref_ms / ms,
+            gemm_ratio=None,
+            engine_wait_ms=wait,
+            memcpy_engine_wait_ms=ref_wait,
         )
 
     @staticmethod

@@ -49,6 +49,7 @@ def test_parser_accepts_the_documented_flags():
     )
     assert args.layout == ["a", "b"] and args.tokens == [8192, 256] and args.path == ["dma", "auto"]
     assert args.load == ["gemm"] and args.json == Path("out.json") and args.piece_mib == 64 and args.gemm_n == 2048
+    assert parser.parse_args(["--load", "engine", "--load", "none"]).load == ["engine", "none"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--direction", "sideways"])
 
@@ -83,6 +84,23 @@ RESULT = {
             skipped="too many regions",
         ),
         dict(
+            layout="vllm-mla",
+            backend="cuda",
+            direction="d2h",
+            tokens=256,
+            path="auto",
+            path_used="staged",
+            load="engine",
+            bytes=9 << 20,
+            ms=0.194,
+            gbps=48.6,
+            memcpy_gbps=52.7,
+            ratio_to_memcpy=0.923,
+            gemm_ratio=None,
+            engine_wait_ms=0.018,
+            memcpy_engine_wait_ms=0.183,
+        ),
+        dict(
             layout="vllm-flash-nhd",
             backend="triton",
             direction="h2d",
@@ -99,6 +117,8 @@ def test_table_shows_ratio_skip_and_error():
     text = kernels.format_table(RESULT)
     assert "Test GPU" in text and "0.976" in text
     assert "skipped: too many regions" in text and "ERROR RuntimeError: boom" in text
+    engine = next(line for line in text.splitlines() if "engine" in line)
+    assert "0.923" in engine and engine.rstrip().endswith("0.018 (0.183)")
 
 
 def test_plot_writes_png(tmp_path):

@@ -1,0 +1,42 @@
+"""`kvport bench kernels --load engine` on a GPU: transfers in the engine's own order are timed against a plain copy
+issued the same way; a staged store gives the next step its memory back before a plain copy would (its gathers
+end before the copy to the host), and cases it cannot time are skipped with the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm device"),
+]
+
+
+def test_engine_order_records_latency_ratio_and_the_next_steps_wait():
+    from kvport.bench._kernel_cases import Bench
+    from kvport.bench.kernels import BENCH_DIMS
+
+    bench = Bench(
+        layouts=["vllm-mla"],
+        tokens=[256],
+        directions=["d2h", "h2d", "d2d"],
+        paths=["staged"],
+        loads=["engine"],
+        backends=["cuda"],
+        repeat=5,
+        dims=BENCH_DIMS,
+        gemm_n=2048,
+    )
+    records = bench.run()["records"]
+    by_dir = {r["direction"]: r for r in records}
+    assert "skipped" in by_dir["d2d"] and "engine order" in by_dir["d2d"]["skipped"]
+    for direction in ("d2h", "h2d"):
+        r = by_dir[direction]
+        assert "error" not in r, r.get("error")
+        assert r["load"] == "engine" and r["path_used"] == "staged"
+        assert 0 < r["ratio_to_memcpy"] and r["ms"] > 0 and r["engine_wait_ms"] >= 0 and r["memcpy_engine_wait_ms"] > 0
+    store = by_dir["d2h"]
+    # A plain copy holds engine memory to its last byte; the staged store only until its gather ended.
+    assert store["engine_wait_ms"] < store["memcpy_engine_wait_ms"]
