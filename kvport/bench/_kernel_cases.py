@@ -249,6 +249,8 @@ class Bench:
         from kvport.bench._engine_order import engine_ordered, memcpy_enqueue
 
         self.gemm_solo_ms()  # captures the load step's graph
+        # Rounds are apart (a host sync each) and reported as medians: at least 11 so a few slow rounds do not set
+        # the figure (a choice, not a measurement; the runs in docs/performance.md used 11).
         reps = max(self.repeat, 11)
         ms, wait = engine_ordered(self.load_step, enqueue, reps)
         ref_ms, ref_wait = engine_ordered(self.load_step, memcpy_enqueue(direction, nbytes, self.device), reps)
