@@ -217,13 +217,18 @@ class Bench:
 
     def case(self, name, descriptor, ids, tokens, direction, backend_name, path, load) -> dict:
         nbytes = descriptor.canonical_bytes(tokens)
-        if load == "engine" and (direction == "d2d" or backend_name == "per-block"):
+        engine = load in ("engine", "engine-async")
+        if engine and (direction == "d2d" or backend_name == "per-block"):
             raise SkipCase("engine order times host transfers of the transfer pipeline only")
-        used, enqueue = self._enqueue(descriptor, ids, tokens, direction, backend_name, path, nbytes)
-        if load == "engine":
+        if load == "engine-async" and direction != "d2h":
+            raise SkipCase("loads are always ordered before the forward that reads them (--load engine)")
+        used, enqueue = self._enqueue(
+            descriptor, ids, tokens, direction, backend_name, path, nbytes, release_wait=load != "engine-async"
+        )
+        if engine:
             return (
                 self._case_key(name, backend_name, direction, tokens, path, load)
-                | self._engine_case(enqueue, direction, nbytes)
+                | self._engine_case(enqueue, direction, nbytes, release_wait=load == "engine")
                 | dict(path_used=used)
             )
         if load == "gemm":
@@ -244,23 +249,25 @@ class Bench:
             gemm_ratio=gemm_ratio,
         )
 
-    def _engine_case(self, enqueue, direction: str, nbytes: int) -> dict:
-        """One transfer per engine step in the engine's own order, against a plain copy issued the same way."""
+    def _engine_case(self, enqueue, direction: str, nbytes: int, release_wait: bool) -> dict:
+        """One transfer per engine step in the engine's own order, against a plain copy issued the same way;
+        ``gemm_ratio`` is the next step's speed beside the transfer (the first step's speed = 1)."""
         from kvport.bench._engine_order import engine_ordered, memcpy_enqueue
 
         self.gemm_solo_ms()  # captures the load step's graph
         # Rounds are apart (a host sync each) and reported as medians: at least 11 so a few slow rounds do not set
         # the figure (a choice, not a measurement; the runs in docs/performance.md used 11).
         reps = max(self.repeat, 11)
-        ms, wait = engine_ordered(self.load_step, enqueue, reps)
-        ref_ms, ref_wait = engine_ordered(self.load_step, memcpy_enqueue(direction, nbytes, self.device), reps)
+        ms, wait, speed = engine_ordered(self.load_step, enqueue, reps)
+        plain = memcpy_enqueue(direction, nbytes, self.device, release_wait)
+        ref_ms, ref_wait, _ = engine_ordered(self.load_step, plain, reps)
         return dict(
             bytes=nbytes,
             ms=ms,
             gbps=nbytes / ms / 1e6,
             memcpy_gbps=nbytes / ref_ms / 1e6,
             ratio_to_memcpy=ref_ms / ms,
-            gemm_ratio=None,
+            gemm_ratio=speed,
             engine_wait_ms=wait,
             memcpy_engine_wait_ms=ref_wait,
         )
@@ -270,8 +277,9 @@ class Bench:
         """The fields that identify one record: (layout, backend, direction, tokens, path, load)."""
         return dict(layout=name, backend=backend, direction=direction, tokens=tokens, path=path, load=load)
 
-    def _enqueue(self, descriptor, ids, tokens, direction, backend_name, path, nbytes):
-        """(path actually used, a function that issues one transfer on the current stream's timeline)."""
+    def _enqueue(self, descriptor, ids, tokens, direction, backend_name, path, nbytes, release_wait=True):
+        """(path actually used, a function that issues one transfer on the current stream's timeline and, with
+        ``release_wait``, orders that stream after the transfer's use of engine memory)."""
         if direction == "d2d":
             backend = self.backends.get(backend_name) or _torch_backend()
             staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -311,8 +319,9 @@ class Bench:
             else:
                 result = transfer.from_host(host, descriptor, ids, tokens, path=chosen)
             # The timing stream waits as an engine would: until the transfer is done with its KV (_all_of_it ends
-            # the window with the last byte).
-            result.completion.wait_on()
+            # the window with the last byte). Asynchronous stores: vLLM keeps the blocks instead (no wait).
+            if release_wait:
+                result.completion.wait_on()
             return result.completion
 
         return chosen, one

@@ -56,10 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", choices=PATHS, action="append", help="host paths (default: dma staged zero-copy)")
     parser.add_argument(
         "--load",
-        choices=("gemm", "none", "engine"),
+        choices=("gemm", "none", "engine", "engine-async"),
         action="append",
         help="default: none gemm; engine: one transfer per GEMM step on the engine's own stream, the next step "
-        "after its release (vLLM's order); its ratio is of latencies from the step's end, 'wait' the next step's",
+        "after its release (vLLM's order for loads); its ratio is of latencies from the step's end, 'wait' the next "
+        "step's, 'gemm' its speed; engine-async: stores the next step does not wait for (vLLM's async_stores)",
     )
     parser.add_argument("--backend", action="append", help="copy backends (default: every one available here)")
     parser.add_argument(
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 HEADER = (
-    f"{'layout':28} {'backend':11} {'dir':4} {'tokens':>6} {'path':10} {'used':10} {'load':6} "
+    f"{'layout':28} {'backend':11} {'dir':4} {'tokens':>6} {'path':10} {'used':10} {'load':12} "
     f"{'MiB':>7} {'GB/s':>8} {'ratio':>6} {'gemm':>6} {'wait ms':>8}"
 )
 
@@ -168,7 +169,7 @@ def format_record(r: dict) -> str:
     # --load engine: how long the engine's next step waits for the transfer (and for a plain copy, in brackets).
     wait = f"{r['engine_wait_ms']:.3f}" if r.get("engine_wait_ms") is not None else "-"
     line = head + (
-        f"{r['path_used']:10} {r['load']:6} {r['bytes'] / 2**20:7.1f} {r['gbps']:8.1f} "
+        f"{r['path_used']:10} {r['load']:12} {r['bytes'] / 2**20:7.1f} {r['gbps']:8.1f} "
         f"{r['ratio_to_memcpy']:6.3f} {gemm:>6} {wait:>8}"
     )
     if r.get("memcpy_engine_wait_ms") is not None:

@@ -27,6 +27,7 @@ from kvport.engines.vllm_layouts import spec_for, tensors_in_order
 from kvport.engines.vllm_options import check_extra_config
 from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, TransferSpec, metrics_port_for
 from kvport.engines.vllm_setup import attention_infos, check_parallelism, route_logs_to_vllm
+from kvport.engines.vllm_store_fences import StoreFences, group_blocks, stored_blocks
 from kvport.engines.vllm_worker import WorkerSide
 from kvport.errors import UserError
 
@@ -48,10 +49,12 @@ _LOCAL_WORKERS: dict[str, Any] = {}
 
 @dataclasses.dataclass
 class KVPortMetadata(KVConnectorMetadata):
-    """Scheduler -> worker, once per step: the loads to run before the forward and the stores after it."""
+    """Scheduler -> worker, once per step: the requests whose stores the forward must wait for (``fences``, before
+    it), the loads to run before the forward and the stores after it."""
 
     loads: list[TransferSpec] = dataclasses.field(default_factory=list)
     stores: list[TransferSpec] = dataclasses.field(default_factory=list)
+    fences: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -95,6 +98,8 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         self._extras: dict[str, bytes] = {}
         self._plan: SchedulerPlan | None = None
         self._worker: WorkerSide | None = None
+        self._async_stores = options.get("async_stores", True)
+        self._fences = StoreFences() if self._async_stores else None  # scheduler side only
         if role == KVConnectorRole.SCHEDULER:
             self._plan = SchedulerPlan(
                 self._lookup, self._cache_config.chunk_tokens, self._block_size, _load_async(len(groups))
@@ -153,7 +158,9 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         self._engine = self._make_engine(namespace)
         self._engine.bind(descriptor)
         _LOCAL_WORKERS[namespace] = self._engine
-        self._worker = WorkerSide(self._engine, self._block_size, bool(self._options.get("debug_random_load")))
+        self._worker = WorkerSide(
+            self._engine, self._block_size, bool(self._options.get("debug_random_load")), self._async_stores
+        )
         if self._worker.debug_random_load:
             log.warning("kvport: debug_random_load is ON: loaded KV is replaced by random bytes (test only)")
         log.info(
@@ -173,6 +180,12 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_handshake_metadata(self) -> KVPortHandshake | None:
         return KVPortHandshake(self._engine.namespace) if self._engine is not None else None
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Before the forward, before vLLM rewrites blocks it handed out again: order the stream after the stores
+        of the requests the scheduler fenced (preempted, or whose stored blocks were reallocated)."""
+        if self._worker is not None and isinstance(kv_connector_metadata, KVPortMetadata):
+            self._worker.fence(kv_connector_metadata.fences)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -198,9 +211,15 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
         """Asynchronous loads issued since the last step (models with several KV cache groups): each one finished,
-        the failed ones also in ``failed_recving`` (vLLM recomputes those requests)."""
-        finished, failed = self._worker.take_transfer_results() if self._worker is not None else (set(), set())
-        return KVConnectorTransferResults(finished_recving=finished, failed_recving=failed)
+        the failed ones also in ``failed_recving`` (vLLM recomputes those requests); and the finished requests
+        whose asynchronous stores are done (``finished_sending``: vLLM frees their blocks)."""
+        if self._worker is None:
+            return KVConnectorTransferResults()
+        finished, failed = self._worker.take_transfer_results()
+        sent = self._worker.finished_stores(finished_req_ids)
+        if sent:
+            self._write_stats()
+        return KVConnectorTransferResults(finished_sending=sent, finished_recving=finished, failed_recving=failed)
 
     def shutdown(self) -> None:
         if self._engine is not None and _LOCAL_WORKERS.get(self._engine.namespace) is self._engine:
@@ -287,15 +306,39 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         for req_id, before in zip(cached.req_ids, cached.num_computed_tokens):
             steps.append(StepRequest(req_id, before, scheduled.get(req_id, 0), blocks(req_id)))
         loads, stores = self._plan.build(steps, prompts)
-        if loads or stores:
+        fences = self._fence(scheduler_output, loads, stores)
+        if loads or stores or fences:
             self._write_stats()
-        return KVPortMetadata(loads, stores)
+        return KVPortMetadata(loads, stores, fences)
+
+    def _fence(self, scheduler_output: SchedulerOutput, loads: list, stores: list) -> list[str]:
+        """Requests whose in-flight stores read blocks that this step hands out again (to vLLM's new tokens or our
+        loads) or that preemption freed; then this step's stores are recorded as in flight."""
+        if self._fences is None:
+            return []
+        allocated = set()
+        for new in scheduler_output.scheduled_new_reqs:
+            allocated |= group_blocks(new.block_ids)
+        for ids in scheduler_output.scheduled_cached_reqs.new_block_ids:
+            allocated |= group_blocks(ids)
+        for spec in loads:
+            allocated |= stored_blocks(spec.block_ids, self._block_size, spec.skip_tokens, spec.num_tokens)
+        fences = self._fences.fences(allocated, scheduler_output.preempted_req_ids or ())
+        for spec in stores:
+            self._fences.stored(
+                spec.req_id, stored_blocks(spec.block_ids, self._block_size, spec.skip_tokens, spec.num_tokens)
+            )
+        return fences
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        # Stores ran after the steps that computed each chunk, so nothing is left to save: free the blocks now.
+        """Synchronous stores ran after the steps that computed each chunk: free the blocks now. Asynchronous ones
+        may still read them: vLLM keeps them until the workers report the request (``get_transfer_results``)."""
         self._plan.finished(request.request_id)
         self._extras.pop(request.request_id, None)
-        return False, None
+        delay = self._fences is not None and self._fences.finished(request.request_id)
+        if delay:
+            self._write_stats()
+        return delay, None
 
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
@@ -314,6 +357,9 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
                 "failed_loads": p.failed_loads,
                 "load_async": p.load_async,
                 "prompt_tokens": p.prompt_tokens,
+                "async_stores": self._fences is not None,
+                "store_fences": self._fences.fenced if self._fences is not None else 0,
+                "delayed_frees": self._fences.delayed_frees if self._fences is not None else 0,
                 "namespaces": [e.namespace for e in self._engines],
             }
         out: dict[str, Any] = {"role": "worker", "rank": self._rank}

@@ -17,6 +17,9 @@ ADAPTER_KEYS: dict[str, type | tuple[type, ...]] = {
     "namespace": str,  # operator-set model identity: replaces model path, revision and weights digest in keys
     "stats_dir": str,  # the connector writes its counters there as JSON after each step with transfers
     "debug_random_load": bool,  # TEST ONLY: scatter random bytes instead of the loaded KV
+    # Stores run beside the next forwards (vLLM keeps a finished request's blocks until they are done); false
+    # orders every forward after the previous step's stores (kvport.engines.vllm_store_fences).
+    "async_stores": bool,
 }
 WHERE = "kv_connector_extra_config"
 

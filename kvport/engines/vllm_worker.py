@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvport.engines.vllm_plan import TransferSpec
+from kvport.engines.vllm_store_fences import PendingStores
 
 if TYPE_CHECKING:
     from kvport.cache.engine import CacheEngine
@@ -19,10 +20,15 @@ log = logging.getLogger("kvport.vllm")
 class WorkerSide:
     """Runs loads and stores on a bound CacheEngine and keeps the counters the connector reports."""
 
-    def __init__(self, engine: CacheEngine, block_size: int, debug_random_load: bool = False) -> None:
+    def __init__(
+        self, engine: CacheEngine, block_size: int, debug_random_load: bool = False, async_stores: bool = True
+    ) -> None:
         self.engine = engine
         self.block_size = block_size
         self.debug_random_load = debug_random_load
+        # Stores the forward does not wait for (kvport.engines.vllm_store_fences); None: every store is ordered
+        # before the next forward on the engine's stream.
+        self.pending = PendingStores() if async_stores else None
         self._invalid_blocks: set[int] = set()
         self._finished_recving: set[str] = set()  # asynchronous loads issued since vLLM last asked
         self._failed_recving: set[str] = set()  # ... of which these loaded less than planned
@@ -37,6 +43,7 @@ class WorkerSide:
             "random_loads": 0,
             "load_seconds": 0.0,  # host time issuing loads, including tier reads and checksum checks
             "store_seconds": 0.0,  # host time issuing stores (the gather and tier writes continue behind it)
+            "store_fences": 0,  # stores still running when vLLM was about to reuse their blocks (forward waited)
         }
 
     def load(self, specs: Sequence[TransferSpec]) -> None:
@@ -90,18 +97,35 @@ class WorkerSide:
                 self._scatter_random(spec, loaded)
 
     def store(self, specs: Sequence[TransferSpec]) -> None:
-        """Gather the new full chunks of each spec out of vLLM's blocks. The gather is ordered after this step's
-        forward on the current stream (so it reads complete KV), and the stream is ordered after the gather (so a
-        later forward cannot overwrite blocks it still reads); the host does not wait."""
+        """Gather the new full chunks of each spec out of vLLM's blocks, ordered after this step's forward on the
+        current stream (so it reads complete KV); the host does not wait. Asynchronous (the default): the next
+        forwards run beside the store; the blocks stay untouched until ``fence`` or ``finished_stores`` says the
+        store is done (kvport.engines.vllm_store_fences). Otherwise the stream is ordered after the gather (so a
+        later forward cannot overwrite blocks it still reads)."""
         for spec in specs:
             start = time.perf_counter()
+            if self.pending is not None:
+                self.pending.add(spec.req_id, None)  # reported when it finishes, even if the store fails below
             ticket = self.engine.submit_store(
                 spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens, spec.extra
             )
-            ticket.completion.wait_on()
+            if self.pending is None:
+                ticket.completion.wait_on()
+            else:
+                self.pending.add(spec.req_id, ticket.completion)
             self.counters["store_seconds"] += time.perf_counter() - start
             self.counters["store_requests"] += 1
             self.counters["tokens_stored"] += ticket.tokens
+
+    def fence(self, req_ids: Sequence[str]) -> None:
+        """Before the forward: vLLM is about to reuse blocks these requests' stores may still read; order the
+        engine's stream after those stores (no host wait)."""
+        if self.pending is not None and req_ids:
+            self.counters["store_fences"] += self.pending.fence(req_ids)
+
+    def finished_stores(self, finished_req_ids: set[str]) -> set[str]:
+        """Finished requests (named now or before) whose stores are all done: vLLM may free their blocks."""
+        return self.pending.finished(finished_req_ids) if self.pending is not None else set()
 
     def _blocks_from(self, spec: TransferSpec, end: int) -> set[int]:
         """Every group's blocks that hold tokens [end, num_tokens): what vLLM must recompute."""
@@ -124,7 +148,10 @@ class WorkerSide:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {"connector": dict(self.counters), "cache": self.engine.stats()}
+        counters = dict(self.counters)
+        if self.pending is not None:
+            counters |= {"stores_reported_done": self.pending.reported, "stores_running": self.pending.running()}
+        return {"connector": counters, "cache": self.engine.stats()}
 
     def _scatter_random(self, spec: TransferSpec, num_tokens: int) -> None:
         """TEST ONLY: overwrite the loaded tokens with random bytes through the same descriptor and backend, to

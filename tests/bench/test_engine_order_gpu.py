@@ -43,3 +43,30 @@ def test_engine_order_records_latency_ratio_and_the_next_steps_wait():
     store = by_dir["d2h"]
     # A plain copy holds engine memory to its last byte; the staged store only until its gather ended.
     assert store["engine_wait_ms"] < store["memcpy_engine_wait_ms"]
+
+
+def test_engine_async_store_leaves_the_next_step_free():
+    """`--load engine-async`: the next step is not ordered after the store, so it starts long before the store's
+    last byte (a plain copy issued the same way is the reference); loads are refused with the reason."""
+    from kvport.bench._kernel_cases import Bench
+    from kvport.bench.kernels import BENCH_DIMS
+
+    bench = Bench(
+        layouts=["vllm-flash-nhd"],
+        tokens=[256],
+        directions=["d2h", "h2d"],
+        paths=["staged"],
+        loads=["engine-async"],
+        backends=["cuda"],
+        repeat=5,
+        dims=BENCH_DIMS,
+        gemm_n=2048,
+    )
+    records = [r for r in bench.run()["records"] if r["backend"] == "cuda"]
+    by_dir = {r["direction"]: r for r in records}
+    assert "ordered before the forward" in by_dir["h2d"]["skipped"]
+    store = by_dir["d2h"]
+    assert "error" not in store, store.get("error")
+    assert store["load"] == "engine-async" and store["path_used"] == "staged"
+    assert store["engine_wait_ms"] < store["ms"] / 2, "the next step waited for the store"
+    assert 0 < store["gemm_ratio"] <= 1.5

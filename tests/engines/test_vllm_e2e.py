@@ -70,6 +70,18 @@ def test_outputs_identical_with_and_without_kvport(runs: Runs) -> None:
     assert all(r["cached_tokens"] == 0 for r in base["results"])
 
 
+def test_requests_kept_for_their_stores_are_all_released(runs: Runs) -> None:
+    """Asynchronous stores (the default): vLLM kept every finished request that stored until the worker reported
+    its stores done; a request never reported would hold its blocks for the engine's lifetime. The driver runs the
+    prompts one after another, so each request is reported in the next prompt's first step; the last one's report
+    races the engine's shutdown (which drains its stores)."""
+    stats = runs.cold["kvport_stats"]
+    delayed = stats["scheduler"]["delayed_frees"]
+    assert delayed >= 2, "the first prompt and the unrelated one stored chunks"
+    assert stats["worker0"]["connector"]["stores_reported_done"] in (delayed - 1, delayed)
+    assert stats["worker0"]["connector"]["stores_running"] == 0
+
+
 def test_fresh_engine_computes_only_the_tail(runs: Runs) -> None:
     warm = runs.warm
     assert _outputs(warm) == _outputs(runs.baseline)

@@ -115,3 +115,21 @@ def test_async_load_that_raises_is_reported_failed_not_left_waiting(tmp_path) ->
     assert worker.take_transfer_results() == ({"r"}, {"r"})
     with pytest.raises(Exception):  # noqa: B017 - the synchronous path keeps raising (vLLM fails the step)
         worker.load([TransferSpec("s", list(range(600)), [[1, 2, 3, 4]], 512)])
+
+
+def test_async_stores_are_reported_for_finished_requests_only(tmp_path) -> None:
+    """The default: stores do not order the engine's stream; a finished request that stored is reported once its
+    stores are done (vLLM then frees its blocks), a fenced one or one that stored nothing is not."""
+    src = _kv()
+    tokens = list(range(800))
+    with _engine(tmp_path, src) as engine:
+        worker = WorkerSide(engine, BLOCK)
+        worker.store([TransferSpec("a", tokens, [list(range(7))], 768), TransferSpec("b", tokens, [[0, 1]], 256)])
+        worker.fence(["b"])
+        assert worker.finished_stores({"a", "b", "c"}) == {"a"}
+        assert worker.finished_stores({"a"}) == set()  # reported once
+        stats = worker.stats()["connector"]
+        assert stats["stores_reported_done"] == 1 and stats["stores_running"] == 0
+        sync = WorkerSide(engine, BLOCK, async_stores=False)
+        sync.store([TransferSpec("d", tokens, [list(range(7))], 768)])
+        assert sync.finished_stores({"d"}) == set()  # vLLM freed its blocks at once: nothing to report
