@@ -19,8 +19,8 @@ STAGING_SLOTS = 2
 
 class OneCallChunks:
     """Issues one-call chunks: kernels on ``kernel_stream``, host copies on ``copy_stream``. One native call per
-    chunk: wait for the engine's current stream (if it has work queued) and for the slot's previous reader, block
-    ids written and uploaded, kernels, the host copy; events hand the slot between the two streams. The same
+    chunk: block ids written and uploaded, a wait for the engine's current stream (if it has work queued) and for
+    the slot's previous reader, kernels, the host copy; events hand the slot between the two streams. The same
     kernels and copies as the general staged path with one piece, without its ~60 Python-level calls (a one-chunk
     store was host-bound for MLA and DeepSeek V4, H200, docs/performance.md), and consecutive chunks overlap.
     Not thread-safe, like the Transfer that owns it."""
