@@ -223,7 +223,15 @@ class Bench:
         if load == "engine-async" and direction != "d2h":
             raise SkipCase("loads are always ordered before the forward that reads them (--load engine)")
         used, enqueue = self._enqueue(
-            descriptor, ids, tokens, direction, backend_name, path, nbytes, release_wait=load != "engine-async"
+            descriptor,
+            ids,
+            tokens,
+            direction,
+            backend_name,
+            path,
+            nbytes,
+            release_wait=load != "engine-async",
+            engine_waits=load == "engine",
         )
         if engine:
             return (
@@ -277,9 +285,13 @@ class Bench:
         """The fields that identify one record: (layout, backend, direction, tokens, path, load)."""
         return dict(layout=name, backend=backend, direction=direction, tokens=tokens, path=path, load=load)
 
-    def _enqueue(self, descriptor, ids, tokens, direction, backend_name, path, nbytes, release_wait=True):
+    def _enqueue(
+        self, descriptor, ids, tokens, direction, backend_name, path, nbytes, release_wait=True, engine_waits=False
+    ):
         """(path actually used, a function that issues one transfer on the current stream's timeline and, with
-        ``release_wait``, orders that stream after the transfer's use of engine memory)."""
+        ``release_wait``, orders that stream after the transfer's use of engine memory); ``engine_waits``: the
+        planner is told the engine's next step waits for that release (`--load engine`, as the vLLM worker tells
+        it for loads)."""
         if direction == "d2d":
             backend = self.backends.get(backend_name) or _torch_backend()
             staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -311,7 +323,7 @@ class Bench:
         transfer = Transfer(backend, self.device, model=self.model, native=self.native)
         if self.zero_copy_programs:
             transfer.zero_copy_programs = self.zero_copy_programs
-        chosen = transfer.plan(descriptor, tokens, direction, path).path
+        chosen = transfer.plan(descriptor, tokens, direction, path, engine_waits=engine_waits).path
 
         def one():
             if direction == "d2h":

@@ -106,7 +106,14 @@ class CacheEngine(CacheFacade):
 
     # ---- store -------------------------------------------------------------------------------------------
     def submit_store(
-        self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0, extra: bytes = b""
+        self,
+        tokens,
+        block_ids,
+        num_tokens: int | None = None,
+        skip_tokens: int = 0,
+        extra: bytes = b"",
+        *,
+        engine_waits: bool = False,
     ) -> Ticket:
         """Gather the full chunks of ``tokens[:num_tokens]`` out of the engine blocks into L1, asynchronously.
 
@@ -114,13 +121,14 @@ class CacheEngine(CacheFacade):
         after the work on the engine's current stream (the forward that wrote the KV). The engine must not reuse the
         blocks before ``ticket.completion`` (order its stream after it); the chunks become visible in L1 and go to
         the tiers once it finished. Stops (never blocks, never allocates) when L1 has no free slot, and never
-        evicts this request's own chunks or pins the whole of L1."""
+        evicts this request's own chunks or pins the whole of L1. ``engine_waits``: the engine orders its next work
+        after the completion's release (``wait_on``), so the transfer path that releases sooner is preferred."""
         self._check_bound()
         num_tokens = len(tokens) if num_tokens is None else num_tokens
         keys = self.chunks.keys(tokens[:num_tokens], extra)
-        return self.submit_store_keys(keys, block_ids, skip_tokens // self.chunk_tokens)
+        return self.submit_store_keys(keys, block_ids, skip_tokens // self.chunk_tokens, engine_waits=engine_waits)
 
-    def submit_store_keys(self, keys, block_ids, skip_chunks: int = 0) -> Ticket:
+    def submit_store_keys(self, keys, block_ids, skip_chunks: int = 0, *, engine_waits: bool = False) -> Ticket:
         """``submit_store`` for chunk keys the engine adapter derived itself (one per full chunk, in token order)."""
         self._check_bound()
         keys = list(keys)
@@ -147,7 +155,10 @@ class CacheEngine(CacheFacade):
         start = time.perf_counter()
         try:
             completion = self.mover.to_host(
-                [self.chunk_tables(tables, i) for i in indices], [lease.buffer for lease in leases], self.chunk_tokens
+                [self.chunk_tables(tables, i) for i in indices],
+                [lease.buffer for lease in leases],
+                self.chunk_tokens,
+                engine_waits,
             )
         except BaseException:
             self.chunks.abort(leases)
@@ -181,7 +192,16 @@ class CacheEngine(CacheFacade):
         return self.submit_store(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
 
     # ---- load --------------------------------------------------------------------------------------------
-    def submit_load(self, tokens, block_ids, num_tokens: int, skip_tokens: int = 0, extra: bytes = b"") -> Ticket:
+    def submit_load(
+        self,
+        tokens,
+        block_ids,
+        num_tokens: int,
+        skip_tokens: int = 0,
+        extra: bytes = b"",
+        *,
+        engine_waits: bool = False,
+    ) -> Ticket:
         """Scatter the cached full chunks of ``tokens[skip_tokens:num_tokens]`` into the engine blocks, in order.
 
         Blocks holding tokens before ``skip_tokens`` are never written (the engine computed them and may share them
@@ -189,11 +209,13 @@ class CacheEngine(CacheFacade):
         are written (``skip_tokens`` must then be a multiple of every group's tokens_per_block, else nothing is
         loaded). Stops at the first chunk that is missing or fails validation; ``ticket.tokens`` is how many tokens
         were loaded from ``skip_tokens`` on, known when this returns. Every chunk was checksummed before it is
-        scattered. The engine orders its stream after ``ticket.completion`` before it reads the blocks."""
+        scattered. The engine orders its stream after ``ticket.completion`` before it reads the blocks
+        (``engine_waits``: it does so with ``wait_on``, as ``submit_store``)."""
         self._check_bound()
-        return self.submit_load_keys(self.chunks.keys(tokens[:num_tokens], extra), block_ids, skip_tokens)
+        keys = self.chunks.keys(tokens[:num_tokens], extra)
+        return self.submit_load_keys(keys, block_ids, skip_tokens, engine_waits=engine_waits)
 
-    def submit_load_keys(self, keys, block_ids, skip_tokens: int = 0) -> Ticket:
+    def submit_load_keys(self, keys, block_ids, skip_tokens: int = 0, *, engine_waits: bool = False) -> Ticket:
         """``submit_load`` for chunk keys the engine adapter derived itself (one per full chunk, in token order)."""
         self._check_bound()
         keys = list(keys)
@@ -216,15 +238,15 @@ class CacheEngine(CacheFacade):
                     loaded += self.chunk_tokens - offset
                     continue
                 if got is NO_SLOT:
-                    completions.append(self._flush(batch, tables))
+                    completions.append(self._flush(batch, tables, engine_waits))
                     if not self._load_via_scratch(keys[index], tables, index):
                         break
                 else:
                     batch.append((index, got))
                     if len(batch) == LOAD_BATCH:
-                        completions.append(self._flush(batch, tables))
+                        completions.append(self._flush(batch, tables, engine_waits))
                 loaded += self.chunk_tokens
-            completions.append(self._flush(batch, tables))
+            completions.append(self._flush(batch, tables, engine_waits))
         except BaseException:
             for _, lease in batch:
                 lease.release()
@@ -242,7 +264,7 @@ class CacheEngine(CacheFacade):
         """``submit_load`` and wait until the blocks hold the loaded KV; returns the tokens loaded."""
         return self.submit_load(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
 
-    def _flush(self, batch: list[tuple[int, Lease]], tables: list):
+    def _flush(self, batch: list[tuple[int, Lease]], tables: list, engine_waits: bool = False):
         """One transfer for the leased chunks in ``batch``; the leases are released when it finished (a read-ahead
         may then reuse their slots, never while the scatter still reads them)."""
         if not batch:
@@ -250,7 +272,10 @@ class CacheEngine(CacheFacade):
         leases = [lease for _, lease in batch]
         start = time.perf_counter()
         completion = self.mover.from_host(
-            [lease.buffer for lease in leases], [self.chunk_tables(tables, i) for i, _ in batch], self.chunk_tokens
+            [lease.buffer for lease in leases],
+            [self.chunk_tables(tables, i) for i, _ in batch],
+            self.chunk_tokens,
+            engine_waits,
         )
         batch.clear()
         nbytes = sum(lease.buffer.numel() for lease in leases)

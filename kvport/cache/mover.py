@@ -43,22 +43,30 @@ class ChunkMover:
 
             self.transfer = Transfer(backend, self.device, model=model, native=_copy_engine(backend, platform))
 
-    def to_host(self, tables: Sequence, buffers: Sequence[torch.Tensor], num_tokens: int) -> Completion:
-        """Gather ``num_tokens`` tokens per chunk: chunk i from block ids ``tables[i]`` into ``buffers[i]``."""
-        return self._move("d2h", tables, buffers, num_tokens)
+    def to_host(
+        self, tables: Sequence, buffers: Sequence[torch.Tensor], num_tokens: int, engine_waits: bool = False
+    ) -> Completion:
+        """Gather ``num_tokens`` tokens per chunk: chunk i from block ids ``tables[i]`` into ``buffers[i]``.
+        ``engine_waits``: the engine orders its next work after the completion's release (``wait_on``); the
+        planner then prefers a path that releases sooner (kvport.hal.transfer.executor.Transfer.plan)."""
+        return self._move("d2h", tables, buffers, num_tokens, engine_waits)
 
-    def from_host(self, buffers: Sequence[torch.Tensor], tables: Sequence, num_tokens: int) -> Completion:
-        """Scatter chunk i from ``buffers[i]`` into block ids ``tables[i]``."""
-        return self._move("h2d", tables, buffers, num_tokens)
+    def from_host(
+        self, buffers: Sequence[torch.Tensor], tables: Sequence, num_tokens: int, engine_waits: bool = False
+    ) -> Completion:
+        """Scatter chunk i from ``buffers[i]`` into block ids ``tables[i]`` (``engine_waits``: as ``to_host``)."""
+        return self._move("h2d", tables, buffers, num_tokens, engine_waits)
 
-    def path_for(self, direction: str, num_tokens: int, chunks: int = 1) -> str:
+    def path_for(self, direction: str, num_tokens: int, chunks: int = 1, engine_waits: bool = False) -> str:
         """The transfer path a move of ``chunks`` chunks would take ("sync" where copies are synchronous)."""
         if self.transfer is None:
             return "sync"
         with self._lock:
-            return self.transfer.plan(self.descriptor, num_tokens, direction, self.path, chunks).path
+            return self.transfer.plan(self.descriptor, num_tokens, direction, self.path, chunks, engine_waits).path
 
-    def _move(self, direction: str, tables: Sequence, buffers: Sequence, num_tokens: int) -> Completion:
+    def _move(
+        self, direction: str, tables: Sequence, buffers: Sequence, num_tokens: int, engine_waits: bool
+    ) -> Completion:
         if len(tables) != len(buffers):
             raise ValueError(f"mover: {len(tables)} block tables for {len(buffers)} buffers")
         if not buffers:
@@ -66,7 +74,9 @@ class ChunkMover:
         with self._lock:
             if self.transfer is not None:
                 chunks = list(zip(tables, buffers))
-                return self.transfer.move(direction, self.descriptor, chunks, num_tokens, self.path).completion
+                return self.transfer.move(
+                    direction, self.descriptor, chunks, num_tokens, self.path, engine_waits=engine_waits
+                ).completion
             done = []
             for table, buffer in zip(tables, buffers):
                 if direction == "d2h":

@@ -59,7 +59,7 @@ class WorkerSide:
             planned = spec.num_tokens - spec.skip_tokens
             try:
                 ticket = self.engine.submit_load(
-                    spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens, spec.extra
+                    spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens, spec.extra, engine_waits=True
                 )
                 # The forward that reads these blocks is issued on this stream after us: it waits for the scatter.
                 ticket.completion.wait_on()
@@ -107,7 +107,12 @@ class WorkerSide:
             if self.pending is not None:
                 self.pending.add(spec.req_id, None)  # reported when it finishes, even if the store fails below
             ticket = self.engine.submit_store(
-                spec.tokens, spec.block_ids, spec.num_tokens, spec.skip_tokens, spec.extra
+                spec.tokens,
+                spec.block_ids,
+                spec.num_tokens,
+                spec.skip_tokens,
+                spec.extra,
+                engine_waits=self.pending is None,
             )
             if self.pending is None:
                 ticket.completion.wait_on()

@@ -169,7 +169,14 @@ class RemoteCache(CacheFacade):
 
     # ---- store -------------------------------------------------------------------------------------------
     def submit_store(
-        self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0, extra: bytes = b""
+        self,
+        tokens,
+        block_ids,
+        num_tokens: int | None = None,
+        skip_tokens: int = 0,
+        extra: bytes = b"",
+        *,
+        engine_waits: bool = False,
     ) -> Ticket:
         """As CacheEngine.submit_store: the server reserves slots for the absent chunks, this process gathers into
         them, and commits once the gather's completion fired (a failed gather aborts: nothing half-written is
@@ -188,7 +195,8 @@ class RemoteCache(CacheFacade):
             slots = self._views(offsets)
             buffers = self._staging(len(indices)) if self._staged else slots
             start = time.perf_counter()
-            completion = self.mover.to_host([self.chunk_tables(tables, i) for i in indices], buffers, self.chunk_tokens)
+            tables_of = [self.chunk_tables(tables, i) for i in indices]
+            completion = self.mover.to_host(tables_of, buffers, self.chunk_tokens, engine_waits)
         except BaseException:
             self._call("commit", {"rid": rid, "ok": False})
             raise
@@ -221,7 +229,16 @@ class RemoteCache(CacheFacade):
         return self.submit_store(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
 
     # ---- load --------------------------------------------------------------------------------------------
-    def submit_load(self, tokens, block_ids, num_tokens: int, skip_tokens: int = 0, extra: bytes = b"") -> Ticket:
+    def submit_load(
+        self,
+        tokens,
+        block_ids,
+        num_tokens: int,
+        skip_tokens: int = 0,
+        extra: bytes = b"",
+        *,
+        engine_waits: bool = False,
+    ) -> Ticket:
         """As CacheEngine.submit_load: the server pins the leading run of cached chunks from chunk
         ``skip_tokens // chunk_tokens`` (reading tiers into its L1 as needed), this process scatters them straight
         out of the shared slots and releases the pin once the scatter's completion fired. ``ticket.tokens`` is what
@@ -257,7 +274,7 @@ class RemoteCache(CacheFacade):
                 buffers = self._views(header["off"])
             start = time.perf_counter()
             completion = self.mover.from_host(
-                buffers, [self.chunk_tables(tables, first + i) for i in range(count)], self.chunk_tokens
+                buffers, [self.chunk_tables(tables, first + i) for i in range(count)], self.chunk_tokens, engine_waits
             )
         except BaseException:
             if pin:

@@ -70,3 +70,27 @@ def test_engine_async_store_leaves_the_next_step_free():
     assert store["load"] == "engine-async" and store["path_used"] == "staged"
     assert store["engine_wait_ms"] < store["ms"] / 2, "the next step waited for the store"
     assert 0 < store["gemm_ratio"] <= 1.5
+
+
+def test_auto_picks_by_whether_the_next_step_waits():
+    """`auto` in engine order (the next step waits for the release): the one-call staged chunk; asynchronous (it
+    does not): the copy engines, as with no engine at all."""
+    from kvport.bench._kernel_cases import Bench
+    from kvport.bench.kernels import BENCH_DIMS
+    from kvport.testing.gpu import native_or_none
+
+    if native_or_none() is None:
+        pytest.skip("the DMA path needs the native module")
+    bench = Bench(
+        layouts=["vllm-flash-nhd"],
+        tokens=[256],
+        directions=["d2h"],
+        paths=["auto"],
+        loads=["engine", "engine-async"],
+        backends=["cuda"],
+        repeat=3,
+        dims=BENCH_DIMS,
+        gemm_n=2048,
+    )
+    used = {r["load"]: r["path_used"] for r in bench.run()["records"] if r["backend"] == "cuda"}
+    assert used == {"engine": "staged", "engine-async": "dma"}

@@ -142,27 +142,58 @@ class Transfer:
         return value
 
     def plan(
-        self, descriptor: CopyDescriptor, num_tokens: int, direction: str, path: str = "auto", chunks: int = 1
+        self,
+        descriptor: CopyDescriptor,
+        num_tokens: int,
+        direction: str,
+        path: str = "auto",
+        chunks: int = 1,
+        engine_waits: bool = False,
     ) -> Plan:
+        """The path for a move; ``engine_waits``: the caller orders its engine's next work after the move's release
+        (``completion.wait_on``), so a path that releases sooner is preferred where this transfer has one."""
+        release_first = engine_waits and chunks == 1 and self._one_call_fits(descriptor, num_tokens)
         return self._memo(
             self._plans,
-            (num_tokens, direction, path, chunks),
+            (num_tokens, direction, path, chunks, release_first),
             descriptor,
             lambda: plan(
-                descriptor, num_tokens, direction, self.allowed(descriptor), path, self.model, chunks, self.dma_batched
+                descriptor,
+                num_tokens,
+                direction,
+                self.allowed(descriptor),
+                path,
+                self.model,
+                chunks,
+                self.dma_batched,
+                release_first,
             ),
         )
 
     # ---- entry points ----------------------------------------------------------------------------------------
     def to_host(
-        self, descriptor, block_ids: Sequence, host: torch.Tensor, num_tokens: int, path: str = "auto", after=None
+        self,
+        descriptor,
+        block_ids: Sequence,
+        host: torch.Tensor,
+        num_tokens: int,
+        path: str = "auto",
+        after=None,
+        engine_waits: bool = False,
     ) -> TransferResult:
-        return self.move("d2h", descriptor, [(block_ids, host)], num_tokens, path, after)
+        return self.move("d2h", descriptor, [(block_ids, host)], num_tokens, path, after, engine_waits)
 
     def from_host(
-        self, host: torch.Tensor, descriptor, block_ids: Sequence, num_tokens: int, path: str = "auto", after=None
+        self,
+        host: torch.Tensor,
+        descriptor,
+        block_ids: Sequence,
+        num_tokens: int,
+        path: str = "auto",
+        after=None,
+        engine_waits: bool = False,
     ) -> TransferResult:
-        return self.move("h2d", descriptor, [(block_ids, host)], num_tokens, path, after)
+        return self.move("h2d", descriptor, [(block_ids, host)], num_tokens, path, after, engine_waits)
 
     def move(
         self,
@@ -172,9 +203,11 @@ class Transfer:
         num_tokens: int,
         path: str = "auto",
         after=None,
+        engine_waits: bool = False,
     ) -> TransferResult:
         """Move ``chunks`` — (block ids, host buffer) pairs of ``num_tokens`` tokens each — in one pipeline:
-        ``d2h`` gathers engine blocks into the host buffers, ``h2d`` scatters host buffers into engine blocks."""
+        ``d2h`` gathers engine blocks into the host buffers, ``h2d`` scatters host buffers into engine blocks.
+        ``engine_waits``: see ``plan``."""
         if not chunks:
             raise ValueError("transfer: no chunks to move")
         need = descriptor.canonical_bytes(num_tokens)
@@ -184,7 +217,7 @@ class Transfer:
                     "transfer: a host chunk must be a pinned CPU tensor (torch.empty(..., pin_memory=True))"
                 )
             check_buffer("transfer host chunk", host, need)
-        chosen = self.plan(descriptor, num_tokens, direction, path, len(chunks))
+        chosen = self.plan(descriptor, num_tokens, direction, path, len(chunks), engine_waits)
         keep: list = [host for _, host in chunks]
         if chosen.path == "staged" and self._fits_one_call(descriptor, chunks, num_tokens):
             if after is not None:
@@ -220,8 +253,11 @@ class Transfer:
         return TransferResult(chosen.path, chosen.reason, completion)
 
     def _fits_one_call(self, descriptor, chunks, num_tokens: int) -> bool:
-        """One chunk that fits one staging piece, and a backend that issues it in one call."""
-        if self._one_call is None or len(chunks) != 1 or num_tokens <= 0:
+        return len(chunks) == 1 and self._one_call_fits(descriptor, num_tokens)
+
+    def _one_call_fits(self, descriptor, num_tokens: int) -> bool:
+        """A chunk of ``num_tokens`` fits one staging piece, and the backend issues it in one call."""
+        if self._one_call is None or num_tokens <= 0:
             return False
         return len(self._piece_list(descriptor, num_tokens)) == 1
 

@@ -130,10 +130,13 @@ def plan(
     model: CostModel | None = None,
     chunks: int = 1,
     dma_batched: bool = True,
+    release_first: bool = False,
 ) -> Plan:
     """Choose a path for ``chunks`` chunks of ``num_tokens`` tokens moved as one transfer. ``allowed`` maps each
     path to "" when it can run or to the reason it cannot; ``dma_batched`` says whether the DMA path describes its
-    regions in batched calls (else one copy call per region: kvport.kernels.cuda.memcpy_batch)."""
+    regions in batched calls (else one copy call per region: kvport.kernels.cuda.memcpy_batch). ``release_first``:
+    the engine orders its next work after this move's release and the staged path would release before its end
+    (a one-call chunk, kvport.hal.transfer.one_call): then the staged path, whose release comes first."""
     model = model or CostModel()
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -157,6 +160,12 @@ def plan(
         floor = max(floor, unbatched_floor_bytes(model))
         calls = "one copy call per region (this build has no batched memcpy)"
     mean_region = nbytes / max(regions, 1)
+    if release_first and "staged" in usable:
+        # The copy engines read or write engine memory to their last byte; a one-call staged chunk gives it back
+        # after its gather or scatter and copies through its own staging. H200, `kvport bench kernels --load
+        # engine` (docs/performance.md): the next step waited 0.02-0.04 ms per 256-token chunk staged against
+        # 0.62-0.63 ms on the copy engines (Llama-3-8B NHD), both directions.
+        return Plan("staged", f"{nbytes} B: the engine waits for this move's release; staged releases first", est)
     large = nbytes >= model.dma_max_move_bytes and "staged" in usable
     if "dma" in usable and mean_region >= floor and not large:
         # The copy engines and no SM time taken from the engine: under load the SM kernels of a chunk-sized move

@@ -94,6 +94,20 @@ def test_planner_takes_the_copy_engines_for_large_regions_only():
     assert plan(hnd, 8192, "d2h", only_dma).path == "dma"
 
 
+def test_a_move_the_engine_waits_for_takes_the_path_that_releases_first():
+    """``release_first`` (the engine orders its next work after the release and the staged chunk releases at its
+    gather/scatter): staged even where the copy engines would be taken; the copy engines where staged cannot run."""
+    dims = Dims(layers=4, heads=8, head_dim=128, block=16, blocks=600)
+    nhd = sample("nhd", dims)
+    for direction in ("d2h", "h2d"):
+        chosen = plan(nhd, 256, direction, ALL_OK, release_first=True)
+        assert chosen.path == "staged" and "releases first" in chosen.reason
+        assert plan(nhd, 256, direction, ALL_OK).path == "dma"
+    no_staged = dict(ALL_OK, staged="backend cannot", **{"zero-copy": "backend cannot"})
+    assert plan(nhd, 256, "d2h", no_staged, release_first=True).path == "dma"
+    assert plan(nhd, 256, "d2h", ALL_OK, path="dma", release_first=True).path == "dma"  # a requested path stands
+
+
 def test_without_batched_copies_small_regions_are_staged():
     """A build that issues one copy call per region (HIP, CUDA < 12.8) keeps 32 KiB NHD rows off the copy engines
     (2.5 us of host per call would hold them to a quarter of the link) and says why; regions large enough for one

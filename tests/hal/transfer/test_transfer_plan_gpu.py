@@ -61,3 +61,20 @@ def test_plan_follows_the_builds_copy_calls():
     expect = torch.empty(host.numel(), dtype=torch.uint8)
     ref_gather(d, ids, expect, tokens)
     assert torch.equal(host, expect)
+
+
+def test_engine_waits_takes_the_one_call_staged_chunk():
+    """A chunk the engine waits for (vLLM's loads): the one-call staged chunk, which gives engine memory back after
+    its gather or scatter; several chunks, or a backend without one-call chunks, keep the planner's rule."""
+    native = native_or_none()
+    if native is None or not native.batched_copies:
+        pytest.skip("needs the native module with batched copy calls")
+    spec = load_layout("vllm-flash-nhd", layers=32, kv_heads=8, head_dim=128)
+    d = allocate(spec, 40, device="cuda", fill="zeros").descriptor
+    one_call = Transfer(backend_or_skip("cuda"), "cuda", native=native)
+    for direction in ("d2h", "h2d"):
+        assert one_call.plan(d, 256, direction, engine_waits=True).path == "staged"
+        assert one_call.plan(d, 256, direction).path == "dma"
+        assert one_call.plan(d, 256, direction, chunks=2, engine_waits=True).path == "dma"
+    triton = Transfer(backend_or_skip("triton"), "cuda", native=native)
+    assert triton.plan(d, 256, "h2d", engine_waits=True).path == "dma"  # no one-call chunks: no early release
