@@ -2,8 +2,9 @@
 Owns stream/event ordering and staging buffers; must not choose the path (planner.py) or hold kernels.
 
 Ordering: a transfer first waits on the stream that was current when it was issued (the engine's compute stream),
-so a gather after the forward pass never reads KV that is still being written. Its result carries a Completion
-(kvport.hal.completion): the engine orders its stream after it before it reads blocks a load scattered
+so a gather after the forward pass never reads KV that is still being written; a staged load's copies into kvport's
+own staging run before that wait, only its scatters follow it (kvport.hal.transfer.staged). Its result carries a
+Completion (kvport.hal.completion): the engine orders its stream after it before it reads blocks a load scattered
 (``TransferResult.wait``), and the cache commits a gathered chunk, or frees a host buffer a scatter read, only in
 the completion's callback. A transfer of several chunks (one request's prefix, each chunk in its own host buffer)
 is one pipeline and one completion."""
@@ -15,10 +16,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvport.hal.completion import Completion, EventCompletion
-from kvport.hal.transfer.pieces import stream_pieces
 from kvport.hal.transfer.planner import CostModel, Plan, plan
 from kvport.hal.transfer.regions import region_template
 from kvport.hal.transfer.segments import check_buffer
+from kvport.hal.transfer.staged import StagedPipeline
 
 if TYPE_CHECKING:
     import torch
@@ -48,31 +49,6 @@ class TransferResult:
         self.completion.wait()
 
 
-# Most chunks one stacked launch moves (bounds the segment table a stack compiles; 64 x 9 MiB MLA chunks already
-# exceed the 256 MiB piece).
-MAX_STACK = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class _Work:
-    """What one kernel launch moves through one staging piece: a piece of a chunk (large chunks) or a stack of whole
-    chunks (kvport.hal.transfer.stacking), its block ids, and where its bytes go on the host."""
-
-    sub: CopyDescriptor
-    block_ids: Sequence
-    flat_ids: object  # device block-id table for the backend, or None
-    hosts: tuple  # (host tensor, its offset in the staging piece) per destination
-    nbytes: int
-
-    def to_hosts(self, buf) -> None:
-        for host, offset in self.hosts:
-            host.copy_(buf[offset : offset + host.numel()], non_blocking=True)
-
-    def from_hosts(self, buf) -> None:
-        for host, offset in self.hosts:
-            buf[offset : offset + host.numel()].copy_(host, non_blocking=True)
-
-
 class Transfer:
     """Moves KV for one device with one backend. Not thread-safe: one issuing thread at a time (the cache's mover
     holds a lock around it)."""
@@ -99,7 +75,6 @@ class Transfer:
         self.kernel_stream = self.platform.new_stream(self.device, high_priority=True)
         self.dma_stream = self.platform.new_stream(self.device)
         self.zero_copy_programs = ZERO_COPY_PROGRAMS
-        self._staging: list[torch.Tensor] = []
         # Chunks that fit one staging piece go through the native backend in one call, with staging slots of their
         # own (kvport.hal.transfer.one_call).
         self._one_call = None
@@ -107,11 +82,12 @@ class Transfer:
             from kvport.hal.transfer.one_call import OneCallChunks
 
             self._one_call = OneCallChunks(self.platform, self.device, self.kernel_stream, self.dma_stream)
-        # Per-transfer host work memoized (host time matters): plans and staged pieces, see _memo.
-        self._pieces: dict = {}
+        # Per-transfer host work memoized (host time matters): plans, region templates, staged pieces; see _memo.
         self._plans: dict = {}
         self._templates: dict = {}
-        self._stacks: dict = {}
+        self.staged = StagedPipeline(
+            self.platform, self.device, backend, self.model, self.kernel_stream, self.dma_stream, self._memo
+        )
 
     def allowed(self, descriptor: CopyDescriptor) -> dict[str, str]:
         """Per path, "" if it can run here or the reason it cannot."""
@@ -152,7 +128,10 @@ class Transfer:
     ) -> Plan:
         """The path for a move; ``engine_waits``: the caller orders its engine's next work after the move's release
         (``completion.wait_on``), so a path that releases sooner is preferred where this transfer has one."""
-        release_first = engine_waits and chunks == 1 and self._one_call_fits(descriptor, num_tokens)
+        # A staged move gives engine memory back before its end as a one-call chunk (its gather or scatter ends
+        # first) and as a load (its copies into staging run before the engine's work ends, StagedPipeline.run).
+        one_call = chunks == 1 and self._one_call_fits(descriptor, num_tokens)
+        release_first = engine_waits and (one_call or direction == "h2d")
         return self._memo(
             self._plans,
             (num_tokens, direction, path, chunks, release_first),
@@ -225,12 +204,15 @@ class Transfer:
             event, released = self._one_call.issue(self.backend, descriptor, chunks[0], num_tokens, direction, after)
             completion = EventCompletion(self.platform, self.device, event, keep, released)
             return TransferResult(chosen.path, chosen.reason, completion)
-        self._order_after(after)
         released = None  # where the transfer is done with engine memory, if before its end
-        if chosen.path == "dma":
+        if chosen.path == "staged":
+            done, released = self.staged.run(direction, descriptor, chunks, num_tokens, keep, self._engine_point(after))
+        elif chosen.path == "dma":
+            self._order_after(after)
             self._dma(direction, descriptor, chunks, num_tokens, keep)
             done = self.dma_stream
-        elif chosen.path == "zero-copy":
+        else:
+            self._order_after(after)
             with self.platform.stream_scope(self.kernel_stream):
                 for block_ids, host in chunks:
                     if direction == "d2h":
@@ -242,11 +224,6 @@ class Transfer:
                             host, descriptor, block_ids, num_tokens, max_programs=self.zero_copy_programs
                         )
             done = self.kernel_stream
-        else:
-            done = self._staged(direction, descriptor, chunks, num_tokens, keep)
-            if direction == "d2h" and done is self.dma_stream:  # gathers into pieces, copied out after them
-                released = self.platform.new_event()
-                released.record(self.kernel_stream)
         event = self.platform.new_event()
         event.record(done)
         completion = EventCompletion(self.platform, self.device, event, keep, released)
@@ -259,20 +236,26 @@ class Transfer:
         """A chunk of ``num_tokens`` fits one staging piece, and the backend issues it in one call."""
         if self._one_call is None or num_tokens <= 0:
             return False
-        return len(self._piece_list(descriptor, num_tokens)) == 1
+        return len(self.staged.piece_list(descriptor, num_tokens)) == 1
 
-    def _order_after(self, after) -> None:
+    def _engine_point(self, after):
+        """The event a move must follow: ``after`` (an event or a stream; default the current stream) as an event,
+        or None when everything issued on it already ran (no cross-stream wait: each cost the copy engines ~1% of
+        a back-to-back 256-token DMA chunk against LMCache's path, which waits on nothing; H200, same run)."""
         if after is None:
             after = self.platform.current_stream(self.device)
         if after.query():
-            # Everything issued on it already ran: no cross-stream wait (each cost the copy engines ~1% of a
-            # back-to-back 256-token DMA chunk against LMCache's path, which waits on nothing; H200, same run).
-            return
-        if hasattr(after, "wait_event"):  # a stream: one event marks where both side streams start
+            return None
+        if hasattr(after, "wait_event"):  # a stream: one event marks where the side streams start
             stream, after = after, self.platform.new_event()
             after.record(stream)
-        self.kernel_stream.wait_event(after)
-        self.dma_stream.wait_event(after)
+        return after
+
+    def _order_after(self, after) -> None:
+        point = self._engine_point(after)
+        if point is not None:
+            self.kernel_stream.wait_event(point)
+            self.dma_stream.wait_event(point)
 
     # ---- paths -------------------------------------------------------------------------------------------
     def _dma(self, direction, descriptor, chunks, num_tokens, keep) -> None:
@@ -295,133 +278,3 @@ class Transfer:
                     max_batch=self.model.dma_batch_regions,
                     overlap=self.model.dma_overlap,
                 )
-
-    def _piece_list(self, descriptor, num_tokens):
-        piece = self.model.piece_bytes_for(descriptor.canonical_bytes(num_tokens))
-        return self._memo(
-            self._pieces, (num_tokens, piece), descriptor, lambda: stream_pieces(descriptor, num_tokens, piece)
-        )
-
-    def _stage(self, index: int, nbytes: int):
-        import torch
-
-        while len(self._staging) <= index:
-            self._staging.append(torch.empty(0, dtype=torch.uint8, device=self.device))
-        if self._staging[index].numel() < nbytes:
-            # The old buffer may still be in use by queued side-stream work: let that finish before it is freed.
-            self.kernel_stream.synchronize()
-            self.dma_stream.synchronize()
-            self._staging[index] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return self._staging[index]
-
-    def _work(self, descriptor, chunks, num_tokens, keep) -> list[_Work]:
-        """The launches of a transfer, in order, with one upload of every chunk's block table. Chunks smaller than a
-        piece are stacked, up to a piece's worth per launch; larger ones are split into pieces of streams."""
-        import torch
-
-        from kvport.hal.transfer.segments import flat_block_ids
-        from kvport.hal.transfer.stacking import stacked_block_ids
-
-        flat, joined, sizes = [None] * len(chunks), None, []
-        if getattr(self.backend, "accepts_flat_ids", False):
-            pinned = len(chunks) == 1  # one table: built page-locked, no joining copy
-            tables = [flat_block_ids(descriptor, block_ids, num_tokens, pin_memory=pinned) for block_ids, _ in chunks]
-            # From pinned memory without a host sync, so the launches below stay queued behind it on the stream.
-            with self.platform.stream_scope(self.kernel_stream):
-                host_ids = tables[0] if pinned else torch.cat(tables).pin_memory()
-                joined = host_ids.to(self.device, non_blocking=True)
-            keep.append(joined)
-            sizes = [t.numel() for t in tables]
-            flat = [joined] if pinned else list(torch.split(joined, sizes))
-        chunk_bytes = descriptor.canonical_bytes(num_tokens)
-        # Stacks up to a full ``piece_bytes``, not CostModel.piece_bytes_for's smaller pieces: for 32 DeepSeek-V4
-        # chunks (191 MiB) four stacks instead of one gained alone (0.91 -> 0.92-0.94 of memcpy) but lost under
-        # load (0.69-0.72 -> 0.54-0.55: every launch waits for SMs the GEMM holds). H200, one run, 2026-11-29.
-        per_launch = min(MAX_STACK, self.model.piece_bytes // max(chunk_bytes, 1))
-        if len(chunks) > 1 and per_launch > 1:
-            work, first, start = [], 0, 0  # start: where chunk ``first``'s ids begin in ``joined``
-            while first < len(chunks):
-                group = chunks[first : first + per_launch]
-                k = len(group)
-                ids = None
-                if joined is not None:
-                    end = start + sum(sizes[first : first + k])
-                    ids, start = joined[start:end], end
-                stacked = self._stacked(descriptor, k)
-                hosts = tuple((host[:chunk_bytes], j * chunk_bytes) for j, (_, host) in enumerate(group))
-                block_ids = stacked_block_ids(descriptor, [b for b, _ in group])
-                work.append(_Work(stacked, block_ids, ids, hosts, k * chunk_bytes))
-                first += k
-            return work
-        pieces = self._piece_list(descriptor, num_tokens)
-        return [
-            _Work(sub, block_ids, ids, ((host[offset : offset + nbytes], 0),), nbytes)
-            for (block_ids, host), ids in zip(chunks, flat)
-            for sub, offset, nbytes in pieces
-        ]
-
-    def _stacked(self, descriptor, copies: int):
-        from kvport.hal.transfer.stacking import stack
-
-        return self._memo(self._stacks, (copies,), descriptor, lambda: stack(descriptor, copies))
-
-    def _kernel(self, direction, work: _Work, buf, num_tokens, keep: list) -> None:
-        enqueue = getattr(self.backend, "enqueue", None)
-        if enqueue is not None:  # no per-launch completion: the move records one event for all of its work
-            blocks = enqueue(work.sub, work.block_ids, buf, num_tokens, direction == "d2h", flat_ids=work.flat_ids)
-            if blocks is not None and blocks is not work.flat_ids:
-                keep.append(blocks)
-        elif direction == "d2h":
-            self.backend.gather(work.sub, work.block_ids, buf, num_tokens)
-        else:
-            self.backend.scatter(buf, work.sub, work.block_ids, num_tokens)
-
-    def _staged(self, direction, descriptor, chunks, num_tokens, keep):
-        """``staging_buffers`` device buffers in a ring: kernels fill pieces ahead while the copy engine drains.
-        Returns the stream whose last operation ends the transfer."""
-        # The staging buffers outlive a call: a transfer issued before this one may still be copying out of them
-        # (d2h, on the DMA stream) or scattering from them (h2d, on the kernel stream) when this one starts.
-        self.kernel_stream.wait_stream(self.dma_stream)
-        work = self._work(descriptor, chunks, num_tokens, keep)
-        size = max(w.nbytes for w in work)
-        if len(work) == 1:
-            # One piece: kernel and copy on one stream, so a small transfer (a 256-token chunk: 0.6 ms of link
-            # time) pays no cross-stream event waits between its kernel and its copy.
-            buf = self._stage(0, size)[: work[0].nbytes]
-            with self.platform.stream_scope(self.kernel_stream):
-                if direction == "h2d":
-                    work[0].from_hosts(buf)
-                self._kernel(direction, work[0], buf, num_tokens, keep)
-                if direction == "d2h":
-                    work[0].to_hosts(buf)
-            return self.kernel_stream
-        self.dma_stream.wait_stream(self.kernel_stream)
-        ring = min(len(work), self.model.staging_buffers)
-        bufs = [self._stage(i, size) for i in range(ring)]
-        freed: list = [None] * ring  # event: ring slot i is free again
-        # d2h: kernel fills a slot, the copy engine drains it; h2d: the copy engine fills, the kernel drains.
-        fill, drain = (
-            (self.kernel_stream, self.dma_stream) if direction == "d2h" else (self.dma_stream, self.kernel_stream)
-        )
-        for k, item in enumerate(work):
-            slot = k % ring
-            buf = bufs[slot][: item.nbytes]
-            if freed[slot] is not None:
-                fill.wait_event(freed[slot])
-            with self.platform.stream_scope(fill):
-                if direction == "d2h":
-                    self._kernel(direction, item, buf, num_tokens, keep)
-                else:
-                    item.from_hosts(buf)
-            filled = self.platform.new_event()
-            filled.record(fill)
-            drain.wait_event(filled)
-            with self.platform.stream_scope(drain):
-                if direction == "d2h":
-                    item.to_hosts(buf)
-                else:
-                    self._kernel(direction, item, buf, num_tokens, keep)
-            freed[slot] = self.platform.new_event()
-            freed[slot].record(drain)
-        # The fill stream's last operation precedes the last drain through the events above.
-        return drain

@@ -136,7 +136,8 @@ def plan(
     path to "" when it can run or to the reason it cannot; ``dma_batched`` says whether the DMA path describes its
     regions in batched calls (else one copy call per region: kvport.kernels.cuda.memcpy_batch). ``release_first``:
     the engine orders its next work after this move's release and the staged path would release before its end
-    (a one-call chunk, kvport.hal.transfer.one_call): then the staged path, whose release comes first."""
+    (a one-call chunk, kvport.hal.transfer.one_call; a load, whose copies into staging run before the engine's
+    work ends, kvport.hal.transfer.staged): then the staged path, whose release comes first."""
     model = model or CostModel()
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")

@@ -26,17 +26,17 @@ def test_pieces_come_from_the_models_piece_size_and_are_memoized(transfer, token
     from kvport.hal.transfer.pieces import stream_pieces
 
     d = sample("mla_odd", Dims())
-    pieces = transfer._piece_list(d, tokens)
+    pieces = transfer.staged.piece_list(d, tokens)
     piece = transfer.model.piece_bytes_for(d.canonical_bytes(tokens))
     assert [(sub.streams, start, n) for sub, start, n in pieces] == [
         (sub.streams, start, n) for sub, start, n in stream_pieces(d, tokens, piece)
     ]
-    assert transfer._piece_list(d, tokens) is pieces
+    assert transfer.staged.piece_list(d, tokens) is pieces
 
 
 def test_memos_stay_bounded(transfer):
     for seed in range(300):
         d = sample("nhd", Dims(), seed=seed)  # a new descriptor each time, as when engines come and go
-        transfer._piece_list(d, 5)
+        transfer.staged.piece_list(d, 5)
         assert transfer.plan(d, 5, "d2h").path == "staged"
-    assert len(transfer._pieces) <= 257 and len(transfer._plans) <= 257
+    assert len(transfer.staged._pieces) <= 257 and len(transfer._plans) <= 257

@@ -109,7 +109,7 @@ def test_one_call_right_after_a_multi_piece_move(direction):
     piece = d.canonical_bytes(small)
     model = CostModel(piece_bytes=piece, min_piece_bytes=piece)
     d, ids, transfer = _setup("vllm-flash-nhd", big, model, **dims)
-    assert len(transfer._piece_list(d, big)) == 3 and transfer._fits_one_call(d, [(ids, None)], small)
+    assert len(transfer.staged.piece_list(d, big)) == 3 and transfer._fits_one_call(d, [(ids, None)], small)
     (table,) = d.normalize_block_ids(ids)
     spare = sorted(set(range(2 * len(table) + 1)) - set(table))  # blocks of neither move: disjoint bytes
     small_ids = spare[: -(-small // d.groups[0].tokens_per_block)]

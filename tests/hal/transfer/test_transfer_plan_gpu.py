@@ -63,9 +63,10 @@ def test_plan_follows_the_builds_copy_calls():
     assert torch.equal(host, expect)
 
 
-def test_engine_waits_takes_the_one_call_staged_chunk():
-    """A chunk the engine waits for (vLLM's loads): the one-call staged chunk, which gives engine memory back after
-    its gather or scatter; several chunks, or a backend without one-call chunks, keep the planner's rule."""
+def test_engine_waits_takes_the_staged_path_where_it_releases_first():
+    """A move the engine waits for (vLLM's loads): staged where it gives engine memory back first (a one-call chunk:
+    after its gather or scatter; any load: its copies run before the engine's work ends); a store of several
+    chunks, or one without one-call chunks, keeps the planner's rule."""
     native = native_or_none()
     if native is None or not native.batched_copies:
         pytest.skip("needs the native module with batched copy calls")
@@ -75,6 +76,8 @@ def test_engine_waits_takes_the_one_call_staged_chunk():
     for direction in ("d2h", "h2d"):
         assert one_call.plan(d, 256, direction, engine_waits=True).path == "staged"
         assert one_call.plan(d, 256, direction).path == "dma"
-        assert one_call.plan(d, 256, direction, chunks=2, engine_waits=True).path == "dma"
+    assert one_call.plan(d, 256, "d2h", chunks=2, engine_waits=True).path == "dma"
+    assert one_call.plan(d, 256, "h2d", chunks=2, engine_waits=True).path == "staged"
     triton = Transfer(backend_or_skip("triton"), "cuda", native=native)
-    assert triton.plan(d, 256, "h2d", engine_waits=True).path == "dma"  # no one-call chunks: no early release
+    assert triton.plan(d, 256, "d2h", engine_waits=True).path == "dma"  # no one-call chunks: no early release
+    assert triton.plan(d, 256, "h2d", engine_waits=True).path == "staged"
