@@ -5,7 +5,7 @@ ops and memcpy: their end, as side_by_side.py issues them). Medians over rounds:
 transfer's last byte, and until the next GEMM may start. Every method is checked byte for byte first.
 Needs ../shared/bench/side_by_side.py beside it (copy that folder to the git-ignored .sbs and this file into it; it
 builds LMCache's ops there, never in the project). usage: python3 .sbs/sbs_engine_order.py [side_by_side args]
-Raw output: docs/bench/side-by-side-engine-order-h200-n.json."""
+Raw output: docs/bench/side-by-side-engine-order-h200-{n,o}.json."""
 
 import json
 import os
@@ -54,9 +54,9 @@ def main() -> int:
                     m.correct, m.check = runner.check(m)
                 if m.impl == "kvport":
                     transfer = m.fn.keep
-                    path = transfer.plan(
-                        kvp.descriptor, tokens, direction, m.name.split()[-1] if m.name != "kvport auto" else "auto"
-                    ).path
+                    # The next GEMM waits for the release: the planner is told so, as the vLLM worker tells it.
+                    requested = m.name.split()[-1] if m.name != "kvport auto" else "auto"
+                    path = transfer.plan(kvp.descriptor, tokens, direction, requested, engine_waits=True).path
                     desc, ids, host = kvp.descriptor, wl.ids(tokens), wl.host(direction, tokens)
 
                     def engine_fn(

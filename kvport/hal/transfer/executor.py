@@ -128,10 +128,10 @@ class Transfer:
     ) -> Plan:
         """The path for a move; ``engine_waits``: the caller orders its engine's next work after the move's release
         (``completion.wait_on``), so a path that releases sooner is preferred where this transfer has one."""
-        # A staged move gives engine memory back before its end as a one-call chunk (its gather or scatter ends
-        # first) and as a load (its copies into staging run before the engine's work ends, StagedPipeline.run).
-        one_call = chunks == 1 and self._one_call_fits(descriptor, num_tokens)
-        release_first = engine_waits and (one_call or direction == "h2d")
+        # A staged move gives engine memory back before its end: a store after its last gather (the copies to the
+        # host read staging), a load once its scatters ran (its copies into staging run before the engine's work
+        # ends, StagedPipeline.run); a one-call chunk likewise (kvport.hal.transfer.one_call).
+        release_first = engine_waits
         return self._memo(
             self._plans,
             (num_tokens, direction, path, chunks, release_first),

@@ -2,8 +2,9 @@
 staging and host memory, through a ring of staging buffers. Owns those buffers, the launch list (pieces, stacks) and
 its streams' order; must not choose paths (planner.py) or issue one-call chunks (one_call.py).
 
-Ordering with the engine: a store's gathers and everything after them wait for the engine's stream; so does a load
-issued while that stream is idle. A load issued while it is busy copies into staging at once (only kvport's buffers
+Ordering with the engine: a store's gathers and everything after them wait for the engine's stream, and it gives
+the engine's memory back after its last gather (the copies to the host read staging); so does a load issued while
+that stream is idle. A load issued while it is busy copies into staging at once (only kvport's buffers
 are touched) and only its scatters wait, so the engine's next work waits for the scatters alone when the copies
 finished during its current work (``run``)."""
 
@@ -65,8 +66,7 @@ class StagedPipeline:
         if engine is not None:
             self.kernel_stream.wait_event(engine)
             self.dma_stream.wait_event(engine)
-        done = self._ordered(direction, descriptor, chunks, num_tokens, keep)
-        released = None
+        done, released = self._ordered(direction, descriptor, chunks, num_tokens, keep)
         if direction == "d2h" and done is self.dma_stream:  # gathers into pieces, copied out after them
             released = self.platform.new_event()
             released.record(self.kernel_stream)
@@ -170,7 +170,8 @@ class StagedPipeline:
 
     def _ordered(self, direction, descriptor, chunks, num_tokens, keep):
         """Both streams already wait for the engine: ``staging_buffers`` device buffers in a ring, kernels fill
-        pieces ahead while the copy engine drains. Returns the stream whose last operation ends the transfer."""
+        pieces ahead while the copy engine drains. Returns (the stream whose last operation ends the transfer,
+        the event after its gather where one piece's gather and copy share a stream, else None)."""
         # The staging buffers outlive a call: a transfer issued before this one may still be copying out of them
         # (d2h, on the DMA stream) or scattering from them (h2d, on the kernel stream) when this one starts.
         self.kernel_stream.wait_stream(self.dma_stream)
@@ -180,17 +181,21 @@ class StagedPipeline:
             # One piece: kernel and copy on one stream, so a small transfer (a 256-token chunk: 0.6 ms of link
             # time) pays no cross-stream event waits between its kernel and its copy.
             buf = self._stage(0, size)[: work[0].nbytes]
+            released = None
             with self.platform.stream_scope(self.kernel_stream):
                 if direction == "h2d":
                     work[0].from_hosts(buf)
                 self._kernel(direction, work[0], buf, num_tokens, keep)
                 if direction == "d2h":
+                    # The engine's blocks are read once the gather ran; the copy after it reads staging only.
+                    released = self.platform.new_event()
+                    released.record(self.kernel_stream)
                     work[0].to_hosts(buf)
-            return self.kernel_stream
+            return self.kernel_stream, released
         self.dma_stream.wait_stream(self.kernel_stream)
         ring = min(len(work), self.model.staging_buffers)
         bufs = [self._stage(i, size) for i in range(ring)]
-        return self._pipeline(direction, work, bufs, num_tokens, keep)
+        return self._pipeline(direction, work, bufs, num_tokens, keep), None
 
     def _pipeline(self, direction, work, bufs, num_tokens, keep):
         """The ring: per piece the fill stream fills a slot, the drain stream drains it, events hand slots over.

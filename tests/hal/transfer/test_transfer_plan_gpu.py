@@ -64,9 +64,8 @@ def test_plan_follows_the_builds_copy_calls():
 
 
 def test_engine_waits_takes_the_staged_path_where_it_releases_first():
-    """A move the engine waits for (vLLM's loads): staged where it gives engine memory back first (a one-call chunk:
-    after its gather or scatter; any load: its copies run before the engine's work ends); a store of several
-    chunks, or one without one-call chunks, keeps the planner's rule."""
+    """A move the engine waits for (vLLM's loads): staged, which gives engine memory back first (a store after its
+    last gather, a load once its scatters ran), with or without one-call chunks; otherwise the planner's rule."""
     native = native_or_none()
     if native is None or not native.batched_copies:
         pytest.skip("needs the native module with batched copy calls")
@@ -76,8 +75,7 @@ def test_engine_waits_takes_the_staged_path_where_it_releases_first():
     for direction in ("d2h", "h2d"):
         assert one_call.plan(d, 256, direction, engine_waits=True).path == "staged"
         assert one_call.plan(d, 256, direction).path == "dma"
-    assert one_call.plan(d, 256, "d2h", chunks=2, engine_waits=True).path == "dma"
-    assert one_call.plan(d, 256, "h2d", chunks=2, engine_waits=True).path == "staged"
+        assert one_call.plan(d, 256, direction, chunks=8, engine_waits=True).path == "staged"
+        assert one_call.plan(d, 256, direction, chunks=8).path == "dma"
     triton = Transfer(backend_or_skip("triton"), "cuda", native=native)
-    assert triton.plan(d, 256, "d2h", engine_waits=True).path == "dma"  # no one-call chunks: no early release
-    assert triton.plan(d, 256, "h2d", engine_waits=True).path == "staged"
+    assert triton.plan(d, 256, "d2h", engine_waits=True).path == "staged"
