@@ -358,7 +358,7 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
                 "load_async": p.load_async,
                 "prompt_tokens": p.prompt_tokens,
                 "async_stores": self._fences is not None,
-                "store_fences": self._fences.fenced if self._fences is not None else 0,
+                "fenced_requests": self._fences.fenced if self._fences is not None else 0,
                 "delayed_frees": self._fences.delayed_frees if self._fences is not None else 0,
                 "namespaces": [e.namespace for e in self._engines],
             }

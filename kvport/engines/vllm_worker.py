@@ -43,7 +43,7 @@ class WorkerSide:
             "random_loads": 0,
             "load_seconds": 0.0,  # host time issuing loads, including tier reads and checksum checks
             "store_seconds": 0.0,  # host time issuing stores (the gather and tier writes continue behind it)
-            "store_fences": 0,  # stores still running when vLLM was about to reuse their blocks (forward waited)
+            "fenced_running_stores": 0,  # stores still running when vLLM reused their blocks (the forward waited)
         }
 
     def load(self, specs: Sequence[TransferSpec]) -> None:
@@ -126,7 +126,7 @@ class WorkerSide:
         """Before the forward: vLLM is about to reuse blocks these requests' stores may still read; order the
         engine's stream after those stores (no host wait)."""
         if self.pending is not None and req_ids:
-            self.counters["store_fences"] += self.pending.fence(req_ids)
+            self.counters["fenced_running_stores"] += self.pending.fence(req_ids)
 
     def finished_stores(self, finished_req_ids: set[str]) -> set[str]:
         """Finished requests (named now or before) whose stores are all done: vLLM may free their blocks."""

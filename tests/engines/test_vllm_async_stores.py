@@ -113,4 +113,4 @@ def test_preemption_fences_the_stores_of_the_preempted_request(model, tmp_path) 
             break
     assert preempted, "the pool was sized for a preemption within 16 steps"
     assert sorted(fences) == sorted(preempted)
-    assert scheduler.connector.stats()["store_fences"] == len(preempted)
+    assert scheduler.connector.stats()["fenced_requests"] == len(preempted)

@@ -51,7 +51,7 @@ def test_fence_orders_the_rewrite_after_the_store(tmp_path, backend_name, path) 
         worker.fence(["r"])  # vLLM preempted "r" and hands its blocks to the next forward...
         for storage in src.storages:  # ...which rewrites them
             storage.random_(0, 256)
-        assert worker.counters["store_fences"] >= 1
+        assert worker.counters["fenced_running_stores"] >= 1
         torch.cuda.synchronize()
         writer.flush()
     dst = allocate(spec, blocks + 1, device="cuda", fill="zeros")
