@@ -45,9 +45,10 @@ class CacheConfig:
     # Copy backend name (as in the registry); None lets the registry pick (and honours KVPORT_BACKEND).
     backend: str | None = None
     # Transfer path on GPUs: auto (the planner), dma (copy engines), staged (SM gather + copy) or zero-copy. Which is
-    # fastest differs between machines of one kind (docs/performance.md, H200): pin it where you measured. An engine
-    # that orders its next forward after each store's release (vLLM) waits 0.62 ms per 256-token Llama-3-8B chunk on
-    # the copy engines and 0.03 ms staged (H200, `kvport bench kernels --load engine`).
+    # fastest differs between machines of one kind (docs/performance.md, H200): pin it where you measured. `auto` is
+    # also told whether the engine orders its next forward after a move's release (``engine_waits``: the vLLM
+    # worker's loads and synchronous stores) and then takes the staged path: 0.03 ms of waiting per 256-token
+    # Llama-3-8B chunk against 0.62 ms on the copy engines (H200, `kvport bench kernels --load engine`).
     transfer_path: str = "auto"
     # Write chunks to L2 in background threads; False writes them before store() returns.
     async_store: bool = True

@@ -127,14 +127,12 @@ class Transfer:
         engine_waits: bool = False,
     ) -> Plan:
         """The path for a move; ``engine_waits``: the caller orders its engine's next work after the move's release
-        (``completion.wait_on``), so a path that releases sooner is preferred where this transfer has one."""
-        # A staged move gives engine memory back before its end: a store after its last gather (the copies to the
-        # host read staging), a load once its scatters ran (its copies into staging run before the engine's work
-        # ends, StagedPipeline.run); a one-call chunk likewise (kvport.hal.transfer.one_call).
-        release_first = engine_waits
+        (``completion.wait_on``), so the staged path, which releases first, is preferred: a store gives engine
+        memory back after its last gather (the copies to the host read staging), a load once its scatters ran (its
+        copies into staging run before the engine's work ends, StagedPipeline.run), a one-call chunk likewise."""
         return self._memo(
             self._plans,
-            (num_tokens, direction, path, chunks, release_first),
+            (num_tokens, direction, path, chunks, engine_waits),
             descriptor,
             lambda: plan(
                 descriptor,
@@ -145,7 +143,7 @@ class Transfer:
                 self.model,
                 chunks,
                 self.dma_batched,
-                release_first,
+                engine_waits,
             ),
         )
 

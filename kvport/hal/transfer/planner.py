@@ -130,11 +130,11 @@ def plan(
     model: CostModel | None = None,
     chunks: int = 1,
     dma_batched: bool = True,
-    release_first: bool = False,
+    engine_waits: bool = False,
 ) -> Plan:
     """Choose a path for ``chunks`` chunks of ``num_tokens`` tokens moved as one transfer. ``allowed`` maps each
     path to "" when it can run or to the reason it cannot; ``dma_batched`` says whether the DMA path describes its
-    regions in batched calls (else one copy call per region: kvport.kernels.cuda.memcpy_batch). ``release_first``:
+    regions in batched calls (else one copy call per region: kvport.kernels.cuda.memcpy_batch). ``engine_waits``:
     the engine orders its next work after this move's release: then the staged path, which gives engine memory
     back first (a store after its last gather, a load once its scatters ran: its copies into staging run before the
     engine's work ends; kvport.hal.transfer.staged, one_call)."""
@@ -161,7 +161,7 @@ def plan(
         floor = max(floor, unbatched_floor_bytes(model))
         calls = "one copy call per region (this build has no batched memcpy)"
     mean_region = nbytes / max(regions, 1)
-    if release_first and "staged" in usable:
+    if engine_waits and "staged" in usable:
         # The copy engines read or write engine memory to their last byte; a staged move gives it back after its
         # gathers or scatters and copies through its own staging. H200, `kvport bench kernels --load engine`
         # (docs/performance.md): the next step waited 0.02-0.04 ms per 256-token chunk staged against 0.62-0.64

@@ -95,17 +95,17 @@ def test_planner_takes_the_copy_engines_for_large_regions_only():
 
 
 def test_a_move_the_engine_waits_for_takes_the_path_that_releases_first():
-    """``release_first`` (the engine orders its next work after the release and the staged chunk releases at its
-    gather/scatter): staged even where the copy engines would be taken; the copy engines where staged cannot run."""
+    """``engine_waits`` (the engine orders its next work after the release; the staged path releases at its
+    gathers/scatters): staged even where the copy engines would be taken; the copy engines where staged cannot run."""
     dims = Dims(layers=4, heads=8, head_dim=128, block=16, blocks=600)
     nhd = sample("nhd", dims)
     for direction in ("d2h", "h2d"):
-        chosen = plan(nhd, 256, direction, ALL_OK, release_first=True)
+        chosen = plan(nhd, 256, direction, ALL_OK, engine_waits=True)
         assert chosen.path == "staged" and "releases first" in chosen.reason
         assert plan(nhd, 256, direction, ALL_OK).path == "dma"
     no_staged = dict(ALL_OK, staged="backend cannot", **{"zero-copy": "backend cannot"})
-    assert plan(nhd, 256, "d2h", no_staged, release_first=True).path == "dma"
-    assert plan(nhd, 256, "d2h", ALL_OK, path="dma", release_first=True).path == "dma"  # a requested path stands
+    assert plan(nhd, 256, "d2h", no_staged, engine_waits=True).path == "dma"
+    assert plan(nhd, 256, "d2h", ALL_OK, path="dma", engine_waits=True).path == "dma"  # a requested path stands
 
 
 def test_without_batched_copies_small_regions_are_staged():
