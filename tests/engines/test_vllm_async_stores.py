@@ -9,27 +9,19 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-import torch  # noqa: E402
 from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
-from vllm_scheduler import finish, make_scheduler, request  # noqa: E402
+from vllm_scheduler import finish, make_scheduler, prompt_tokens, request, tiny_model  # noqa: E402
 
 CHUNK = 256
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from kvport.demo.model import ModelDims, build_model
-
-    dims = ModelDims(layers=1, hidden=64, heads=2, kv_heads=2, intermediate=128, vocab=512)
-    return build_model(tmp_path_factory.mktemp("async") / "model", dims)
+    return tiny_model(tmp_path_factory.mktemp("async"))
 
 
 def _extra(tmp_path, **more):
     return {"chunk_tokens": CHUNK, "l1_bytes": "16MiB", "l2_path": str(tmp_path / "l2"), **more}
-
-
-def _tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(10, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _free(scheduler) -> int:
@@ -39,7 +31,7 @@ def _free(scheduler) -> int:
 def test_finished_request_keeps_its_blocks_until_its_stores_are_reported(model, tmp_path) -> None:
     scheduler = make_scheduler(model, _extra(tmp_path), num_blocks=100)
     free_before = _free(scheduler)
-    req = request(_tokens(600, seed=1))
+    req = request(prompt_tokens(600, seed=1))
     scheduler.add_request(req)
     out = scheduler.schedule()
     assert [(s.num_tokens, s.skip_tokens) for s in out.kv_connector_metadata.stores] == [(512, 0)]
@@ -56,7 +48,7 @@ def test_finished_request_keeps_its_blocks_until_its_stores_are_reported(model, 
 
 def test_a_request_that_stored_nothing_frees_at_once(model, tmp_path) -> None:
     scheduler = make_scheduler(model, _extra(tmp_path), num_blocks=100)
-    req = request(_tokens(200, seed=2))  # under one chunk: no store
+    req = request(prompt_tokens(200, seed=2))  # under one chunk: no store
     scheduler.add_request(req)
     out = scheduler.schedule()
     assert out.kv_connector_metadata.stores == []
@@ -66,7 +58,7 @@ def test_a_request_that_stored_nothing_frees_at_once(model, tmp_path) -> None:
 
 def test_synchronous_stores_never_delay(model, tmp_path) -> None:
     scheduler = make_scheduler(model, _extra(tmp_path, async_stores=False), num_blocks=100)
-    req = request(_tokens(600, seed=3))
+    req = request(prompt_tokens(600, seed=3))
     scheduler.add_request(req)
     out = scheduler.schedule()
     assert len(out.kv_connector_metadata.stores) == 1
@@ -98,7 +90,7 @@ def test_preemption_fences_the_stores_of_the_preempted_request(model, tmp_path) 
     its blocks out in the same step: that step's metadata must fence the preempted request's in-flight stores."""
     blocks_per_req = 304 // 16  # 300-token prompts: 19 blocks of 16, full after 4 decoded tokens
     scheduler = make_scheduler(model, _extra(tmp_path), num_blocks=2 * blocks_per_req + 2)  # + the null block
-    reqs = [request(_tokens(300, seed=10 + i), max_tokens=64) for i in range(2)]
+    reqs = [request(prompt_tokens(300, seed=10 + i), max_tokens=64) for i in range(2)]
     for req in reqs:
         scheduler.add_request(req)
     out = scheduler.schedule()

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.vllm
 
 import torch  # noqa: E402
 from vllm.lora.request import LoRARequest  # noqa: E402
-from vllm_scheduler import fill_cache, finish, make_scheduler, request, schedule  # noqa: E402
+from vllm_scheduler import fill_cache, finish, make_scheduler, prompt_tokens, request, schedule, tiny_model  # noqa: E402
 
 from kvport.engines.vllm_identity import request_extra  # noqa: E402
 
@@ -20,10 +20,7 @@ CHUNK = 256
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from kvport.demo.model import ModelDims, build_model
-
-    dims = ModelDims(layers=1, hidden=64, heads=2, kv_heads=2, intermediate=128, vocab=512)
-    return build_model(tmp_path_factory.mktemp("sched") / "model", dims)
+    return tiny_model(tmp_path_factory.mktemp("sched"))
 
 
 @pytest.fixture
@@ -35,15 +32,11 @@ def _loads(out) -> list[tuple[int, int]]:
     return [(s.num_tokens, s.skip_tokens) for s in out.kv_connector_metadata.loads]
 
 
-def tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(10, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @pytest.mark.parametrize(("head", "vllm_hit"), [(390, 384), (520, 512)])
 def test_loads_from_where_vllms_own_hit_ends(model, extra, head, vllm_hit):
     """A request whose first tokens are in vLLM's prefix cache: kvport loads its later chunks from there on (the
     chunk holding vLLM's last cached token only from its next block)."""
-    prompt = tokens(1000, seed=1)
+    prompt = prompt_tokens(1000, seed=1)
     assert fill_cache(extra, prompt) == 768
     scheduler = make_scheduler(model, extra)
     computed, out = schedule(scheduler, request(prompt[:head]))  # fills vLLM's prefix cache with the head
@@ -55,7 +48,7 @@ def test_loads_from_where_vllms_own_hit_ends(model, extra, head, vllm_hit):
 
 
 def test_prompt_of_exactly_n_cached_chunks_loads_all_but_its_last_token(model, extra):
-    prompt = tokens(512, seed=2)
+    prompt = prompt_tokens(512, seed=2)
     fill_cache(extra, prompt)
     scheduler = make_scheduler(model, extra)
     computed, out = schedule(scheduler, request(prompt))
@@ -70,7 +63,7 @@ def _hit(model, extra, req) -> int:
 
 
 def test_lora_adapter_is_part_of_the_key(model, extra):
-    prompt = tokens(1000, seed=3)
+    prompt = prompt_tokens(1000, seed=3)
     lora_a = LoRARequest("a", 1, "/adapters/a")
     fill_cache(extra, prompt, request_extra(request(prompt, lora_request=lora_a)))
     assert _hit(model, extra, request(prompt, lora_request=lora_a)) == 768
@@ -83,7 +76,7 @@ def test_lora_adapter_is_part_of_the_key(model, extra):
 
 
 def test_cache_salt_isolates_tenants(model, extra):
-    prompt = tokens(1000, seed=4)
+    prompt = prompt_tokens(1000, seed=4)
     fill_cache(extra, prompt, request_extra(request(prompt, cache_salt="tenant-a")))
     assert _hit(model, extra, request(prompt, cache_salt="tenant-a")) == 768
     assert _hit(model, extra, request(prompt, cache_salt="tenant-b")) == 0
@@ -110,7 +103,7 @@ def test_stats_file_is_replaced_whole_and_dead_writers_temps_are_removed(model, 
     stats.mkdir()
     (stats / ".scheduler.json.999999999.tmp").write_text("{")  # a writer killed mid-write (no such pid)
     extra = {**extra, "stats_dir": str(stats)}
-    prompt = tokens(600, seed=6)
+    prompt = prompt_tokens(600, seed=6)
     fill_cache(extra, prompt)
     scheduler = make_scheduler(model, extra)
     schedule(scheduler, request(prompt))
@@ -129,7 +122,7 @@ def test_a_hit_needs_every_pipeline_stage_and_tp_rank(model, extra):
         for pp in (0, 1)
         for tp in (0, 1)
     }
-    prompt = tokens(1000, seed=7)
+    prompt = prompt_tokens(1000, seed=7)
     for (pp, tp), namespace in shards.items():
         fill_cache(extra, prompt if (pp, tp) != (1, 1) else prompt[:512], namespace=namespace)
     assert _hit_in(make_scheduler(model, extra, shards=shards), request(prompt)) == 512  # stage 1 rank 1 holds 2

@@ -30,6 +30,19 @@ _ids = itertools.count()
 init_none_hash(sha256)
 
 
+def tiny_model(root: Path) -> Path:
+    """The one-layer model the scheduler tests hand vLLM's config (no forward runs: only its config is read)."""
+    from kvport.demo.model import ModelDims, build_model
+
+    dims = ModelDims(layers=1, hidden=64, heads=2, kv_heads=2, intermediate=128, vocab=512)
+    return build_model(root / "model", dims)
+
+
+def prompt_tokens(n: int, seed: int) -> list[int]:
+    """``n`` reproducible token ids inside the tiny model's vocabulary."""
+    return torch.randint(10, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def make_scheduler(
     model: Path, extra: dict[str, Any], num_blocks: int = 1000, shards: dict[tuple[int, int], str] | None = None
 ) -> Scheduler:
