@@ -42,8 +42,9 @@ class Bench:
         gemm_n,
         model=None,
         zero_copy_programs=None,
+        whole_blocks=False,
     ) -> None:
-        self.model, self.zero_copy_programs = model, zero_copy_programs
+        self.model, self.zero_copy_programs, self.whole_blocks = model, zero_copy_programs, whole_blocks
         self.layouts, self.tokens, self.directions = layouts, tokens, directions
         self.paths, self.loads, self.repeat, self.dims, self.gemm_n = paths, loads, repeat, dims, gemm_n
         self.device = torch.device("cuda", torch.cuda.current_device())
@@ -73,8 +74,9 @@ class Bench:
         from kvport.layouts import allocate, catalog_names
 
         names = self.layouts or catalog_names()
+        suffix = "+whole-blocks" if self.whole_blocks else ""
         for name in names:
-            yield name, sized_layout(name, self.dims), allocate
+            yield name + suffix, sized_layout(name, self.dims), allocate
 
     # -- limits -----------------------------------------------------------------------------------------------
     def _time(self, fn, reps: int) -> float:
@@ -187,7 +189,7 @@ class Bench:
                 kv_cache[key] = (kv, ids)
             kv, ids = kv_cache[key]
             try:
-                records.append(self.case(name, kv.descriptor, ids, tokens, direction, backend, path, load))
+                records.append(self.case(name, self._descriptor(kv), ids, tokens, direction, backend, path, load))
             except SkipCase as exc:
                 records.append(self._case_key(name, backend, direction, tokens, path, load) | {"skipped": str(exc)})
             except Exception as exc:  # one failing case must not hide the others; the table shows it
@@ -196,6 +198,17 @@ class Bench:
             if on_record is not None:
                 on_record(records[-1], self.summary(records))
         return self.summary(records)
+
+    def _descriptor(self, kv):
+        if not self.whole_blocks:
+            return kv.descriptor
+        from kvport.layouts import LayoutError
+        from kvport.layouts.whole_blocks import whole_blocks
+
+        try:
+            return whole_blocks(kv.descriptor)
+        except LayoutError as exc:
+            raise SkipCase(str(exc)) from None
 
     def summary(self, records) -> dict:
         return {

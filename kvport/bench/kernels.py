@@ -78,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dma-flags", choices=("none", "overlap"), help="dma path: copy flags (overlap = PreferOverlapWithCompute)"
     )
+    parser.add_argument(
+        "--whole-blocks",
+        action="store_true",
+        help="chunks of whole engine blocks, every layer (kvport.layouts.whole_blocks): block-outer layouts only, "
+        "e.g. vllm-std-blnhc, vllm-std-blhnc, vllm-std-mla-block-outer",
+    )
     add_gemm_argument(parser)
     parser.add_argument("--json", type=Path, help="write device, memcpy figures and one record per case")
     parser.add_argument("--plot", type=Path, help="write a PNG of ratio to memcpy per layout and backend")
@@ -132,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         gemm_n=args.gemm_n,
         model=model,
         zero_copy_programs=args.zero_copy_programs,
+        whole_blocks=args.whole_blocks,
     )
     print(HEADER, flush=True)
 

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - older vLLM
 from kvport.engines.stats_file import StatsFile
 from kvport.engines.vllm_identity import prompt_of, request_extra, tp_rank_world, worker_namespace
 from kvport.engines.vllm_layouts import spec_for, tensors_in_order
-from kvport.engines.vllm_options import check_extra_config
+from kvport.engines.vllm_options import check_extra_config, required_layout
 from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, TransferSpec, metrics_port_for
 from kvport.engines.vllm_setup import attention_infos, check_parallelism, route_logs_to_vllm
 from kvport.engines.vllm_store_fences import StoreFences, group_blocks, stored_blocks
@@ -137,11 +137,13 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
         """vLLM asks this when it resolves the KV cache layout, before memory profiling (every mode): the extra
-        config is refused there at the latest. kvport serves every layout vLLM picks (or refuses it at bind)."""
+        config is refused there at the latest. kvport serves every layout vLLM picks (or refuses it at bind); it asks
+        for one only when the options name it or want whole blocks (block-outer)."""
+        options: dict[str, Any] = {}
         if vllm_config.kv_transfer_config is not None:
-            check_extra_config(vllm_config.kv_transfer_config.kv_connector_extra_config)
+            options = check_extra_config(vllm_config.kv_transfer_config.kv_connector_extra_config)[0]
         check_parallelism(vllm_config)
-        return None
+        return required_layout(options)
 
     # ==== worker side ==========================================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -153,6 +155,10 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
         spec = spec_for(infos, self._options.get("layout"))
         per_group = [tensors_in_order(kv_caches, info.layer_names) for info in infos]
         descriptor = compile_descriptor(spec, per_group[0] if len(per_group) == 1 else per_group)
+        if self._options.get("whole_blocks"):
+            from kvport.layouts.whole_blocks import whole_blocks
+
+            descriptor = whole_blocks(descriptor)  # one line naming why when vLLM's layout is layer-outer
         layers = [name for info in infos for name in info.layer_names]
         namespace = worker_namespace(self._vllm_config, self._options, descriptor.fingerprint, layers)
         self._engine = self._make_engine(namespace)

@@ -24,7 +24,8 @@ _LEGACY = {"NHD": "LBNHC", "HND": "LBHNC"}
 # test_vllm_truth.py); a (backend, packing, layout) that is not listed is refused at start, never bound to a guess.
 ORDERS = ("LBNHC", "LBHNC", "BLNHC", "BLHNC", "BHLNC", "LHBNC")
 _STD = {o: f"vllm-std-{o.lower()}" for o in ORDERS}
-_MLA = dict.fromkeys(ORDERS, "vllm-std-mla")
+# Block-outer orders: the layers share one buffer (the same canonical chunks; whole blocks need the one buffer).
+_MLA = {o: "vllm-std-mla-block-outer" if o.startswith("B") else "vllm-std-mla" for o in ORDERS}
 # vLLM's CPU MLA writers address the cache as one dense [blocks * block_size, 576] array: CPU_MLA's .view raises and
 # AMX_MLA's kernel writes other bytes than the view it hands connectors when blocks are not layer-compact (B before L).
 _MLA_LAYER_COMPACT = {o: name for o, name in _MLA.items() if o.startswith("L")}

@@ -20,7 +20,18 @@ ADAPTER_KEYS: dict[str, type | tuple[type, ...]] = {
     # Stores run beside the next forwards (vLLM keeps a finished request's blocks until they are done); false
     # orders every forward after the previous step's stores (kvport.engines.vllm_store_fences).
     "async_stores": bool,
+    # The KV cache layout kvport asks vLLM for (a KVCacheLayout name: LBNHC, LBHNC, LHBNC, BLNHC, BLHNC, BHLNC; or
+    # NHD / HND); vLLM uses it when every attention backend supports it and warns and picks its own otherwise.
+    "kv_cache_layout": str,
+    # Chunks hold whole engine blocks (every layer of a block, in the engine's byte order) so the copy engines move
+    # a 256-token chunk in 16 regions (kvport.layouts.whole_blocks); needs a block-outer layout, BLNHC unless
+    # kv_cache_layout says otherwise. Only the same layout reads such chunks.
+    "whole_blocks": bool,
 }
+# vLLM 0.32's KVCacheLayout names (v1/kv_cache_layout.py) and its legacy aliases; the block-outer ones keep a block of
+# every layer in one run of memory.
+KV_CACHE_LAYOUTS = ("LBNHC", "LBHNC", "LHBNC", "BLNHC", "BLHNC", "BHLNC", "NHD", "HND")
+BLOCK_OUTER = ("BLNHC", "BLHNC", "BHLNC")
 WHERE = "kv_connector_extra_config"
 
 
@@ -57,5 +68,20 @@ def check_extra_config(extra: Mapping[str, Any] | None):
             load_layout(options["layout"])
         except LayoutError as exc:
             raise UserError(f"{WHERE}: layout={options['layout']!r}: {exc}") from None
+    layout = options.get("kv_cache_layout")
+    if layout is not None and layout not in KV_CACHE_LAYOUTS:
+        raise UserError(f"{WHERE}: kv_cache_layout={layout!r}, expected one of {', '.join(KV_CACHE_LAYOUTS)}")
+    if options.get("whole_blocks") and layout is not None and layout not in BLOCK_OUTER:
+        raise UserError(
+            f"{WHERE}: whole_blocks needs a block-outer kv_cache_layout ({', '.join(BLOCK_OUTER)}), got {layout!r}"
+        )
     config = load_config(options.get("config"), extra)
     return options, extra, config
+
+
+def required_layout(options: Mapping[str, Any]) -> str | None:
+    """The KV cache layout to ask vLLM for: the ``kv_cache_layout`` option, else BLNHC (block-outer, NHD inside a
+    block, flash-attn's own order) when ``whole_blocks`` is on, else none (vLLM picks)."""
+    if options.get("kv_cache_layout"):
+        return options["kv_cache_layout"]
+    return "BLNHC" if options.get("whole_blocks") else None

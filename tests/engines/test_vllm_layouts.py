@@ -45,10 +45,13 @@ def test_declared_backend_and_layout_pick_the_layout(backend, layout, standardiz
     assert catalog_layout(_info(backend, layout, standardized=standardized)) == expected
 
 
-@pytest.mark.parametrize("layout", ["LBNHC", "BLHNC", "LHBNC"])
-def test_mla_pages_pick_the_4d_view_spec(layout: str) -> None:
+@pytest.mark.parametrize(
+    "layout,expected",
+    [("LBNHC", "vllm-std-mla"), ("LHBNC", "vllm-std-mla"), ("BLHNC", "vllm-std-mla-block-outer")],
+)
+def test_mla_pages_pick_the_4d_view_spec(layout: str, expected: str) -> None:
     info = _info("TRITON_MLA", layout, kind="mla", num_kv_heads=1, head_size=576)
-    assert catalog_layout(info) == "vllm-std-mla"
+    assert catalog_layout(info) == expected
 
 
 def test_packing_comes_from_the_spec_fields_not_from_sizes() -> None:

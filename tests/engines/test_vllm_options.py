@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvport.engines.vllm_options import ADAPTER_KEYS, cache_keys, check_extra_config
+from kvport.engines.vllm_options import ADAPTER_KEYS, cache_keys, check_extra_config, required_layout
 from kvport.errors import UserError
 
 
@@ -37,6 +37,8 @@ def test_an_unknown_key_lists_the_adapter_and_the_cache_keys():
         ({"layout": "no-such-layout"}, "layout='no-such-layout'"),
         ({"chunk_tokens": -1}, "chunk_tokens"),
         ({"config": "/nonexistent/kvport.yaml"}, "/nonexistent/kvport.yaml"),
+        ({"kv_cache_layout": "BNLHC"}, "kv_cache_layout='BNLHC', expected one of LBNHC, LBHNC,"),
+        ({"whole_blocks": True, "kv_cache_layout": "NHD"}, "whole_blocks needs a block-outer kv_cache_layout"),
     ],
 )
 def test_bad_values_are_one_line(extra, expected):
@@ -48,3 +50,16 @@ def test_bad_values_are_one_line(extra, expected):
 def test_not_an_object_is_refused():
     with pytest.raises(UserError, match="expected a JSON object, got list"):
         check_extra_config(["l2_path"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "layout"),
+    [
+        ({}, None),  # vLLM picks
+        ({"kv_cache_layout": "HND"}, "HND"),
+        ({"whole_blocks": True}, "BLNHC"),  # block-outer, NHD inside a block: flash-attn's own order
+        ({"whole_blocks": True, "kv_cache_layout": "BLHNC"}, "BLHNC"),
+    ],
+)
+def test_the_layout_asked_of_vllm(extra, layout):
+    assert required_layout(check_extra_config(extra)[0]) == layout

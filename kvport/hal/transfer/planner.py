@@ -38,15 +38,17 @@ class CostModel:
     # regions only 0.58-0.71 (D2H) and 0.10-0.23 (H2D). Smaller rows go through SM kernels.
     dma_min_region_bytes_d2h: int = 32 << 10
     dma_min_region_bytes_h2d: int = 32 << 10
-    # ...and only for moves smaller than this; larger ones are staged. 8K-token NHD moves (1 GiB, 32768 regions)
-    # on four H200 machines, 2026-11-29 (docs/performance.md): the copy engines reached 0.98, 0.59, 0.65-0.96 and
-    # 0.56-0.88 of memcpy alone (the host's describing speed, above) and held the issuing thread for the whole move
-    # (15-31 ms); the staged path 0.97-0.99 alone and 0.91-0.98 under load on every machine (it costs the GEMM ~3%),
-    # for ~0.1 ms of host per piece. One or a few chunks stay on the copy engines: under load a single 256-token
-    # chunk kept 0.47-0.97 there and 0.37-0.40 staged (its kernel waits for SMs). The crossover between 32 MiB and
-    # 1 GiB was not measured: 512 MiB is two staged pieces, the least at which the pipeline overlaps one piece's wait
-    # for SMs with another's copy.
-    dma_max_move_bytes: int = 512 << 20
+    # ...and only for moves of fewer regions than this; larger ones are staged. 8K-token NHD moves (1 GiB, 32768
+    # regions) on four H200 machines, 2026-11-29 (docs/performance.md): the copy engines reached 0.98, 0.59, 0.65-0.96
+    # and 0.56-0.88 of memcpy alone (the host's describing speed, above) and held the issuing thread for the whole move
+    # (15-31 ms); the staged path 0.97-0.99 alone and 0.91-0.98 under load on every machine (it costs the GEMM ~3%), for
+    # ~0.1 ms of host per piece. One or a few chunks stay on the copy engines: under load a single 256-token chunk kept
+    # 0.47-0.97 there and 0.37-0.40 staged (its kernel waits for SMs). The crossover between 32 MiB and 1 GiB was not
+    # measured: 512 MiB is two staged pieces, the least at which the pipeline overlaps one piece's wait for SMs with
+    # another's copy. Counted in regions, not bytes: what varied was the host describing regions, so 16384 is the old
+    # 512 MiB of 32 KiB NHD regions, and a whole-block move (kvport.layouts.whole_blocks: 8K tokens of Llama-3-8B are
+    # 512 regions of 2 MiB) stays on the copy engines at any size.
+    dma_max_move_regions: int = 16384
     launch_us: float = 8.0  # one kernel launch plus its event, from the host
     dma_call_us: float = 8.0  # one batched copy call (or the first of many) before the engines start moving
     # SM kernels through mapped host memory reached 95% of the link (DESIGN.md prototype, NHD).
@@ -168,7 +170,7 @@ def plan(
         # ms on the copy engines (Llama-3-8B NHD), both directions; 2048 tokens: 0.17 ms / 4.0 ms against 6.4 /
         # 8.0 ms (d2h / h2d, side by side).
         return Plan("staged", f"{nbytes} B: the engine waits for this move's release; staged releases first", est)
-    large = nbytes >= model.dma_max_move_bytes and "staged" in usable
+    large = regions >= model.dma_max_move_regions and "staged" in usable
     if "dma" in usable and mean_region >= floor and not large:
         # The copy engines and no SM time taken from the engine: under load the SM kernels of a chunk-sized move
         # wait for SMs the engine's kernels hold.
@@ -177,7 +179,7 @@ def plan(
         )
     if "dma" in usable and len(usable) > 1:
         # Regions below the size the copy engines keep up with, or a move large enough that the staged pipeline's
-        # steady speed beats the copy engines' machine-to-machine spread (CostModel.dma_max_move_bytes).
+        # steady speed beats the copy engines' machine-to-machine spread (CostModel.dma_max_move_regions).
         usable.remove("dma")
     if nbytes > model.zero_copy_max_bytes and "zero-copy" in usable and len(usable) > 1:
         usable.remove("zero-copy")  # would hold SMs for the whole transfer and slow the engine

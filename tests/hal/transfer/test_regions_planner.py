@@ -16,6 +16,7 @@ from kvport.hal.transfer.segments import check_buffer, compile_plan, flat_block_
 from kvport.kernels.torch.gather import gather as ref_gather  # noqa: E402
 from kvport.kernels.torch.scatter import scatter as ref_scatter  # noqa: E402
 from kvport.layouts import allocate, catalog_names, load_layout  # noqa: E402
+from kvport.layouts.whole_blocks import whole_blocks  # noqa: E402
 
 ALL_OK = {"dma": "", "staged": "", "zero-copy": ""}
 
@@ -129,17 +130,23 @@ def test_without_batched_copies_small_regions_are_staged():
 
 
 def test_planner_stages_moves_past_the_copy_engines_size_limit():
-    """Large moves go staged even with large regions (the copy engines' speed varied 0.56-0.99 between machines);
-    a model without the limit, or no staged path, keeps them on the copy engines."""
+    """Moves of many regions go staged (describing 32768 regions held the host while the copy engines' speed varied
+    0.56-0.99 between machines); a model without the limit, or no staged path, keeps them on the copy engines, and
+    so does a move as large in few regions (whole blocks)."""
     nhd = sample("nhd", Dims(layers=4, heads=8, head_dim=128, block=16, blocks=600))
-    chunk = nhd.canonical_bytes(256)
-    below, above = (CostModel().dma_max_move_bytes - 1) // chunk, -(-CostModel().dma_max_move_bytes // chunk)
+    per_chunk = region_count(nhd, 256)
+    limit = CostModel().dma_max_move_regions
+    below, above = (limit - 1) // per_chunk, -(-limit // per_chunk)
     for direction in ("d2h", "h2d"):
         assert plan(nhd, 256, direction, ALL_OK, chunks=below).path == "dma"
         assert plan(nhd, 256, direction, ALL_OK, chunks=above).path == "staged"
-    assert plan(nhd, 256, "d2h", ALL_OK, model=CostModel(dma_max_move_bytes=1 << 62), chunks=above).path == "dma"
+    assert plan(nhd, 256, "d2h", ALL_OK, model=CostModel(dma_max_move_regions=1 << 62), chunks=above).path == "dma"
     no_staged = dict(ALL_OK, staged="backend cannot")
     assert plan(nhd, 256, "d2h", no_staged, chunks=above).path == "dma"
+    spec = load_layout("vllm-std-blnhc", layers=4, kv_heads=8, head_dim=128, block_size=16)
+    blocks = whole_blocks(allocate(spec, 20).descriptor)  # 16 regions of 4 layers' blocks per chunk: 1/8 the regions
+    assert blocks.canonical_bytes(256) == nhd.canonical_bytes(256) and region_count(blocks, 256) == 16
+    assert plan(blocks, 256, "d2h", ALL_OK, chunks=above).path == "dma"
 
 
 def test_planner_zero_copy_only_for_small_transfers():

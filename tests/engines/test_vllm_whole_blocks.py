@@ -1,0 +1,159 @@
+"""Whole-block chunks (kvport.layouts.whole_blocks) proven on vLLM 0.32's own allocation and its backends' own
+cache writes: a block-outer layout's block of every layer is one run, gathered byte for byte as vLLM allocated it and
+scattered back so that the tokens read as vLLM wrote them; layer-outer layouts are refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+from vllm_truth import Case, build, expected_chunk, make_tokens, registered_name, write  # noqa: E402
+
+from kvport.engines.vllm_layouts import info_from_spec, load_for, tensors_in_order  # noqa: E402
+from kvport.hal.backends.torch_ref import TorchBackend  # noqa: E402
+from kvport.layouts import LayoutError, compile_descriptor  # noqa: E402
+from kvport.layouts.whole_blocks import whole_blocks  # noqa: E402
+
+BLOCK_OUTER = [
+    ("FLASH_ATTN", "BLNHC"),
+    ("FLASH_ATTN", "BLHNC"),
+    ("FLASH_ATTN", "BHLNC"),
+    ("B12X", "BLHNC"),  # K/V head-slot pages
+    ("TRITON_MLA", "BLHNC"),
+    ("FLASHMLA", "BLNHC"),
+]
+
+
+def _plain(engine):
+    """kvport's descriptor of vLLM's allocation, as the connector compiles it (canonical chunks)."""
+    info = info_from_spec(registered_name(engine.backend_cls), engine.spec, engine.case.layout, engine.names)
+    return compile_descriptor(load_for(info), tensors_in_order(engine.kv, engine.names))
+
+
+def _descriptors(engine):
+    plain = _plain(engine)
+    return plain, whole_blocks(plain)
+
+
+@pytest.mark.parametrize("backend,layout", BLOCK_OUTER)
+def test_whole_blocks_are_vllms_blocks_and_carry_its_tokens(backend: str, layout: str) -> None:
+    case = Case(backend, layout)
+    engine = build(case)
+    tokens = make_tokens(engine, torch.Generator().manual_seed(11))  # ends in a partial block
+    write(engine, tokens)
+    plain, blocks = _descriptors(engine)
+    stride = blocks.streams[0].row_bytes
+    assert stride == case.layers * engine.spec.page_size_bytes  # every layer of one block
+    ops = TorchBackend()
+    chunk = torch.empty(blocks.canonical_bytes(tokens.count), dtype=torch.uint8)
+    ops.gather(blocks, tokens.block_ids, chunk, tokens.count)
+    # The chunk is the allocation's runs at those block ids, whole (the partial last block too).
+    raw = engine.raw()
+    base = blocks.streams[0].base_ptr - raw.data_ptr()
+    want = torch.cat([raw[base + b * stride : base + (b + 1) * stride] for b in tokens.block_ids])
+    assert torch.equal(chunk, want)
+    # Scattered into other blocks of a fresh cache, the tokens read back as vLLM's own write of them.
+    mine = build(case)
+    _, target = _descriptors(mine)
+    new_ids = [(b + 3) % 8 for b in tokens.block_ids]
+    ops.scatter(chunk, target, new_ids, tokens.count)
+    plain_mine, _ = _descriptors(mine)
+    canonical = torch.empty(plain_mine.canonical_bytes(tokens.count), dtype=torch.uint8)
+    ops.gather(plain_mine, new_ids, canonical, tokens.count)
+    assert torch.equal(canonical, expected_chunk(engine, tokens))
+    # Only the same layout reads whole-block chunks: the fingerprint differs from the canonical format's.
+    assert blocks.fingerprint != plain.fingerprint
+    assert blocks.canonical_bytes(tokens.count) == len(tokens.block_ids) * stride
+
+
+def test_in_block_orders_never_share_whole_block_chunks() -> None:
+    """BLNHC and BLHNC hold the same tokens in a different byte order inside a block: different fingerprints, while
+    their canonical (layer-major) chunks are the same format."""
+    nhc, hnc = (_descriptors(build(Case("FLASH_ATTN", order))) for order in ("BLNHC", "BLHNC"))
+    assert nhc[0].fingerprint == hnc[0].fingerprint
+    assert nhc[1].fingerprint != hnc[1].fingerprint
+
+
+@pytest.mark.parametrize("layout", ["LBNHC", "LBHNC", "LHBNC"])
+def test_layer_outer_layouts_are_refused_in_one_line(layout: str) -> None:
+    plain = _plain(build(Case("FLASH_ATTN", layout)))
+    with pytest.raises(LayoutError, match="block-outer layout") as err:
+        whole_blocks(plain)
+    assert "\n" not in str(err.value)
+
+
+def test_hybrid_groups_aliasing_one_allocation_move_their_own_blocks() -> None:
+    """vLLM's hybrid groups (full attention, sliding window) alias one BLHNC allocation and the block pool hands each
+    block to one group at a time: a group's whole block is exactly its own layers' rows there, so moving it leaves the
+    other group's blocks alone."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, KVCacheLayout, SlidingWindowSpec
+    from vllm.v1.worker.utils import allocate_kv_cache
+    from vllm_truth import vllm_config
+
+    from kvport.engines.vllm_layouts import spec_for
+
+    full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    swa = SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16, sliding_window=32)
+    names = [[f"model.layers.{i}.self_attn.attn" for i in (0, 2)], [f"model.layers.{i}.self_attn.attn" for i in (1, 3)]]
+    cfg = vllm_config("BLHNC")
+    with set_current_vllm_config(cfg):
+        groups = [KVCacheGroupSpec(names[0], full), KVCacheGroupSpec(names[1], swa)]
+        kcc = get_kv_cache_config_from_groups(cfg, groups, 16 * full.page_size_bytes * 2)
+        kv = allocate_kv_cache(kcc, torch.device("cpu"), KVCacheLayout.BLHNC)
+    cls = AttentionBackendEnum.FLASH_ATTN.get_class()
+    engine = build(Case("FLASH_ATTN", "BLHNC", layers=2))  # only for its impl; the KV is the hybrid allocation
+    gen = torch.Generator().manual_seed(3)
+    tables = [[3, 0, 9], [12, 5, 1]]  # disjoint, as the block pool hands them out
+    written = []
+    for group_names, table in zip(names, tables):
+        engine.kv, engine.bound, engine.names = kv, dict(kv), group_names
+        tokens = make_tokens(engine, gen, block_ids=table)
+        write(engine, tokens)
+        written.append(tokens)
+    infos = [info_from_spec(registered_name(cls), g.kv_cache_spec, "BLHNC", g.layer_names) for g in kcc.kv_cache_groups]
+    plain = compile_descriptor(spec_for(infos), [tensors_in_order(kv, n) for n in names])
+    blocks = whole_blocks(plain)
+    count = written[0].count
+    ops = TorchBackend()
+    chunk = torch.empty(blocks.canonical_bytes(count), dtype=torch.uint8)
+    ops.gather(blocks, tables, chunk, count)
+    moved = [[7, 2, 14], [4, 10, 6]]  # blocks no group used above
+    before = torch.empty(plain.canonical_bytes(count), dtype=torch.uint8)
+    ops.gather(plain, tables, before, count)
+    ops.scatter(chunk, blocks, moved, count)
+    after = torch.empty_like(before)
+    ops.gather(plain, moved, after, count)
+    assert torch.equal(after, before)
+    again = torch.empty_like(before)
+    ops.gather(plain, tables, again, count)  # the source blocks of both groups are untouched
+    assert torch.equal(again, before)
+    assert torch.equal(before, torch.cat([expected_chunk(engine, tokens) for tokens in written]))
+
+
+@pytest.mark.parametrize(
+    ("extra", "supported", "resolved"),
+    [
+        ({"whole_blocks": True}, ["LBNHC", "LBHNC", "BLNHC", "BLHNC", "BHLNC", "LHBNC"], "BLNHC"),
+        ({"whole_blocks": True, "kv_cache_layout": "BHLNC"}, ["LBNHC", "BHLNC"], "BHLNC"),
+        ({}, ["LBHNC", "BLNHC"], "LBHNC"),  # nothing asked: the backend's first choice
+        ({"whole_blocks": True}, ["LBHNC"], "LBHNC"),  # CPU_ATTN's only layout: vLLM warns, the bind refuses
+    ],
+)
+def test_vllm_resolves_the_layout_the_connector_asks_for(extra, supported, resolved) -> None:
+    from vllm.config import KVTransferConfig, VllmConfig
+    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+
+    cfg = VllmConfig()
+    cfg.kv_transfer_config = KVTransferConfig(
+        kv_connector="KVPortConnector",
+        kv_connector_module_path="kvport.engines.vllm",
+        kv_role="kv_both",
+        kv_connector_extra_config=extra,
+    )
+    assert resolve_kv_cache_layout(cfg, [supported]).name == resolved
