@@ -157,3 +157,45 @@ def test_vllm_resolves_the_layout_the_connector_asks_for(extra, supported, resol
         kv_connector_extra_config=extra,
     )
     assert resolve_kv_cache_layout(cfg, [supported]).name == resolved
+
+
+def test_the_worker_stores_and_loads_whole_blocks_through_the_cache(tmp_path) -> None:
+    """The connector's worker on a real cache (disk tier) over vLLM's BLNHC allocation in whole blocks: a store, then
+    a load into other blocks of a fresh allocation that starts inside a chunk (vLLM computed the first block): the
+    loaded block holds vLLM's tokens, the skipped block is not written."""
+    from kvport.cache import CacheEngine, load_config
+    from kvport.engines.vllm_plan import TransferSpec
+    from kvport.engines.vllm_worker import WorkerSide
+
+    case = Case("FLASH_ATTN", "BLNHC")
+    src, dst = build(case), build(case)
+    tokens = make_tokens(src, torch.Generator().manual_seed(21))  # 2.5 blocks of 16 tokens
+    write(src, tokens)
+    prompt = list(range(100, 100 + tokens.count))
+    config = load_config(None, {"l2_path": str(tmp_path / "l2"), "l1_bytes": "16MiB", "chunk_tokens": 32}, environ={})
+
+    def worker(engine):
+        cache = CacheEngine(config, "ns")
+        cache.bind(whole_blocks(_plain(engine)))
+        return cache, WorkerSide(cache, engine.block_size, async_stores=False)
+
+    cache, side = worker(src)
+    with cache:
+        side.store([TransferSpec("a", prompt, [tokens.block_ids], 32)])
+        assert side.counters["tokens_stored"] == 32
+    target = [b for b in range(8) if b not in tokens.block_ids][:2]
+    plain_dst = _plain(dst)
+    ops = TorchBackend()
+    before = torch.empty(plain_dst.canonical_bytes(16), dtype=torch.uint8)
+    ops.gather(plain_dst, target[:1], before, 16)
+    cache, side = worker(dst)
+    with cache:
+        side.load([TransferSpec("b", prompt, [target], 32, skip_tokens=16)])
+        assert side.take_invalid_blocks() == set() and side.counters["tokens_loaded"] == 16
+    plain_src = _plain(src)
+    want, got, first = (torch.empty(plain_src.canonical_bytes(16), dtype=torch.uint8) for _ in range(3))
+    ops.gather(plain_src, tokens.block_ids[1:2], want, 16)
+    ops.gather(plain_dst, target[1:2], got, 16)
+    ops.gather(plain_dst, target[:1], first, 16)
+    assert torch.equal(got, want)
+    assert torch.equal(first, before)
