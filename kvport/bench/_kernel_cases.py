@@ -164,6 +164,9 @@ class Bench:
                     for backend, path in rows:
                         for load in self.loads:
                             yield name, spec, allocate, tokens, direction, backend, path, load
+                    if direction != "d2d" and "gemm" in self.loads:
+                        # The GEMM column's baseline: one plain pinned copy of the same bytes under the same load.
+                        yield name, spec, allocate, tokens, direction, "memcpy", "memcpy", "gemm"
 
     def run(self, on_record=None) -> dict:
         layouts = list(self._layouts())
@@ -310,6 +313,10 @@ class Bench:
             staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             return "kernel", lambda: backend.gather(descriptor, ids, staging, tokens)
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        if backend_name == "memcpy":
+            dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            src, dst = (dev, host) if direction == "d2h" else (host, dev)
+            return "memcpy", lambda: dst.copy_(src, non_blocking=True)
         if backend_name in ("per-block", "copy-engine"):
             from kvport.hal.transfer.regions import region_count
 

@@ -45,8 +45,9 @@ def test_parser_accepts_the_documented_flags():
     kernels.add_arguments(parser)
     args = parser.parse_args(
         "--layout a --layout b --tokens 8192 --tokens 256 --direction d2h --path dma --path auto --load gemm "
-        "--json out.json --plot out.png --piece-mib 64 --zero-copy-programs 16 --gemm-n 2048".split()
+        "--json out.json --plot out.png --piece-mib 64 --zero-copy-programs 16 --gemm-n 2048 --whole-blocks".split()
     )
+    assert args.whole_blocks and not parser.parse_args([]).whole_blocks
     assert args.layout == ["a", "b"] and args.tokens == [8192, 256] and args.path == ["dma", "auto"]
     assert args.load == ["gemm"] and args.json == Path("out.json") and args.piece_mib == 64 and args.gemm_n == 2048
     assert parser.parse_args(["--load", "engine", "--load", "none"]).load == ["engine", "none"]
