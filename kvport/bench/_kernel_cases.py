@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
 import sys
 
 import torch
 from tqdm import tqdm
 
+from kvport.bench._under_load import timing_events
 from kvport.hal.platform import detect_platform
 from kvport.hal.registry import candidates
 from kvport.hal.transfer.executor import Transfer
@@ -22,10 +22,6 @@ LOAD_STEP_MS = 1.0  # one GEMM-load step (graph replay) lasts at least this long
 
 class SkipCase(Exception):
     """A case that is not measured, with the reason recorded in its place."""
-
-
-def _events(n: int) -> list[torch.cuda.Event]:
-    return [torch.cuda.Event(enable_timing=True) for _ in range(n)]
 
 
 class Bench:
@@ -87,7 +83,7 @@ class Bench:
         Completion: the window then ends when the last one finished entirely (its copy to the host included)."""
         fn()
         torch.cuda.synchronize()
-        start, end = _events(2)
+        start, end = timing_events(2)
         start.record()
         last = None
         for _ in range(reps):
@@ -359,50 +355,14 @@ class Bench:
         return chosen, one
 
     def _under_load(self, enqueue) -> tuple[float, float]:
-        """Transfers back to back while a GEMM loop runs on another stream, both started together.
+        """(ms per transfer, GEMM speed ratio) under the GEMM load on another stream (kvport.bench._under_load)."""
+        from kvport.bench._under_load import under_load
 
-        Returns (mean transfer ms, GEMM speed as a ratio to solo: solo ms / mean ms of the load steps that ran
-        entirely inside the transfer window)."""
         step_ms = self.gemm_solo_ms() * self.gemms_per_step
         alone = self._time(enqueue, 2)
         reps = self._reps(alone)
-        n_gemm = int(alone * reps * 1.5 / step_ms) + 6  # load steps (graph replays), each timed by events
-        load = torch.cuda.Stream(self.device)
-        # Solo speed measured just before, the same way and over as many steps (per-step events on the load
-        # stream): sustained GEMMs slow down as clocks settle, and that must not be charged to the transfer.
-        solo_events = _events(n_gemm + 1)
-        torch.cuda.synchronize()
-        with torch.cuda.stream(load):
-            solo_events[0].record()
-            for i in range(n_gemm):
-                self.load_step()
-                solo_events[i + 1].record()
-        torch.cuda.synchronize()
-        solo = statistics.mean(solo_events[i].elapsed_time(solo_events[i + 1]) for i in range(n_gemm))
-        gemm_events = _events(n_gemm + 1)
-        xfer_events = _events(2)
-        load.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(load):
-            gemm_events[0].record()
-            for i in range(n_gemm):
-                self.load_step()
-                gemm_events[i + 1].record()
-        xfer_events[0].record()
-        last = None
-        for _ in range(reps):
-            last = enqueue()
-        _all_of_it(last)
-        xfer_events[1].record()
-        torch.cuda.synchronize()
-        t_end = xfer_events[0].elapsed_time(xfer_events[1])
-        inside = []
-        for i in range(n_gemm):
-            g0 = xfer_events[0].elapsed_time(gemm_events[i])
-            g1 = xfer_events[0].elapsed_time(gemm_events[i + 1])
-            if g0 >= 0.0 and g1 <= t_end:
-                inside.append(g1 - g0)
-        gemm_ratio = solo / statistics.mean(inside) if inside else float("nan")
-        return t_end / reps, gemm_ratio
+        n_steps = int(alone * reps * 1.5 / step_ms) + 6  # load steps (graph replays) covering the window
+        return under_load(enqueue, _all_of_it, self.load_step, reps, n_steps)
 
 
 def sized_layout(name: str, dims: dict):
