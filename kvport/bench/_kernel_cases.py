@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import sys
 
 import torch
 from tqdm import tqdm
 
-from kvport.bench._under_load import timing_events
+from kvport.bench._under_load import TRIALS, timing_events
 from kvport.hal.platform import detect_platform
 from kvport.hal.registry import candidates
 from kvport.hal.transfer.executor import Transfer
@@ -93,6 +94,10 @@ class Bench:
         end.synchronize()
         return start.elapsed_time(end) / reps
 
+    def _median_ms(self, fn, reps: int) -> float:
+        """Median of TRIALS windows of ``reps`` calls, as under load: a slow window alone is not the path's."""
+        return statistics.median(self._time(fn, reps) for _ in range(TRIALS))
+
     def _reps(self, ms_each: float) -> int:
         """Enough repetitions for a window of at least 40 ms (event resolution ~0.5 us, GEMMs of ~1.5 ms)."""
         return max(self.repeat, int(40.0 / max(ms_each, 1e-3)) + 1)
@@ -108,7 +113,7 @@ class Bench:
             )
             src, dst = (dev, other) if direction == "d2h" else (other, dev)
             one = self._time(lambda: dst.copy_(src, non_blocking=True), 2)
-            ms = self._time(lambda: dst.copy_(src, non_blocking=True), self._reps(one))
+            ms = self._median_ms(lambda: dst.copy_(src, non_blocking=True), self._reps(one))
             # D2D counts bytes read plus written, as DESIGN.md's 2926 GB/s does; host links count bytes moved.
             moved = 2 * nbytes if direction == "d2d" else nbytes
             self._memcpy_cache[key] = moved / ms / 1e6
@@ -255,7 +260,7 @@ class Bench:
             ms, gemm_ratio = self._under_load(enqueue)
         else:
             one = self._time(enqueue, 2)
-            ms, gemm_ratio = self._time(enqueue, self._reps(one)), None
+            ms, gemm_ratio = self._median_ms(enqueue, self._reps(one)), None
         moved = 2 * nbytes if direction == "d2d" else nbytes
         gbps = moved / ms / 1e6
         limit = self.memcpy_gbps(direction, nbytes)

@@ -64,7 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--backend", action="append", help="copy backends (default: every one available here)")
     parser.add_argument(
-        "--repeat", type=int, default=10, help="least timed repetitions per case (mean of a >= 40 ms window reported)"
+        "--repeat",
+        type=int,
+        default=10,
+        help="least timed repetitions per window (median of 3 windows of >= 40 ms reported)",
     )
     parser.add_argument(
         "--piece-mib",
