@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - older vLLM
 
 from kvport.engines.stats_file import StatsFile
 from kvport.engines.vllm_identity import prompt_of, request_extra, tp_rank_world, worker_namespace
-from kvport.engines.vllm_layouts import spec_for, tensors_in_order
+from kvport.engines.vllm_layouts import descriptor_for
 from kvport.engines.vllm_options import check_extra_config, required_layout
 from kvport.engines.vllm_plan import SchedulerPlan, StepRequest, TransferSpec, metrics_port_for
 from kvport.engines.vllm_setup import attention_infos, check_parallelism, route_logs_to_vllm
@@ -147,18 +147,12 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
 
     # ==== worker side ==========================================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        from kvport.layouts import compile_descriptor
-
         infos = attention_infos(self._vllm_config, self._kv_cache_config)
-        # One catalog spec per KV cache group (hybrid full + sliding window models have several), combined; an
-        # explicit `layout` option replaces the whole mapping and must then describe every group.
-        spec = spec_for(infos, self._options.get("layout"))
-        per_group = [tensors_in_order(kv_caches, info.layer_names) for info in infos]
-        descriptor = compile_descriptor(spec, per_group[0] if len(per_group) == 1 else per_group)
-        if self._options.get("whole_blocks"):
-            from kvport.layouts.whole_blocks import whole_blocks
-
-            descriptor = whole_blocks(descriptor)  # one line naming why when vLLM's layout is layer-outer
+        try:
+            descriptor = descriptor_for(infos, kv_caches, self._options)
+        except UserError as exc:
+            log.error("kvport: %s", exc)  # a layout kvport refuses: one line before vLLM's traceback
+            raise
         layers = [name for info in infos for name in info.layer_names]
         namespace = worker_namespace(self._vllm_config, self._options, descriptor.fingerprint, layers)
         self._engine = self._make_engine(namespace)
@@ -176,7 +170,7 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
             len(infos),
             "/".join(sorted({info.backend for info in infos})),
             infos[0].layout,
-            spec.name,
+            descriptor.layout,
             self._engine.backend.name,
             self._cache_config.chunk_tokens,
             _size(self._cache_config.l1_bytes),

@@ -299,3 +299,20 @@ def tensors_in_order(kv_caches: Mapping[str, Any], layer_names: Sequence[str]) -
     if missing:
         raise UserError(f"vLLM register_kv_caches: no tensor for layer(s) {', '.join(missing)}")
     return [kv_caches[n] for n in layer_order(layer_names)]
+
+
+def descriptor_for(infos: Sequence[AttentionInfo], kv_caches: Mapping[str, Any], options: Mapping[str, Any]):
+    """The compiled descriptor of vLLM's KV tensors (its ``layout`` names the catalog spec): one catalog spec per
+    KV cache group (hybrid full + sliding window models have several), combined; the ``layout`` option replaces the
+    whole mapping and must then describe every group. ``whole_blocks`` turns it into whole-block chunks
+    (kvport.layouts.whole_blocks), refused in one line when vLLM's layout is layer-outer."""
+    from kvport.layouts import compile_descriptor
+
+    spec = spec_for(infos, options.get("layout"))
+    per_group = [tensors_in_order(kv_caches, info.layer_names) for info in infos]
+    descriptor = compile_descriptor(spec, per_group[0] if len(per_group) == 1 else per_group)
+    if options.get("whole_blocks"):
+        from kvport.layouts.whole_blocks import whole_blocks
+
+        descriptor = whole_blocks(descriptor)
+    return descriptor

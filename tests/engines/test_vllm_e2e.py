@@ -147,3 +147,16 @@ def test_random_kv_changes_outputs(runs: Runs) -> None:
     assert worker["connector"]["random_loads"] == len(result["results"])
     changed = [a != b for a, b in zip(_outputs(result), _outputs(runs.baseline))]
     assert all(changed), f"outputs must change when kvport loads random KV, changed={changed}"
+
+
+def test_whole_blocks_on_a_backend_without_block_outer_layouts_refuses_at_start(runs: Runs) -> None:
+    """vLLM's CPU backend supports only LBHNC: vLLM warns that it drops the connector's BLNHC request, and the
+    worker refuses to bind whole blocks in one line, so the engine does not start in a slower format."""
+    from kvport.demo.session import SessionError
+
+    with pytest.raises(SessionError):
+        runs.run("whole-blocks", {"whole_blocks": True, "l2_path": None})
+    log = (runs.root / "work" / "engine-whole-blocks.log").read_text(errors="replace").splitlines()
+    assert any("KV connector cache layout BLNHC does not satisfy every supported set" in line for line in log)
+    refusal = [line for line in log if "ERROR" in line and "kvport: " in line]
+    assert len(refusal) == 1 and "whole blocks need a block-outer layout (vLLM: BLNHC, BLHNC or BHLNC)" in refusal[0]
