@@ -8,6 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from small_bench import small_bench  # noqa: E402
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm device"),
@@ -15,20 +17,7 @@ pytestmark = [
 
 
 def test_engine_order_records_latency_ratio_and_the_next_steps_wait():
-    from kvport.bench._kernel_cases import Bench
-    from kvport.bench.kernels import BENCH_DIMS
-
-    bench = Bench(
-        layouts=["vllm-mla"],
-        tokens=[256],
-        directions=["d2h", "h2d", "d2d"],
-        paths=["staged"],
-        loads=["engine"],
-        backends=["cuda"],
-        repeat=5,
-        dims=BENCH_DIMS,
-        gemm_n=2048,
-    )
+    bench = small_bench(["vllm-mla"], ["d2h", "h2d", "d2d"], ["staged"], ["engine"], repeat=5)
     records = bench.run()["records"]
     # The baselines every run adds: per-block copies cannot be timed in engine order (skipped with the reason).
     per_block = [r for r in records if r["backend"] == "per-block"]
@@ -48,20 +37,7 @@ def test_engine_order_records_latency_ratio_and_the_next_steps_wait():
 def test_engine_async_store_leaves_the_next_step_free():
     """`--load engine-async`: the next step is not ordered after the store, so it starts long before the store's
     last byte (a plain copy issued the same way is the reference); loads are refused with the reason."""
-    from kvport.bench._kernel_cases import Bench
-    from kvport.bench.kernels import BENCH_DIMS
-
-    bench = Bench(
-        layouts=["vllm-flash-nhd"],
-        tokens=[256],
-        directions=["d2h", "h2d"],
-        paths=["staged"],
-        loads=["engine-async"],
-        backends=["cuda"],
-        repeat=5,
-        dims=BENCH_DIMS,
-        gemm_n=2048,
-    )
+    bench = small_bench(["vllm-flash-nhd"], ["d2h", "h2d"], ["staged"], ["engine-async"], repeat=5)
     records = [r for r in bench.run()["records"] if r["backend"] == "cuda"]
     by_dir = {r["direction"]: r for r in records}
     assert "ordered before the forward" in by_dir["h2d"]["skipped"]
@@ -75,22 +51,10 @@ def test_engine_async_store_leaves_the_next_step_free():
 def test_auto_picks_by_whether_the_next_step_waits():
     """`auto` in engine order (the next step waits for the release): the one-call staged chunk; asynchronous (it
     does not): the copy engines, as with no engine at all."""
-    from kvport.bench._kernel_cases import Bench
-    from kvport.bench.kernels import BENCH_DIMS
     from kvport.testing.gpu import native_or_none
 
     if native_or_none() is None:
         pytest.skip("the DMA path needs the native module")
-    bench = Bench(
-        layouts=["vllm-flash-nhd"],
-        tokens=[256],
-        directions=["d2h"],
-        paths=["auto"],
-        loads=["engine", "engine-async"],
-        backends=["cuda"],
-        repeat=3,
-        dims=BENCH_DIMS,
-        gemm_n=2048,
-    )
+    bench = small_bench(["vllm-flash-nhd"], ["d2h"], ["auto"], ["engine", "engine-async"])
     used = {r["load"]: r["path_used"] for r in bench.run()["records"] if r["backend"] == "cuda"}
     assert used == {"engine": "staged", "engine-async": "dma"}

@@ -9,32 +9,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from small_bench import small_bench  # noqa: E402
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm device"),
 ]
 
 
-def _bench(layouts, whole_blocks=False):
-    from kvport.bench._kernel_cases import Bench
-    from kvport.bench.kernels import BENCH_DIMS
-
-    return Bench(
-        layouts=layouts,
-        tokens=[256],
-        directions=["d2h", "h2d"],
-        paths=["auto"],
-        loads=["none", "gemm"],
-        backends=["cuda"],
-        repeat=3,
-        dims=BENCH_DIMS,
-        gemm_n=2048,
-        whole_blocks=whole_blocks,
-    )
-
-
 def test_whole_blocks_rows_and_the_memcpy_control_under_load():
-    records = _bench(["vllm-std-blhnc", "vllm-flash-hnd"], whole_blocks=True).run()["records"]
+    layouts = ["vllm-std-blhnc", "vllm-flash-hnd"]
+    bench = small_bench(layouts, ["d2h", "h2d"], ["auto"], ["none", "gemm"], whole_blocks=True)
+    records = bench.run()["records"]
     mine = [r for r in records if r["layout"] == "vllm-std-blhnc+whole-blocks" and r["backend"] == "cuda"]
     assert len(mine) == 4 and all("error" not in r and "skipped" not in r for r in mine), mine
     assert all(r["path_used"] == "dma" and r["ratio_to_memcpy"] > 0 for r in mine)  # 16 regions of 2 MiB
