@@ -54,6 +54,11 @@ class StagedPipeline:
         self.platform, self.device, self.backend, self.model = platform, device, backend, model
         self.kernel_stream, self.dma_stream, self.memo = kernel_stream, dma_stream, memo
         self._staging: list[torch.Tensor] = []
+        # Per staging buffer, an event after the last queued work that uses it (None: unused), and where the next
+        # move's ring starts: moves rotate through the buffers, so a load issued while an earlier load's scatters
+        # still wait for the engine copies into other buffers at once (``_early_load``).
+        self._last_use: list = []
+        self._cursor = 0
         self._pieces: dict = {}
         self._stacks: dict = {}
 
@@ -77,14 +82,15 @@ class StagedPipeline:
         staging on the DMA stream after earlier moves are done with the ring (not after the engine), the scatters
         on the kernel stream after the engine and after each piece's copy."""
         work = self._work(descriptor, chunks, num_tokens, keep)  # uploads ids on the kernel stream, before its wait
-        size = max(w.nbytes for w in work)
-        ring = min(len(work), self.model.staging_buffers)
-        bufs = [self._stage(i, size) for i in range(ring)]
-        # Earlier moves' kernels (scatters reading, gathers writing staging) precede this move's copies into it;
-        # their copies are earlier on the DMA stream itself.
-        self.dma_stream.wait_stream(self.kernel_stream)
+        indices, bufs = self._take(len(work), max(w.nbytes for w in work))
+        # Earlier moves' kernels on these buffers (scatters reading, gathers writing them) precede this move's copies
+        # into them; earlier copies are ahead on the DMA stream itself. Other buffers' users are not waited for.
+        for index in indices:
+            if self._last_use[index] is not None:
+                self.dma_stream.wait_event(self._last_use[index])
         self.kernel_stream.wait_event(engine)
         self._pipeline("h2d", work, bufs, num_tokens, keep)
+        self._used(indices, self.kernel_stream)
         return self.kernel_stream
 
     def piece_list(self, descriptor, num_tokens: int) -> list:
@@ -94,11 +100,28 @@ class StagedPipeline:
             self._pieces, (num_tokens, piece), descriptor, lambda: stream_pieces(descriptor, num_tokens, piece)
         )
 
+    def _take(self, pieces: int, nbytes: int) -> tuple[list[int], list]:
+        """The ring of a move of ``pieces`` pieces: up to ``staging_buffers`` buffers of ``nbytes``, the next ones in
+        rotation (their indices and tensors)."""
+        count = self.model.staging_buffers
+        ring = min(pieces, count)
+        indices = [(self._cursor + j) % count for j in range(ring)]
+        self._cursor = (self._cursor + ring) % count
+        return indices, [self._stage(i, nbytes) for i in indices]
+
+    def _used(self, indices: list[int], stream) -> None:
+        """These buffers are in use until ``stream``'s work queued so far has run."""
+        event = self.platform.new_event()
+        event.record(stream)
+        for index in indices:
+            self._last_use[index] = event
+
     def _stage(self, index: int, nbytes: int):
         import torch
 
         while len(self._staging) <= index:
             self._staging.append(torch.empty(0, dtype=torch.uint8, device=self.device))
+            self._last_use.append(None)
         if self._staging[index].numel() < nbytes:
             # The old buffer may still be in use by queued side-stream work: let that finish before it is freed.
             self.kernel_stream.synchronize()
@@ -176,11 +199,11 @@ class StagedPipeline:
         # (d2h, on the DMA stream) or scattering from them (h2d, on the kernel stream) when this one starts.
         self.kernel_stream.wait_stream(self.dma_stream)
         work = self._work(descriptor, chunks, num_tokens, keep)
-        size = max(w.nbytes for w in work)
+        indices, bufs = self._take(len(work), max(w.nbytes for w in work))
         if len(work) == 1:
             # One piece: kernel and copy on one stream, so a small transfer (a 256-token chunk: 0.6 ms of link
             # time) pays no cross-stream event waits between its kernel and its copy.
-            buf = self._stage(0, size)[: work[0].nbytes]
+            buf = bufs[0][: work[0].nbytes]
             released = None
             with self.platform.stream_scope(self.kernel_stream):
                 if direction == "h2d":
@@ -191,11 +214,12 @@ class StagedPipeline:
                     released = self.platform.new_event()
                     released.record(self.kernel_stream)
                     work[0].to_hosts(buf)
+            self._used(indices, self.kernel_stream)
             return self.kernel_stream, released
         self.dma_stream.wait_stream(self.kernel_stream)
-        ring = min(len(work), self.model.staging_buffers)
-        bufs = [self._stage(i, size) for i in range(ring)]
-        return self._pipeline(direction, work, bufs, num_tokens, keep), None
+        drain = self._pipeline(direction, work, bufs, num_tokens, keep)
+        self._used(indices, drain)
+        return drain, None
 
     def _pipeline(self, direction, work, bufs, num_tokens, keep):
         """The ring: per piece the fill stream fills a slot, the drain stream drains it, events hand slots over.

@@ -1,6 +1,7 @@
 """A staged load issued while the engine's stream is busy (GPU only): its copies into staging run during the engine's
 work, its scatters only after it, so the blocks end up holding the loaded bytes even where the engine's earlier
-work wrote them; two such loads back to back keep their own bytes through the shared staging ring."""
+work wrote them; two such loads back to back keep their own bytes through the shared staging buffers, and the second
+one's copies do not wait for the first one's scatters (moves rotate through the buffers)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,15 @@ def _held(kv) -> None:
         storage.fill_(0x5A)
 
 
+def _copies_done_while_engine_busy(transfer) -> tuple[bool, bool]:
+    """(the DMA stream drained, the engine still busy), polled for at most 0.3 s."""
+    engine = torch.cuda.current_stream()
+    deadline = time.monotonic() + 0.3
+    while not transfer.dma_stream.query() and time.monotonic() < deadline:  # bounded: the sleep lasts ~0.5 s
+        time.sleep(0.001)
+    return transfer.dma_stream.query(), not engine.query()
+
+
 @pytest.mark.parametrize("backend_name", ["cuda", "triton"])
 def test_copies_run_during_the_engines_work_and_scatters_after_it(backend_name):
     kv, d, transfer, (table, _), nbytes = _setup(backend_name)
@@ -71,11 +81,7 @@ def test_copies_run_during_the_engines_work_and_scatters_after_it(backend_name):
     torch.cuda.synchronize()
     _held(kv)
     result = transfer.from_host(host, d, table, TOKENS, path="staged")
-    engine = torch.cuda.current_stream()
-    deadline = time.monotonic() + 0.3
-    while not transfer.dma_stream.query() and time.monotonic() < deadline:  # bounded: the sleep lasts ~0.5 s
-        time.sleep(0.001)
-    copies_done, engine_busy = transfer.dma_stream.query(), not engine.query()
+    copies_done, engine_busy = _copies_done_while_engine_busy(transfer)
     result.completion.wait_on()
     torch.cuda.synchronize()
     assert engine_busy, "the engine's work ended before the check: the test proves nothing on this device"
@@ -100,3 +106,38 @@ def test_back_to_back_loads_keep_their_own_bytes(backend_name):
         got = torch.empty(nbytes, dtype=torch.uint8)
         ref_gather(d, table, got, TOKENS)
         assert torch.equal(got, host)
+
+
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+def test_a_second_load_copies_during_the_engines_work_too(backend_name):
+    """Two loads issued while the engine works, each of two 256-token chunks in a piece each (two staging buffers of
+    a ring of four): the second load's copies run during the engine's work too, not after the first one's scatters,
+    and both keep their bytes."""
+    kv, d, _, tables, _ = _setup(backend_name)
+    half = TOKENS // 2
+    per = half // 16
+    nbytes = d.canonical_bytes(half)
+    model = CostModel(piece_bytes=nbytes, min_piece_bytes=nbytes, staging_buffers=4)
+    transfer = Transfer(backend_or_skip(backend_name), "cuda", model, native=native_or_none())
+    loads = [
+        [(table[:per], _host(nbytes, 4 + 2 * i)), (table[per:], _host(nbytes, 5 + 2 * i))]
+        for i, table in enumerate(tables)
+    ]
+    for load in loads:  # steady state: segment tables compiled, modules loaded (see _warm_up)
+        transfer.move("h2d", d, load, half, path="staged").synchronize()
+    for storage in kv.storages:
+        storage.fill_(0)
+    torch.cuda.synchronize()
+    _held(kv)
+    results = [transfer.move("h2d", d, load, half, path="staged") for load in loads]
+    copies_done, engine_busy = _copies_done_while_engine_busy(transfer)
+    for result in results:
+        result.completion.wait_on()
+    torch.cuda.synchronize()
+    assert engine_busy, "the engine's work ended before the check: the test proves nothing on this device"
+    assert copies_done, "the second load's copies waited for the engine's work"
+    for load in loads:
+        for table, host in load:
+            got = torch.empty(nbytes, dtype=torch.uint8)
+            ref_gather(d, table, got, half)
+            assert torch.equal(got, host)
