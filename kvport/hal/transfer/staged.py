@@ -59,6 +59,7 @@ class StagedPipeline:
         # still wait for the engine copies into other buffers at once (``_early_load``).
         self._last_use: list = []
         self._cursor = 0
+        self._retired: list = []  # (grown-out buffer, events after its last uses): freed once they have run
         self._pieces: dict = {}
         self._stacks: dict = {}
 
@@ -123,11 +124,26 @@ class StagedPipeline:
             self._staging.append(torch.empty(0, dtype=torch.uint8, device=self.device))
             self._last_use.append(None)
         if self._staging[index].numel() < nbytes:
-            # The old buffer may still be in use by queued side-stream work: let that finish before it is freed.
-            self.kernel_stream.synchronize()
-            self.dma_stream.synchronize()
-            self._staging[index] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            # Queued side-stream work may still use the old buffer: it stays referenced until its last use ran, so
+            # growing never waits on the host (a wait here held the engine's thread behind its own forward). The new
+            # one is allocated on the DMA stream: the caching allocator hands a stream memory that stream's own order
+            # makes safe, and memory the engine's stream just freed is not safe for an early load's copies, which do
+            # not wait for the engine.
+            old, used = self._staging[index], self._last_use[index]
+            if old.numel():
+                self._retired.append((old, [used] if used is not None else self._now_on_both()))
+            with self.platform.stream_scope(self.dma_stream):
+                self._staging[index] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._last_use[index] = None
+        self._retired = [(old, events) for old, events in self._retired if not all(e.query() for e in events)]
         return self._staging[index]
+
+    def _now_on_both(self) -> list:
+        """Events after everything queued so far on both side streams."""
+        events = [self.platform.new_event(), self.platform.new_event()]
+        events[0].record(self.kernel_stream)
+        events[1].record(self.dma_stream)
+        return events
 
     def _work(self, descriptor, chunks, num_tokens, keep) -> list[_Work]:
         """The launches of a transfer, in order, with one upload of every chunk's block table. Chunks smaller than a
