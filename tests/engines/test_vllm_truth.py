@@ -13,7 +13,7 @@ vllm = pytest.importorskip("vllm")
 import zlib  # noqa: E402
 
 import torch  # noqa: E402
-from vllm_truth import Case, build, expected_chunk, make_tokens, registered_name, write  # noqa: E402
+from vllm_truth import Case, build, build_hybrid, expected_chunk, make_tokens, registered_name, write  # noqa: E402
 
 from kvport.engines.vllm_layouts import ORDERS, info_from_spec, load_for, tensors_in_order  # noqa: E402
 from kvport.errors import UserError  # noqa: E402
@@ -187,41 +187,16 @@ def test_a_wrong_spec_is_caught_by_the_truth_check() -> None:
 def test_hybrid_groups_bind_from_vllms_groups(layout: str) -> None:
     """A hybrid model (full attention on even layers, sliding window on odd ones): vLLM's kv_cache_config has two
     groups over one allocation, each with its own block table; kvport binds both without a hand-set layout."""
-    from vllm.config import set_current_vllm_config
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, KVCacheLayout, SlidingWindowSpec
-    from vllm.v1.worker.utils import allocate_kv_cache
-    from vllm_truth import vllm_config
-
     from kvport.engines.vllm_layouts import spec_for
 
-    full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
-    swa = SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16, sliding_window=32)
-    names = [[f"model.layers.{i}.self_attn.attn" for i in (0, 2)], [f"model.layers.{i}.self_attn.attn" for i in (1, 3)]]
-    cfg = vllm_config(layout)
-    with set_current_vllm_config(cfg):
-        groups = [KVCacheGroupSpec(names[0], full), KVCacheGroupSpec(names[1], swa)]
-        kcc = get_kv_cache_config_from_groups(cfg, groups, 16 * full.page_size_bytes * 2)
-        kv = allocate_kv_cache(kcc, torch.device("cpu"), KVCacheLayout[layout])
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    cls = AttentionBackendEnum.FLASH_ATTN.get_class()
-    engine = build(Case("FLASH_ATTN", layout, layers=2))  # only for its impl; the KV is the hybrid allocation
-    gen = torch.Generator().manual_seed(7)
-    # The block pool hands each block to one group at a time (groups alias the allocation): disjoint tables.
-    tables = [[3, 0, 9], [12, 5, 1]]
-    per_group = []
-    for group_names, table in zip(names, tables):
-        engine.kv, engine.bound, engine.names = kv, dict(kv), group_names
-        tokens = make_tokens(engine, gen, block_ids=table)
-        write(engine, tokens)
-        per_group.append(tokens)
-    infos = [info_from_spec(registered_name(cls), g.kv_cache_spec, layout, g.layer_names) for g in kcc.kv_cache_groups]
+    h = build_hybrid(layout, seed=7)
+    cls = h.engine.backend_cls
+    infos = [info_from_spec(registered_name(cls), g.kv_cache_spec, layout, g.layer_names) for g in h.groups]
     spec = spec_for(infos)
     assert [g.layers for g in spec.groups] == [(0, 2), (1, 3)]
-    descriptor = compile_descriptor(spec, [tensors_in_order(kv, n) for n in names])
-    count = per_group[0].count
+    descriptor = compile_descriptor(spec, [tensors_in_order(h.kv, n) for n in h.names])
+    count = h.written[0].count
     chunk = torch.empty(descriptor.canonical_bytes(count), dtype=torch.uint8)
-    TorchBackend().gather(descriptor, tables, chunk, count)
-    want = torch.cat([expected_chunk(engine, tokens) for tokens in per_group])
+    TorchBackend().gather(descriptor, h.tables, chunk, count)
+    want = torch.cat([expected_chunk(h.engine, tokens) for tokens in h.written])
     assert torch.equal(chunk, want)

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
 
 import torch  # noqa: E402
-from vllm_truth import Case, build, expected_chunk, make_tokens, registered_name, write  # noqa: E402
+from vllm_truth import Case, build, build_hybrid, expected_chunk, make_tokens, registered_name, write  # noqa: E402
 
 from kvport.engines.vllm_layouts import info_from_spec, load_for, tensors_in_order  # noqa: E402
 from kvport.hal.backends.torch_ref import TorchBackend  # noqa: E402
@@ -89,37 +89,14 @@ def test_hybrid_groups_aliasing_one_allocation_move_their_own_blocks() -> None:
     """vLLM's hybrid groups (full attention, sliding window) alias one BLHNC allocation and the block pool hands each
     block to one group at a time: a group's whole block is exactly its own layers' rows there, so moving it leaves the
     other group's blocks alone."""
-    from vllm.config import set_current_vllm_config
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, KVCacheLayout, SlidingWindowSpec
-    from vllm.v1.worker.utils import allocate_kv_cache
-    from vllm_truth import vllm_config
-
     from kvport.engines.vllm_layouts import spec_for
 
-    full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
-    swa = SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16, sliding_window=32)
-    names = [[f"model.layers.{i}.self_attn.attn" for i in (0, 2)], [f"model.layers.{i}.self_attn.attn" for i in (1, 3)]]
-    cfg = vllm_config("BLHNC")
-    with set_current_vllm_config(cfg):
-        groups = [KVCacheGroupSpec(names[0], full), KVCacheGroupSpec(names[1], swa)]
-        kcc = get_kv_cache_config_from_groups(cfg, groups, 16 * full.page_size_bytes * 2)
-        kv = allocate_kv_cache(kcc, torch.device("cpu"), KVCacheLayout.BLHNC)
-    cls = AttentionBackendEnum.FLASH_ATTN.get_class()
-    engine = build(Case("FLASH_ATTN", "BLHNC", layers=2))  # only for its impl; the KV is the hybrid allocation
-    gen = torch.Generator().manual_seed(3)
-    tables = [[3, 0, 9], [12, 5, 1]]  # disjoint, as the block pool hands them out
-    written = []
-    for group_names, table in zip(names, tables):
-        engine.kv, engine.bound, engine.names = kv, dict(kv), group_names
-        tokens = make_tokens(engine, gen, block_ids=table)
-        write(engine, tokens)
-        written.append(tokens)
-    infos = [info_from_spec(registered_name(cls), g.kv_cache_spec, "BLHNC", g.layer_names) for g in kcc.kv_cache_groups]
-    plain = compile_descriptor(spec_for(infos), [tensors_in_order(kv, n) for n in names])
+    h = build_hybrid("BLHNC", seed=3)
+    cls = h.engine.backend_cls
+    infos = [info_from_spec(registered_name(cls), g.kv_cache_spec, "BLHNC", g.layer_names) for g in h.groups]
+    plain = compile_descriptor(spec_for(infos), [tensors_in_order(h.kv, n) for n in h.names])
     blocks = whole_blocks(plain)
-    count = written[0].count
+    tables, count = h.tables, h.written[0].count
     ops = TorchBackend()
     chunk = torch.empty(blocks.canonical_bytes(count), dtype=torch.uint8)
     ops.gather(blocks, tables, chunk, count)
@@ -133,7 +110,7 @@ def test_hybrid_groups_aliasing_one_allocation_move_their_own_blocks() -> None:
     again = torch.empty_like(before)
     ops.gather(plain, tables, again, count)  # the source blocks of both groups are untouched
     assert torch.equal(again, before)
-    assert torch.equal(before, torch.cat([expected_chunk(engine, tokens) for tokens in written]))
+    assert torch.equal(before, torch.cat([expected_chunk(h.engine, tokens) for tokens in h.written]))
 
 
 @pytest.mark.parametrize(

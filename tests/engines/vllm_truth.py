@@ -247,3 +247,44 @@ def registered_name(cls: type) -> str:
     from kvport.engines.vllm_setup import backend_name
 
     return backend_name(cls)
+
+
+@dataclasses.dataclass
+class Hybrid:
+    """A hybrid model's KV in vLLM's two groups over one allocation, each group's tokens written at its own table."""
+
+    kv: dict[str, torch.Tensor]
+    names: list[list[str]]  # layer names per group
+    groups: list[Any]  # vLLM's KVCacheGroupSpec per group
+    engine: Engine  # FLASH_ATTN's impl, used to write (its own KV is not this allocation)
+    tables: list[list[int]]
+    written: list[Tokens]
+
+
+def build_hybrid(layout: str, seed: int) -> Hybrid:
+    """Full attention on layers 0 and 2, sliding window on 1 and 3: vLLM's get_kv_cache_config_from_groups and
+    allocate_kv_cache make two groups over one allocation; FLASH_ATTN's own update writes each group's tokens at
+    disjoint block tables (the block pool hands each block to one group at a time, as the groups alias memory)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, KVCacheLayout, SlidingWindowSpec
+    from vllm.v1.worker.utils import allocate_kv_cache
+
+    full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    swa = SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16, sliding_window=32)
+    names = [[f"model.layers.{i}.self_attn.attn" for i in (0, 2)], [f"model.layers.{i}.self_attn.attn" for i in (1, 3)]]
+    cfg = vllm_config(layout)
+    with set_current_vllm_config(cfg):
+        groups = [KVCacheGroupSpec(names[0], full), KVCacheGroupSpec(names[1], swa)]
+        kcc = get_kv_cache_config_from_groups(cfg, groups, 16 * full.page_size_bytes * 2)
+        kv = allocate_kv_cache(kcc, torch.device("cpu"), KVCacheLayout[layout])
+    engine = build(Case("FLASH_ATTN", layout, layers=2))
+    gen = torch.Generator().manual_seed(seed)
+    tables = [[3, 0, 9], [12, 5, 1]]
+    written = []
+    for group_names, table in zip(names, tables):
+        engine.kv, engine.bound, engine.names = kv, dict(kv), group_names
+        tokens = make_tokens(engine, gen, block_ids=table)
+        write(engine, tokens)
+        written.append(tokens)
+    return Hybrid(kv, names, list(kcc.kv_cache_groups), engine, tables, written)
