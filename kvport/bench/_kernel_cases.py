@@ -11,7 +11,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from kvport.bench._under_load import TRIALS, timing_events
+from kvport.bench._under_load import TRIALS, timed_window
 from kvport.hal.platform import detect_platform
 from kvport.hal.registry import candidates
 from kvport.hal.transfer.executor import Transfer
@@ -84,13 +84,7 @@ class Bench:
         Completion: the window then ends when the last one finished entirely (its copy to the host included)."""
         fn()
         torch.cuda.synchronize()
-        start, end = timing_events(2)
-        start.record()
-        last = None
-        for _ in range(reps):
-            last = fn()
-        _all_of_it(last)
-        end.record()
+        start, end = timed_window(fn, reps, _all_of_it)
         end.synchronize()
         return start.elapsed_time(end) / reps
 

@@ -19,6 +19,19 @@ def timing_events(n: int) -> list[torch.cuda.Event]:
     return [torch.cuda.Event(enable_timing=True) for _ in range(n)]
 
 
+def timed_window(enqueue: Callable[[], object], reps: int, finish: Callable[[object], None]) -> tuple:
+    """Queue ``reps`` transfers back to back between two timing events: (start, end). ``finish(last)`` orders the
+    end after the last transfer's last byte; nothing waits on the host."""
+    start, end = timing_events(2)
+    start.record()
+    last = None
+    for _ in range(reps):
+        last = enqueue()
+    finish(last)
+    end.record()
+    return start, end
+
+
 def _steps_ms(load: torch.cuda.Stream, step: Callable[[], None], n: int) -> list[tuple[torch.cuda.Event, ...]]:
     """Queue ``n`` load steps on ``load``, each between two events; returns the event pairs."""
     events = timing_events(n + 1)
@@ -47,13 +60,7 @@ def under_load(
         torch.cuda.synchronize()
         load.wait_stream(torch.cuda.current_stream())
         loaded = _steps_ms(load, step, n_steps)
-        start, end = timing_events(2)
-        start.record()
-        last = None
-        for _ in range(reps):
-            last = enqueue()
-        finish(last)
-        end.record()
+        start, end = timed_window(enqueue, reps, finish)
         torch.cuda.synchronize()
         after = _steps_ms(load, step, n_steps)
         torch.cuda.synchronize()
