@@ -186,11 +186,6 @@ class CacheEngine(CacheFacade):
         completion.add_done_callback(settle)
         return ticket
 
-    def store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0, extra: bytes = b"") -> int:
-        """``submit_store`` and wait until the chunks are in L1 (and, without ``async_store``, in every tier).
-        Returns the tokens stored; the blocks may be reused when it returns."""
-        return self.submit_store(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
-
     # ---- load --------------------------------------------------------------------------------------------
     def submit_load(
         self,
@@ -259,10 +254,6 @@ class CacheEngine(CacheFacade):
         self._track(ticket)
         completion.add_done_callback(ticket.settle)
         return ticket
-
-    def load(self, tokens, block_ids, num_tokens: int, skip_tokens: int = 0, extra: bytes = b"") -> int:
-        """``submit_load`` and wait until the blocks hold the loaded KV; returns the tokens loaded."""
-        return self.submit_load(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
 
     def _flush(self, batch: list[tuple[int, Lease]], tables: list, engine_waits: bool = False):
         """One transfer for the leased chunks in ``batch``; the leases are released when it finished (a read-ahead

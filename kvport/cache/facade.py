@@ -1,5 +1,6 @@
 """What every cache an engine adapter uses shares (the in-process CacheEngine, the server's RemoteCache): the bound
-mover's descriptor and backend, the tickets in flight, the open/bound checks. Must not move bytes or decide policy."""
+mover's descriptor and backend, the tickets in flight, the open/bound checks, the blocking store/load over each one's
+submit_store/submit_load. Must not move bytes or decide policy."""
 
 from __future__ import annotations
 
@@ -31,6 +32,15 @@ class CacheFacade:
     @property
     def backend(self) -> Backend | None:
         return self.mover.backend if self.mover is not None else None
+
+    def store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0, extra: bytes = b"") -> int:
+        """``submit_store`` and wait until the chunks are in L1 (and, without ``async_store``, in every tier).
+        Returns the tokens stored; the blocks may be reused when it returns."""
+        return self.submit_store(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
+
+    def load(self, tokens, block_ids, num_tokens: int, skip_tokens: int = 0, extra: bytes = b"") -> int:
+        """``submit_load`` and wait until the blocks hold the loaded KV; returns the tokens loaded."""
+        return self.submit_load(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
 
     def chunk_tables(self, tables: list, index: int) -> list:
         """Per group, the block ids chunk ``index`` occupies in ``tables`` (one block table per group)."""

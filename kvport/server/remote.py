@@ -225,9 +225,6 @@ class RemoteCache(CacheFacade):
         completion.add_done_callback(settle)
         return ticket
 
-    def store(self, tokens, block_ids, num_tokens: int | None = None, skip_tokens: int = 0, extra: bytes = b"") -> int:
-        return self.submit_store(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
-
     # ---- load --------------------------------------------------------------------------------------------
     def submit_load(
         self,
@@ -294,9 +291,6 @@ class RemoteCache(CacheFacade):
         self._track(ticket)
         completion.add_done_callback(settle)
         return ticket
-
-    def load(self, tokens, block_ids, num_tokens: int, skip_tokens: int = 0, extra: bytes = b"") -> int:
-        return self.submit_load(tokens, block_ids, num_tokens, skip_tokens, extra).wait()
 
     # ---- helpers -----------------------------------------------------------------------------------------
     def _call(self, op: str, fields: dict, frames=()) -> tuple[dict, list] | None:
