@@ -80,8 +80,8 @@ class StagedPipeline:
 
     def _early_load(self, descriptor, chunks, num_tokens, keep, engine):
         """A load while the engine's stream is busy: block ids up and staging reserved first, the copies into
-        staging on the DMA stream after earlier moves are done with the ring (not after the engine), the scatters
-        on the kernel stream after the engine and after each piece's copy."""
+        staging on the DMA stream after earlier moves are done with the buffers it takes (not after the engine, nor
+        after moves on other buffers), the scatters on the kernel stream after the engine and each piece's copy."""
         work = self._work(descriptor, chunks, num_tokens, keep)  # uploads ids on the kernel stream, before its wait
         indices, bufs = self._take(len(work), max(w.nbytes for w in work))
         # Earlier moves' kernels on these buffers (scatters reading, gathers writing them) precede this move's copies
