@@ -11,14 +11,16 @@ from kvport.hal.completion import READY, AllOf, EventCompletion, Ready, all_of
 
 
 class Event:
+    """The device work it stands for ends when ``gate`` is set (or at once with ``finished``)."""
+
     def __init__(self, finished: bool = False, error: Exception | None = None) -> None:
         self.finished, self.error = finished, error
         self.gate = threading.Event()
 
     def query(self) -> bool:
-        if self.error is not None:
+        if self.gate.is_set() and self.error is not None:
             raise self.error
-        return self.finished
+        return self.finished or self.gate.is_set()
 
     def synchronize(self) -> None:
         self.gate.wait(5)
@@ -102,6 +104,22 @@ def test_callbacks_run_once_with_the_works_error_and_keepalive_is_dropped():
     late: list = []
     done.add_done_callback(late.append)  # after it finished: at once, with the same outcome
     assert late == [None]
+
+
+def test_the_watcher_polls_and_never_blocks_in_synchronize():
+    """Events are plain (no blocking sync): a watcher in synchronize() would spin a core per pending transfer."""
+
+    class PollOnly(Event):
+        def synchronize(self) -> None:
+            raise AssertionError("the watcher called synchronize()")
+
+    event = PollOnly()
+    completion = EventCompletion(Platform(), "dev", event)
+    seen = threading.Event()
+    completion.add_done_callback(lambda error: seen.set() if error is None else None)
+    assert not seen.wait(0.05)  # pending: no callback yet
+    event.gate.set()
+    assert seen.wait(5)
 
 
 def test_ready_carries_its_error():

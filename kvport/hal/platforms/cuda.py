@@ -10,9 +10,6 @@ class CudaPlatform(StreamPlatform):
     name = "cuda"
     kernels_address_host = True  # UVA: a pinned host pointer is valid in device code
     native_target = "cuda"
-    # blocking=True: a host thread waiting on an event sleeps instead of spinning a core (the completion watcher
-    # waits on every transfer).
-    event_kwargs = {"blocking": True}
 
     def __init__(self) -> None:
         self._streams: dict = {}  # torch's (stream id, device index, device type) -> its Stream object
