@@ -20,12 +20,6 @@ from typing import Any
 
 Callback = Callable[[BaseException | None], None]
 
-# The watcher's polling of a pending event: first after 50 us (about Linux's default timer slack, the shortest sleep
-# that sleeps), doubling to at most 1 ms, so a callback runs at most ~1 ms after its work ended (a choice: one
-# 256-token chunk moves in 0.17-0.6 ms on an H200, and a late callback only delays a commit or a buffer's reuse).
-WATCH_POLL_FIRST_S = 50e-6
-WATCH_POLL_MAX_S = 1e-3
-
 
 class Completion(abc.ABC):
     """The end of some (possibly asynchronous) device work."""
@@ -78,11 +72,20 @@ READY = Ready()
 class EventCompletion(Completion):
     """Device work that ends at ``event`` (recorded on a stream of ``platform``) and is done with engine memory at
     ``released`` (default: ``event``; a staged store's gather ends before its copy to the host); ``keepalive`` holds
-    the buffers the work reads or writes until it finished, so none is freed under a running copy."""
+    the buffers the work reads or writes until it finished, so none is freed under a running copy.
 
-    def __init__(self, platform, device, event, keepalive: Sequence[Any] = (), released=None) -> None:
+    ``event`` and ``released`` are plain events, which streams wait on. The watcher thread sleeps on a host event
+    instead (``host_event``): recorded on ``stream`` when the first callback is added, it follows the work there (or
+    later work on that stream: a callback may run late, never early). Streams never wait on it; a cross-stream wait
+    on such an event costs device time (kvport.hal.platforms.base.StreamPlatform.new_event)."""
+
+    def __init__(
+        self, platform, device, event, keepalive: Sequence[Any] = (), released=None, stream: Any = None
+    ) -> None:
         self.platform, self.device, self.event = platform, device, event
         self.released = event if released is None else released
+        self._stream = stream  # where ``event`` was recorded: a host event for the watcher is recorded there too
+        self._host_event = None
         self._keepalive = list(keepalive)
         self._lock = threading.Lock()
         self._finished = False
@@ -130,9 +133,20 @@ class EventCompletion(Completion):
                 first = not self._callbacks
                 self._callbacks.append(fn)
                 if first:
+                    self._record_host_event()
                     _watcher().watch(self)
                 return
         fn(self._error)
+
+    def _record_host_event(self) -> None:
+        if self._stream is not None and self._host_event is None:
+            self._host_event = self.platform.new_host_event()
+            self._host_event.record(self._stream)
+
+    def host_event(self):
+        """The event a host thread sleeps on until the work finished: the host event if one was recorded, else the
+        plain ``event`` (whose ``synchronize`` spins)."""
+        return self._host_event if self._host_event is not None else self.event
 
     def _finish(self, error: BaseException | None) -> None:
         with self._lock:
@@ -225,12 +239,11 @@ class _Watcher:
                 while not self._queue:
                     self._cond.wait()
                 completion = self._queue.popleft()
-            # Polled, not synchronized: events are plain (kvport.hal.platforms.base.new_event), and synchronizing on
-            # one spins a core for as long as copies run back to back. done() finishes it (or records its error).
-            delay = WATCH_POLL_FIRST_S
-            while not completion.done():
-                time.sleep(delay)
-                delay = min(2 * delay, WATCH_POLL_MAX_S)
+            try:
+                completion.host_event().synchronize()
+                completion._finish(None)
+            except Exception as exc:
+                completion._finish(exc)
 
 
 _watcher_lock = threading.Lock()
@@ -254,6 +267,7 @@ def completion_after(device, keepalive: Sequence[Any] = ()) -> Completion:
     if not platform.async_copies:
         platform.synchronize(device)
         return READY
+    stream = platform.current_stream(device)
     event = platform.new_event()
-    event.record(platform.current_stream(device))
-    return EventCompletion(platform, device, event, keepalive)
+    event.record(stream)
+    return EventCompletion(platform, device, event, keepalive, stream=stream)

@@ -106,19 +106,37 @@ def test_callbacks_run_once_with_the_works_error_and_keepalive_is_dropped():
     assert late == [None]
 
 
-def test_the_watcher_polls_and_never_blocks_in_synchronize():
-    """Events are plain (no blocking sync): a watcher in synchronize() would spin a core per pending transfer."""
+def test_the_watcher_sleeps_on_a_host_event_recorded_where_the_work_ends_and_streams_never_wait_on_it():
+    """Streams wait on plain events (a wait on a blocking-sync event costs device time); the watcher sleeps on a
+    host event recorded on the work's stream when the first callback is added."""
 
-    class PollOnly(Event):
+    class SpinOnly(Event):
         def synchronize(self) -> None:
-            raise AssertionError("the watcher called synchronize()")
+            raise AssertionError("the watcher synchronized on the plain event")
 
-    event = PollOnly()
-    completion = EventCompletion(Platform(), "dev", event)
+    class HostEvent(Event):
+        def record(self, stream) -> None:
+            self.recorded_on = stream
+
+    host_events: list = []
+
+    class HostPlatform(Platform):
+        def new_host_event(self):
+            host_events.append(HostEvent())
+            return host_events[-1]
+
+    platform, plain, work_stream = HostPlatform(), SpinOnly(), Stream()
+    completion = EventCompletion(platform, "dev", plain, stream=work_stream)
+    assert host_events == []  # nobody waits on the host yet: no host event, no device cost
     seen = threading.Event()
     completion.add_done_callback(lambda error: seen.set() if error is None else None)
-    assert not seen.wait(0.05)  # pending: no callback yet
-    event.gate.set()
+    completion.add_done_callback(lambda error: None)
+    assert len(host_events) == 1 and host_events[0].recorded_on is work_stream
+    completion.wait_on()
+    completion.wait_on_all()
+    assert platform.stream.waited == [plain, plain]
+    assert not seen.wait(0.05)  # the work has not ended
+    host_events[0].gate.set()
     assert seen.wait(5)
 
 

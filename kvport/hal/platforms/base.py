@@ -60,6 +60,9 @@ class Platform:
     def new_event(self) -> Any:
         raise NotImplementedError(f"platform {self.name} has no events")
 
+    def new_host_event(self) -> Any:
+        raise NotImplementedError(f"platform {self.name} has no events")
+
     def synchronize(self, device) -> None:
         """Block the host until all work queued on ``device`` finished (for synchronous fallbacks only)."""
         return None
@@ -80,6 +83,8 @@ class StreamPlatform(Platform):
 
     async_copies = True
     pinned_host = True
+    # Extra arguments of the module's Event for host waits (new_host_event).
+    host_event_kwargs: dict = {}
 
     def _api(self):
         raise NotImplementedError
@@ -96,10 +101,14 @@ class StreamPlatform(Platform):
         return _StreamScope(self._api(), stream)
 
     def new_event(self):
-        """A plain event (no timing, no blocking sync): a CUDA event made with blocking sync cost ~7 us of device
-        time at every cross-stream wait on it, 4% of a one-chunk 9 MiB DMA transfer in the engine's order (H200,
-        docs/performance.md, "2026-11-30, afternoon"). Host waits poll it (the completion watcher) or spin."""
+        """A plain event (no timing, no blocking sync), for streams to wait on: a cross-stream wait on a CUDA event
+        made with blocking sync cost ~7 us of device time, 4% of a one-chunk 9 MiB DMA transfer in the engine's
+        order (H200, docs/performance.md, "2026-11-30, afternoon"). A host thread synchronizing on it spins."""
         return self._api().Event()
+
+    def new_host_event(self):
+        """An event a host thread sleeps on (``host_event_kwargs``); no stream waits on it."""
+        return self._api().Event(**self.host_event_kwargs)
 
     def synchronize(self, device) -> None:
         self._api().synchronize(device)

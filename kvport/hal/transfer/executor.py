@@ -199,8 +199,10 @@ class Transfer:
         if chosen.path == "staged" and self._fits_one_call(descriptor, chunks, num_tokens):
             if after is not None:
                 self._order_after(after)
-            event, released = self._one_call.issue(self.backend, descriptor, chunks[0], num_tokens, direction, after)
-            completion = EventCompletion(self.platform, self.device, event, keep, released)
+            event, released, end = self._one_call.issue(
+                self.backend, descriptor, chunks[0], num_tokens, direction, after
+            )
+            completion = EventCompletion(self.platform, self.device, event, keep, released, stream=end)
             return TransferResult(chosen.path, chosen.reason, completion)
         released = None  # where the transfer is done with engine memory, if before its end
         if chosen.path == "staged":
@@ -224,7 +226,7 @@ class Transfer:
             done = self.kernel_stream
         event = self.platform.new_event()
         event.record(done)
-        completion = EventCompletion(self.platform, self.device, event, keep, released)
+        completion = EventCompletion(self.platform, self.device, event, keep, released, stream=done)
         return TransferResult(chosen.path, chosen.reason, completion)
 
     def _fits_one_call(self, descriptor, chunks, num_tokens: int) -> bool:

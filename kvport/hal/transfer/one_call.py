@@ -46,9 +46,9 @@ class OneCallChunks:
 
     def issue(self, backend, descriptor, chunk: tuple, num_tokens: int, direction: str, after=None):
         """Queue one (block ids, host buffer) ``chunk``; returns (the event that ends it, which also guards the
-        chunk's block-id slot; the event after which it no longer touches engine memory). ``after``: the caller
-        ordered the kernel stream itself (Transfer.move's explicit ``after``); None: the call waits for the engine's
-        current stream."""
+        chunk's block-id slot; the event after which it no longer touches engine memory; the stream the first was
+        recorded on). ``after``: the caller ordered the kernel stream itself (Transfer.move's explicit ``after``);
+        None: the call waits for the engine's current stream."""
         block_ids, host = chunk
         ids = flat_block_id_list(descriptor, block_ids, num_tokens)
         slot = self._slot(descriptor.canonical_bytes(num_tokens))
@@ -73,12 +73,13 @@ class OneCallChunks:
             done = self.platform.new_event()
             done.record(self.copy_stream if gather else self.kernel_stream)
             self.ring.guard(ids_slot, done)
+        end_stream = self.copy_stream if gather else self.kernel_stream
         if not gather:
-            return done, done
+            return done, done, end_stream
         # A gather is done with engine memory once the slot is filled: the slot's own reusable "filled" event. A
         # wait issued after a later chunk on this slot recorded it again waits for that chunk's gather instead,
         # which ran after this one on the same stream: longer, never too short.
-        return done, self._events[1 + 2 * slot]
+        return done, self._events[1 + 2 * slot], end_stream
 
     def _slot(self, nbytes: int) -> int:
         import torch
