@@ -83,10 +83,11 @@ class KVPortHiCacheStorage(HiCacheStorage):
         if not config.tier_specs():
             log.warning("kvport: no tiers (l2_path or tiers): pages live in this process's L1 only")
         self.page_size = info.page_size
-        self.namespace = namespace(self.storage_config, info, self._options.get("namespace"))
+        descriptor = compile_descriptor(spec, mem_pool_host.kv_buffer)
+        self.namespace = namespace(self.storage_config, info, descriptor.fingerprint, self._options.get("namespace"))
         engine = CacheEngine(config, self.namespace)
         try:
-            engine.bind(compile_descriptor(spec, mem_pool_host.kv_buffer))
+            engine.bind(descriptor)
         except BaseException:
             engine.close(drain=False)
             raise

@@ -99,18 +99,22 @@ def load_spec(info: HostPoolInfo):
         raise UserError(f"kvport SGLang storage backend: {exc}") from None
 
 
-def namespace(config: Any, info: HostPoolInfo, base: str | None = None) -> str:
-    """Model identity + KV dtype + shard, in the format of kvport's vLLM adapter (so the same ``namespace`` option
-    on both engines gives the same keys). MLA KV is the same on every tensor-parallel rank (SGLang writes it from
-    rank 0 only), so it is keyed as one shard; pipeline stages hold different layers and are keyed apart."""
+def namespace(config: Any, info: HostPoolInfo, fingerprint: str, base: str | None = None) -> str:
+    """Model identity + KV dtype + chunk format (the descriptor's ``fingerprint``) + shard, with the fields kvport's
+    vLLM adapter keys by, so the same ``namespace`` option on both engines gives the same keys where the KV is the
+    same: one pipeline stage holds layers 0..L-1 on both. MLA KV is the same on every tensor-parallel rank (SGLang
+    writes it from rank 0 only), so it is keyed as one shard; pipeline stages hold different layers and are keyed
+    apart (by stage: the host pool does not say which global layers a stage holds)."""
+    from kvport.engines.vllm_identity import layer_span
     from kvport.engines.vllm_layouts import namespace_for
 
     ident = base or f"sglang:{config.model_name or ''}"
     rank, world = (0, 1) if info.mla else (config.tp_rank, config.tp_size)
-    out = namespace_for("", None, info.dtype, rank, world, ident)
-    if config.pp_size > 1:
-        out += f"|pp{config.pp_rank}/{config.pp_size}"
-    return out
+    stage, stages = (config.pp_rank, config.pp_size) if config.pp_size > 1 else (0, 1)
+    layers = layer_span(range(info.layers)) if stages == 1 else ""
+    return namespace_for(
+        "", None, info.dtype, rank, world, ident, layout=fingerprint, pp_rank=stage, pp_world=stages, layers=layers
+    )
 
 
 def check_parallelism(config: Any) -> None:

@@ -28,12 +28,12 @@ def _rank() -> int:
     return int(mpi_rank())
 
 
-def _worker_engine(llm_args: Any, info: Any) -> Any:
+def _worker_engine(llm_args: Any, info: Any, fingerprint: str) -> Any:
     from kvport.cache import CacheEngine, load_config
     from kvport.engines.trtllm_layouts import namespace
 
     config = load_config()
-    ns = namespace(llm_args, info.dtype, _rank(), os.environ.get(NAMESPACE_ENV))
+    ns = namespace(llm_args, info.dtype, _rank(), fingerprint, info.layers, os.environ.get(NAMESPACE_ENV))
     return CacheEngine(config, ns)
 
 
@@ -55,9 +55,10 @@ class WorkerCore:
 
         info = pool_info(kv_cache_tensor, self.llm_args)
         spec = load_spec(info, os.environ.get(LAYOUT_ENV))
-        engine = _worker_engine(self.llm_args, info)
+        descriptor = compile_descriptor(spec, kv_cache_tensor)
+        engine = _worker_engine(self.llm_args, info, descriptor.fingerprint)
         try:
-            engine.bind(compile_descriptor(spec, kv_cache_tensor))
+            engine.bind(descriptor)
         except BaseException:
             engine.close(drain=False)
             raise

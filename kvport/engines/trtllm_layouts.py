@@ -101,11 +101,12 @@ def load_spec(info: PoolInfo, override: str | None = None):
         raise UserError(f"kvport TensorRT-LLM connector: {exc}") from None
 
 
-def namespace(llm_args: Any, kv_dtype: str, rank: int, base: str | None = None) -> str:
-    """Model identity + KV dtype + shard, in the format of kvport's other adapters (the same ``base`` on every engine
-    gives the same keys)."""
+def namespace(llm_args: Any, kv_dtype: str, rank: int, fingerprint: str, layers: int, base: str | None = None) -> str:
+    """Model identity + KV dtype + chunk format (the descriptor's ``fingerprint``) + shard, with the fields of
+    kvport's other adapters (the same ``base`` on every engine gives the same keys where the KV is the same)."""
+    from kvport.engines.vllm_identity import layer_span
     from kvport.engines.vllm_layouts import namespace_for
 
     world = int(getattr(llm_args, "tensor_parallel_size", 1) or 1)
     ident = base or f"trtllm:{getattr(llm_args, 'model', '')}:{getattr(llm_args, 'revision', None) or ''}"
-    return namespace_for("", None, kv_dtype, rank, world, ident)
+    return namespace_for("", None, kv_dtype, rank, world, ident, layout=fingerprint, layers=layer_span(range(layers)))

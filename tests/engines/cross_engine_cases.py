@@ -34,15 +34,18 @@ def tier(path: Path) -> list[dict]:
     return [{"type": "local_disk", "path": str(path), "bytes": "256MiB"}]
 
 
-def vllm_namespace() -> str:
+def vllm_namespace(fingerprint: str) -> str:
+    """The namespace kvport's vLLM worker computes (kvport.engines.vllm_identity.worker_namespace) with the
+    ``namespace`` option set: one tensor-parallel shard, one pipeline stage holding every layer."""
+    from kvport.engines.vllm_identity import layer_span
     from kvport.engines.vllm_layouts import namespace_for
 
-    return namespace_for("m", None, "bfloat16", 0, 1, SHARED)
+    return namespace_for("m", None, "bfloat16", 0, 1, SHARED, layout=fingerprint, layers=layer_span(range(LAYERS)))
 
 
-def vllm_cache(page: int, tier_path: Path, backend: str | None = None):
-    """A kvport cache configured as kvport's vLLM connector configures it for this test: chunk_tokens = vLLM's block
-    size (which the SGLang side uses as its page size), SGLang's key scheme, the shared namespace. Not yet bound."""
+def vllm_cache(page: int, tier_path: Path, descriptor, backend: str | None = None):
+    """A kvport cache configured and bound as kvport's vLLM connector does it for this test: chunk_tokens = vLLM's
+    block size (which the SGLang side uses as its page size), SGLang's key scheme, the shared namespace."""
     from kvport.cache import CacheConfig, CacheEngine
 
     config = CacheConfig(
@@ -53,7 +56,9 @@ def vllm_cache(page: int, tier_path: Path, backend: str | None = None):
         async_store=False,
         backend=backend,
     )
-    return CacheEngine(config, vllm_namespace())
+    cache = CacheEngine(config, vllm_namespace(descriptor.fingerprint))
+    cache.bind(descriptor)
+    return cache
 
 
 def views_of(raw: torch.Tensor, views: list[tuple[tuple, tuple, int]], dtype: torch.dtype) -> list[torch.Tensor]:

@@ -18,9 +18,8 @@ from kvport.layouts import compile_descriptor
 def vllm_side(case: Case, tier_path: Path):
     """chunk_tokens = vLLM's block size (the smallest its kernels take: 16, or 64 for the MLA backends)."""
     engine = build(case)
-    cache = vllm_cache(engine.block_size, tier_path)
-    cache.bind(compile_descriptor(load_for(vllm_info(engine)), tensors_in_order(engine.kv, engine.names)))
-    return engine, cache
+    descriptor = compile_descriptor(load_for(vllm_info(engine)), tensors_in_order(engine.kv, engine.names))
+    return engine, vllm_cache(engine.block_size, tier_path, descriptor)
 
 
 def vllm_info(engine):

@@ -68,8 +68,9 @@ def test_sglang_to_vllm(tmp_path, backend: str, layout: str, host_layout: str) -
 
 
 def test_cpu_attn_blocks_are_never_loaded_into_sglang(tmp_path) -> None:
-    """vLLM's CPU backend stores opaque blocks (K transposed inside): same keys, other fingerprint. SGLang may see
-    the pages as present, but every load is refused and the host rows stay untouched (it recomputes)."""
+    """vLLM's CPU backend stores opaque blocks (K transposed inside): another fingerprint, so other keys (the
+    namespace carries the fingerprint): SGLang sees no page, every load misses and the host rows stay untouched (it
+    recomputes)."""
     engine, cache = vllm_side(Case("CPU_ATTN", "LBHNC", kv_heads=2, head_size=64, layers=LAYERS), tmp_path / "l2")
     page = engine.block_size
     pools, sglang = sglang_side(False, "layer_first", tmp_path / "l2", page)
@@ -80,7 +81,8 @@ def test_cpu_attn_blocks_are_never_loaded_into_sglang(tmp_path) -> None:
     cache.close()
     target = pools.host.alloc(PAGES * page)
     before = pools.host.kv_buffer.clone()
-    assert sglang.batch_exists(sglang_hashes(tokens, page)) == PAGES  # same keys: only the fingerprint differs
+    assert sglang.namespace != cache.namespace
+    assert sglang.batch_exists(sglang_hashes(tokens, page)) == 0
     assert sglang.batch_get_v1(sglang_hashes(tokens, page), target) == [False] * PAGES
     assert torch.equal(pools.host.kv_buffer.view(torch.uint8), before.view(torch.uint8))
     sglang.close()

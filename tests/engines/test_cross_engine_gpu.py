@@ -55,8 +55,7 @@ def test_sglang_pages_into_vllm_gpu_kv_and_back(tmp_path, backend, vllm_backend,
     # SGLang's pages into vLLM's blocks on the GPU: every byte as vLLM's own write of the same tokens left it.
     shutil.copytree(record_dir / pid / "sglang-l2", tmp_path / "sglang-l2")
     raw, views = _on_device(record, record["initial"])
-    cache = vllm_cache(page, tmp_path / "sglang-l2", backend)
-    cache.bind(compile_descriptor(spec, views))
+    cache = vllm_cache(page, tmp_path / "sglang-l2", compile_descriptor(spec, views), backend)
     assert cache.stats()["backend"].startswith(backend), cache.stats()["backend"]
     load = record["load"]
     assert cache.lookup(load["tokens"] + [1, 2]) == PAGES * page
@@ -70,8 +69,7 @@ def test_sglang_pages_into_vllm_gpu_kv_and_back(tmp_path, backend, vllm_backend,
     raw, views = _on_device(record, store["image"])
     target = out_dir / pid / f"gpu-{backend}-l2"
     shutil.rmtree(target, ignore_errors=True)
-    cache = vllm_cache(page, target, backend)
-    cache.bind(compile_descriptor(spec, views))
+    cache = vllm_cache(page, target, compile_descriptor(spec, views), backend)
     stored = cache.store(store["tokens"], store["blocks"])
     backend_name = cache.stats()["backend"]
     cache.close()

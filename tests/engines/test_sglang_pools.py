@@ -130,6 +130,9 @@ def test_keys_keep_models_ranks_and_dtypes_apart_and_mla_ranks_together(tmp_path
     keys = page_hashes(list(range(PAGES * PAGE)))
     writer = attach(pools, storage_config(extra(tmp_path), model="model-a"))
     assert writer.batch_set_v1(keys, host_indices) == [True] * PAGES
+    # Keys carry the chunk format (a different one never shares them) and the layers, in vLLM's fields.
+    fields = json.loads(writer.namespace)
+    assert fields["layout"] == writer._engine.descriptor.fingerprint and fields["layers"].startswith("0-")
     writer.close()
     for other in (
         storage_config(extra(tmp_path), model="model-b"),

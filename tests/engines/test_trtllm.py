@@ -4,6 +4,8 @@ No TensorRT-LLM is installed: this proves kvport's side of the interface, not a 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from trtllm_driver import Executor, Request, RequestData, SchedulerOutput, layer_view, llm_args
@@ -91,8 +93,13 @@ def test_nhd_and_hnd_pools_give_the_same_chunks(cache_env) -> None:
     kv = kv_data(65, seed=2)
     hnd = make_executor(cache_env)
     hnd.run_prompt(Request(1, prompt), kv)
+    hnd_namespace, fingerprint = hnd.worker.engine.namespace, hnd.worker.engine.descriptor.fingerprint
     hnd.close()
     nhd = make_executor(cache_env, backend="VANILLA")
+    # Keys carry the chunk format (a different one would never share them) and every layer, as vLLM's do.
+    assert nhd.worker.engine.namespace == hnd_namespace
+    fields = json.loads(hnd_namespace)
+    assert fields["layout"] == fingerprint and fields["layers"] == f"0-{LAYERS - 1}"
     out = nhd.run_prompt(Request(2, prompt + [1]), [tuple(torch.zeros_like(x) for x in layer) for layer in kv])
     assert out["matched"] == 64
     check_loaded(nhd, out["blocks"], kv, 64)
