@@ -147,8 +147,8 @@ class KVPortConnector(KVConnectorBase_V1, SupportsHMA):
 
     # ==== worker side ==========================================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        infos = attention_infos(self._vllm_config, self._kv_cache_config)
         try:
+            infos = attention_infos(self._vllm_config, self._kv_cache_config)
             descriptor = descriptor_for(infos, kv_caches, self._options)
         except UserError as exc:
             log.error("kvport: %s", exc)  # a layout kvport refuses: one line before vLLM's traceback

@@ -60,6 +60,15 @@ def attention_infos(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> 
                 f"got {sorted(backends) or 'none'}"
             )
         spec = group.kv_cache_spec
+        # vLLM's UniformTypeKVCacheSpecs: one block table over layers whose pages may differ (DeepSeek V4's caches,
+        # packed into a few groups that alias one buffer); no catalog layout describes such a group.
+        inner = getattr(spec, "kv_cache_specs", None)
+        if inner:
+            kinds = ", ".join(sorted({type(s).__name__ for s in inner.values()}))
+            raise UserError(
+                f"vLLM KV cache group {list(group.layer_names)[:2]}...: a packed group of per-layer specs ({kinds}), "
+                "as DeepSeek V4's caches are; kvport has no verified layout for it"
+            )
         if standardized:
             infos.append(info_from_spec(backends.pop(), spec, layout, group.layer_names))
             continue
