@@ -101,9 +101,9 @@ class StreamPlatform(Platform):
         return _StreamScope(self._api(), stream)
 
     def new_event(self):
-        """A plain event (no timing, no blocking sync), for streams to wait on: a cross-stream wait on a CUDA event
-        made with blocking sync cost ~7 us of device time, 4% of a one-chunk 9 MiB DMA transfer in the engine's
-        order (H200, docs/performance.md, "2026-11-30, afternoon"). A host thread synchronizing on it spins."""
+        """A plain event (no timing, no blocking sync), for streams to wait on: a stream waiting on a CUDA event made
+        with blocking sync lost ~3.5-4 us of device time per wait, 4% of a one-chunk 9 MiB DMA transfer with its two
+        engine-order waits (H200, docs/performance.md, "2026-11-30, afternoon"). A host synchronizing on it spins."""
         return self._api().Event()
 
     def new_host_event(self):
