@@ -18,6 +18,18 @@ log = logging.getLogger("kvport.trtllm")
 # KVPORT_<FIELD> (kvport.cache.config).
 NAMESPACE_ENV = "KVPORT_NAMESPACE"  # replaces the model identity in keys, e.g. to share KV with another engine
 LAYOUT_ENV = "KVPORT_TRTLLM_LAYOUT"  # a catalog name or spec file replacing the attention-backend default
+# "1": chunks of whole pool blocks, every layer (kvport.layouts.whole_blocks): one copy per block, the copy engines'
+# speed under load; such chunks are read back only by the same pool layout (keyed apart by their fingerprint).
+WHOLE_BLOCKS_ENV = "KVPORT_TRTLLM_WHOLE_BLOCKS"
+
+
+def _whole_blocks() -> bool:
+    value = os.environ.get(WHOLE_BLOCKS_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise UserError(f"${WHOLE_BLOCKS_ENV}={value!r}: expected 1 or 0")
 
 
 def _rank() -> int:
@@ -56,6 +68,14 @@ class WorkerCore:
         info = pool_info(kv_cache_tensor, self.llm_args)
         spec = load_spec(info, os.environ.get(LAYOUT_ENV))
         descriptor = compile_descriptor(spec, kv_cache_tensor)
+        if _whole_blocks():
+            from kvport.layouts import LayoutError
+            from kvport.layouts.whole_blocks import whole_blocks
+
+            try:
+                descriptor = whole_blocks(descriptor)
+            except LayoutError as exc:
+                raise UserError(f"kvport TensorRT-LLM connector: ${WHOLE_BLOCKS_ENV}: {exc}") from None
         engine = _worker_engine(self.llm_args, info, descriptor.fingerprint)
         try:
             engine.bind(descriptor)
@@ -71,7 +91,7 @@ class WorkerCore:
             info.layers,
             info.tokens_per_block,
             info.backend,
-            spec.name,
+            descriptor.layout,
             engine.namespace,
         )
 

@@ -80,10 +80,27 @@ def test_hooks_in_executor_order_store_then_load(cache_env, backend: str) -> Non
     run_two_requests(cache_env, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["TRTLLM", "VANILLA"])
+def test_whole_block_chunks_round_trip_and_are_keyed_apart(cache_env, monkeypatch, backend: str) -> None:
+    """$KVPORT_TRTLLM_WHOLE_BLOCKS=1: each pool block (every layer, K and V) is one copy; the same requests store and
+    load byte for byte, under a namespace of their own (canonical chunks of the same pool are not read as them)."""
+    canonical = make_executor(cache_env, backend=backend)
+    canonical_namespace = canonical.worker.engine.namespace
+    canonical.close()
+    monkeypatch.setenv("KVPORT_TRTLLM_WHOLE_BLOCKS", "1")
+    whole = make_executor(cache_env, backend=backend)
+    assert whole.worker.engine.descriptor.layout.endswith("+whole-blocks")
+    assert whole.worker.engine.namespace != canonical_namespace
+    whole.close()
+    run_two_requests(cache_env, backend=backend)
+
+
 @pytest.mark.gpu
-def test_hooks_in_executor_order_on_gpu(cache_env) -> None:
+@pytest.mark.parametrize("whole_blocks", ["0", "1"])
+def test_hooks_in_executor_order_on_gpu(cache_env, monkeypatch, whole_blocks: str) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA/ROCm device")
+    monkeypatch.setenv("KVPORT_TRTLLM_WHOLE_BLOCKS", whole_blocks)
     run_two_requests(cache_env, device="cuda")
 
 
@@ -134,6 +151,9 @@ def test_refusals_are_one_line(cache_env, monkeypatch) -> None:
         return str(err.value)
 
     assert "attention backend CUTEDSL has no kvport layout" in refused(backend="CUTEDSL")
+    monkeypatch.setenv("KVPORT_TRTLLM_WHOLE_BLOCKS", "maybe")
+    assert "KVPORT_TRTLLM_WHOLE_BLOCKS='maybe': expected 1 or 0" in refused()
+    monkeypatch.delenv("KVPORT_TRTLLM_WHOLE_BLOCKS")
     monkeypatch.setenv("KVPORT_CHUNK_TOKENS", "48")
     assert "not a multiple" in refused()
     monkeypatch.setenv("KVPORT_CHUNK_TOKENS", "64")
