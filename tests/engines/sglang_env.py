@@ -276,7 +276,9 @@ def expected_chunk(pools: Pools, per_layer: list[tuple[torch.Tensor, ...]]) -> t
     return torch.cat(parts)
 
 
-def storage_config(extra: dict[str, Any], *, mla: bool = False, tp_rank: int = 0, tp_size: int = 1, model="m"):
+def storage_config(
+    extra: dict[str, Any], *, mla: bool = False, tp_rank: int = 0, tp_size: int = 1, model="m", pp_rank=0, pp_size=1
+):
     """SGLang's own HiCacheStorageConfig as its cache controller fills it for the dynamic backend."""
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
@@ -289,8 +291,8 @@ def storage_config(extra: dict[str, Any], *, mla: bool = False, tp_rank: int = 0
     return HiCacheStorageConfig(
         tp_rank=tp_rank,
         tp_size=tp_size,
-        pp_rank=0,
-        pp_size=1,
+        pp_rank=pp_rank,
+        pp_size=pp_size,
         attn_cp_rank=0,
         attn_cp_size=1,
         is_mla_model=mla,

@@ -165,6 +165,18 @@ def test_keys_keep_models_ranks_and_dtypes_apart_and_mla_ranks_together(tmp_path
     assert mla[0].namespace == mla[1].namespace and json.loads(mla[0].namespace)["tp"] == [0, 1]
     for backend in mla:
         backend.close()
+    # Pipeline stages hold different layers: each keyed by its stage, none reading the single-stage pages above.
+    stages = [
+        attach(
+            build_pools(False, "layer_first", page_size=PAGE),
+            storage_config(extra(tmp_path), model="model-a", pp_rank=r, pp_size=2),
+        )
+        for r in (0, 1)
+    ]
+    assert [json.loads(b.namespace)["pp"] for b in stages] == [[0, 2], [1, 2]]
+    assert all(json.loads(b.namespace)["layers"] == "" and b.batch_exists(keys) == 0 for b in stages)
+    for backend in stages:
+        backend.close()
 
 
 def test_pages_not_whole_in_the_host_pool_are_not_moved(tmp_path) -> None:
