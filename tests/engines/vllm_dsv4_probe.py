@@ -6,7 +6,6 @@ kvport's vLLM adapter to them and prints what happened as one JSON line. usage: 
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from typing import Any, cast
 
@@ -106,8 +105,8 @@ def layer_specs(kv_cache_config) -> list:
 
 def main() -> None:
     import vllm.v1.worker.cpu.shm  # noqa: F401  (what vLLM's CPU worker imports first: cpu_worker.py)
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state as ps
+    from vllm.config import set_current_vllm_config
+    from vllm_stack import single_rank  # beside this script, so on sys.path when it runs
 
     from kvport.engines.vllm_layouts import descriptor_for
     from kvport.engines.vllm_setup import attention_infos
@@ -116,25 +115,20 @@ def main() -> None:
     model_dir, options = sys.argv[1], json.loads(sys.argv[2])
     with open(f"{model_dir}/config.json", "w") as f:
         json.dump(TINY, f)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with set_current_vllm_config(VllmConfig()):
-        ps.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
-        ps.ensure_model_parallel_initialized(1, 1)
-    cfg, kv_cache_config, kv, layout = allocated(model_dir)
-    out: dict[str, Any] = {
-        "layout": layout.name,
-        "groups": len(kv_cache_config.kv_cache_groups),
-        "storages": len({t.untyped_storage().data_ptr() for t in kv.values()}),
-        "tokens_per_state": sorted({getattr(spec, "tokens_per_state", 1) for spec in layer_specs(kv_cache_config)}),
-    }
-    try:
-        with set_current_vllm_config(cfg):
-            descriptor_for(attention_infos(cfg, kv_cache_config), kv, options)
-        out["refused"] = None
-    except UserError as exc:
-        out["refused"] = str(exc)
+    with single_rank():
+        cfg, kv_cache_config, kv, layout = allocated(model_dir)
+        out: dict[str, Any] = {
+            "layout": layout.name,
+            "groups": len(kv_cache_config.kv_cache_groups),
+            "storages": len({t.untyped_storage().data_ptr() for t in kv.values()}),
+            "tokens_per_state": sorted({getattr(s, "tokens_per_state", 1) for s in layer_specs(kv_cache_config)}),
+        }
+        try:
+            with set_current_vllm_config(cfg):
+                descriptor_for(attention_infos(cfg, kv_cache_config), kv, options)
+            out["refused"] = None
+        except UserError as exc:
+            out["refused"] = str(exc)
     print(json.dumps(out))
 
 
