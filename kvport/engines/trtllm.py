@@ -24,12 +24,10 @@ WHOLE_BLOCKS_ENV = "KVPORT_TRTLLM_WHOLE_BLOCKS"
 
 
 def _whole_blocks() -> bool:
-    value = os.environ.get(WHOLE_BLOCKS_ENV, "").strip().lower()
-    if value in ("", "0", "false", "no"):
-        return False
-    if value in ("1", "true", "yes"):
-        return True
-    raise UserError(f"${WHOLE_BLOCKS_ENV}={value!r}: expected 1 or 0")
+    """The switch, read as the cache's own KVPORT_* booleans are (unset or empty: off)."""
+    from kvport.cache.config import coerce_bool
+
+    return coerce_bool(os.environ.get(WHOLE_BLOCKS_ENV, "").strip() or "0", f"${WHOLE_BLOCKS_ENV}")
 
 
 def _rank() -> int:
