@@ -152,13 +152,22 @@ class NativeBackend(SegmentedBackend):
             dsts.data_ptr(), srcs.data_ptr(), sizes.data_ptr(), count, stream, batched, max_batch, overlap
         )
 
-    def memcpy_chunk(self, template, flat_ids, chunk_ptr: int, to_host: bool, max_batch: int = 0, overlap=False):
-        """DMA of one chunk on the current stream: the template's regions (kvport.hal.transfer.regions) filled with
-        ``flat_ids`` (int64 CPU) and the chunk's address in one native pass, then batched copy-engine calls."""
-        import torch
-
+    def memcpy_chunk(
+        self,
+        template,
+        ids: list[int],
+        chunk_ptr: int,
+        to_host: bool,
+        stream: int,
+        after: tuple[int, int] = (0, 0),
+        max_batch: int = 0,
+        overlap: bool = False,
+    ) -> None:
+        """DMA of one chunk on the raw ``stream`` handle, first ordered after ``after`` (a raw (stream, event) pair:
+        the stream's queued work, through the event; (0, 0): no wait): the template's regions
+        (kvport.hal.transfer.regions) filled with the flat block ``ids`` and the chunk's address in one native pass,
+        then batched copy-engine calls."""
         t = template
-        stream = torch.cuda.current_stream().cuda_stream
         self.module().memcpy_template(
             t.eng_base.data_ptr(),
             t.block_pos.data_ptr(),
@@ -166,13 +175,13 @@ class NativeBackend(SegmentedBackend):
             t.can_off.data_ptr(),
             t.size.data_ptr(),
             int(t.size.numel()),
-            flat_ids.data_ptr(),
-            int(flat_ids.numel()),
+            ids,
             chunk_ptr,
             to_host,
             stream,
             max_batch,
             overlap,
+            *after,
         )
 
 

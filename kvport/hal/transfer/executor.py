@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from kvport.hal.completion import Completion, EventCompletion
 from kvport.hal.transfer.planner import CostModel, Plan, plan
 from kvport.hal.transfer.regions import region_template
-from kvport.hal.transfer.segments import check_buffer
+from kvport.hal.transfer.segments import check_buffer, flat_block_id_list
 from kvport.hal.transfer.staged import StagedPipeline
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ class Transfer:
         # Per-transfer host work memoized (host time matters): plans, region templates, staged pieces; see _memo.
         self._plans: dict = {}
         self._templates: dict = {}
+        self._dma_after = None  # (event, raw handle), see _dma_after_event
         self.staged = StagedPipeline(
             self.platform, self.device, backend, self.model, self.kernel_stream, self.dma_stream, self._memo
         )
@@ -208,8 +209,7 @@ class Transfer:
         if chosen.path == "staged":
             done, released = self.staged.run(direction, descriptor, chunks, num_tokens, keep, self._engine_point(after))
         elif chosen.path == "dma":
-            self._order_after(after)
-            self._dma(direction, descriptor, chunks, num_tokens, keep)
+            self._dma(direction, descriptor, chunks, num_tokens, keep, after)
             done = self.dma_stream
         else:
             self._order_after(after)
@@ -258,23 +258,40 @@ class Transfer:
             self.dma_stream.wait_event(point)
 
     # ---- paths -------------------------------------------------------------------------------------------
-    def _dma(self, direction, descriptor, chunks, num_tokens, keep) -> None:
+    def _dma(self, direction, descriptor, chunks, num_tokens, keep, after) -> None:
         """One batched copy-engine call per chunk (split further past ``dma_batch_regions``): the engines start on
-        the first chunk while the host describes the next."""
-        from kvport.hal.transfer.segments import flat_block_ids
-
+        the first chunk while the host describes the next. The first call also orders the copies after the engine's
+        current stream (``after`` None), in the same native call: per chunk, the Python-level stream scope, id
+        tensor and engine-order steps cost the host ~40 of ~70 us of overhead on a ~900 us call (H200 host,
+        docs/performance.md, "2026-12-01")."""
         template = self._memo(
             self._templates, (num_tokens,), descriptor, lambda: region_template(descriptor, num_tokens)
         )
         keep.append(template)
-        with self.platform.stream_scope(self.dma_stream):
-            for block_ids, host in chunks:
-                flat = flat_block_ids(descriptor, block_ids, num_tokens)
-                self.native.memcpy_chunk(
-                    template,
-                    flat,
-                    host.data_ptr(),
-                    direction == "d2h",
-                    max_batch=self.model.dma_batch_regions,
-                    overlap=self.model.dma_overlap,
-                )
+        if after is None:
+            ordering = (self.platform.current_stream_handle(self.device.index), self._dma_after_event())
+        else:
+            self._order_after(after)
+            ordering = (0, 0)
+        stream = self.platform.stream_handle(self.dma_stream)
+        for block_ids, host in chunks:
+            self.native.memcpy_chunk(
+                template,
+                flat_block_id_list(descriptor, block_ids, num_tokens),
+                host.data_ptr(),
+                direction == "d2h",
+                stream,
+                ordering,
+                max_batch=self.model.dma_batch_regions,
+                overlap=self.model.dma_overlap,
+            )
+            ordering = (0, 0)
+
+    def _dma_after_event(self) -> int:
+        """The raw handle of the event the DMA path's engine-order wait goes through: reused (a stream wait keeps
+        the record it saw), recorded once here because the platform creates events at their first record."""
+        if self._dma_after is None:
+            event = self.platform.new_event()
+            event.record(self.dma_stream)
+            self._dma_after = (event, self.platform.event_handle(event))
+        return self._dma_after[1]

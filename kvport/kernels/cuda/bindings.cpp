@@ -68,17 +68,21 @@ PYBIND11_MODULE(KVPORT_MODULE_NAME, m) {
   m.def(
       "memcpy_template",
       [](std::uintptr_t eng_base, std::uintptr_t block_pos, std::uintptr_t block_stride, std::uintptr_t can_off,
-         std::uintptr_t size, std::size_t count, std::uintptr_t flat_ids, std::size_t n_ids, std::uintptr_t chunk,
-         bool to_host, std::uintptr_t stream, std::size_t max_batch, bool overlap) {
+         std::uintptr_t size, std::size_t count, const std::vector<std::int64_t>& ids, std::uintptr_t chunk,
+         bool to_host, std::uintptr_t stream, std::size_t max_batch, bool overlap, std::uintptr_t after_stream,
+         std::uintptr_t after_event) {
         auto p = [](std::uintptr_t a) { return reinterpret_cast<const std::int64_t*>(a); };
         check(kvport::memcpy_template({p(eng_base), p(block_pos), p(block_stride), p(can_off), p(size), count,
-                                       p(flat_ids), n_ids, chunk, to_host, stream, max_batch, overlap}),
+                                       ids.data(), ids.size(), chunk, to_host, stream, max_batch, overlap,
+                                       {after_stream, after_event}}),
               "memcpy_template");
       },
       py::arg("eng_base"), py::arg("block_pos"), py::arg("block_stride"), py::arg("can_off"), py::arg("size"),
-      py::arg("count"), py::arg("flat_ids"), py::arg("n_ids"), py::arg("chunk"), py::arg("to_host"),
-      py::arg("stream") = 0, py::arg("max_batch") = 0, py::arg("overlap") = false, no_gil,
-      "DMA of one chunk from a region template (host int64 arrays) and its flat block ids, copy engines only.");
+      py::arg("count"), py::arg("ids"), py::arg("chunk"), py::arg("to_host"), py::arg("stream"),
+      py::arg("max_batch") = 0, py::arg("overlap") = false, py::arg("after_stream") = 0, py::arg("after_event") = 0,
+      no_gil,
+      "DMA of one chunk from a region template (host int64 arrays) and its flat block ids (a list), copy engines "
+      "only, on `stream` after what after_stream has queued (through after_event; 0: no wait).");
   m.def(
       "staged_chunk",
       [](std::uintptr_t launches, std::size_t n_launches, const std::vector<std::int64_t>& ids,

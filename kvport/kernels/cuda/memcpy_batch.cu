@@ -66,6 +66,7 @@ const char* memcpy_template(const RegionTemplateArgs& a) {
   dsts.clear();
   srcs.clear();
   sizes.clear();
+  if (const char* e = wait_for_stream(a.stream, a.after)) return e;
   for (std::size_t i = 0; i < a.count; ++i) {
     const std::int64_t pos = a.block_pos[i];
     if (pos < 0 || static_cast<std::size_t>(pos) >= a.n_ids) return "memcpy_template: block position out of range";

@@ -39,8 +39,17 @@ const char* scatter(const SegmentArgs& args);
 const char* memcpy_batch(const std::uintptr_t* dsts, const std::uintptr_t* srcs, const std::size_t* sizes,
                          std::size_t count, std::uintptr_t stream, bool batched, std::size_t max_batch, bool overlap);
 
-// The DMA path's per-transfer work in one host pass: regions of a RegionTemplate (kvport/hal/transfer/regions.py,
-// int64 arrays) filled with this chunk's block ids and address, touching runs joined, then memcpy_batch.
+// Where a call's work must start: after what `stream` has queued so far, through `event` (recorded there again each
+// time, only if the stream has work left; a wait keeps the record it saw). An event of 0 means no wait (a stream
+// handle of 0 is the legacy default stream).
+struct StreamOrder {
+  std::uintptr_t stream;
+  std::uintptr_t event;
+};
+
+// The DMA path's per-transfer work in one host pass: `stream` first waits for `after`, then regions of a
+// RegionTemplate (kvport/hal/transfer/regions.py, int64 arrays) filled with this chunk's block ids and address,
+// touching runs joined, go to memcpy_batch.
 struct RegionTemplateArgs {
   const std::int64_t* eng_base;
   const std::int64_t* block_pos;
@@ -55,6 +64,7 @@ struct RegionTemplateArgs {
   std::uintptr_t stream;
   std::size_t max_batch;
   bool overlap;
+  StreamOrder after;
 };
 const char* memcpy_template(const RegionTemplateArgs& args);
 
@@ -70,10 +80,6 @@ const char* memcpy_template(const RegionTemplateArgs& args);
 // event (recorded there again each time; a wait keeps the record it saw). An `after` event of 0 skips that wait
 // (a stream handle of 0 is the legacy default stream).
 inline constexpr std::size_t kStagedLaunchColumns = 4;
-struct StreamOrder {
-  std::uintptr_t stream;
-  std::uintptr_t event;
-};
 struct StagedChunkArgs {
   const std::int64_t* launches;
   std::size_t n_launches;
@@ -95,5 +101,8 @@ const char* staged_chunk(const StagedChunkArgs& args);
 
 // Whether memcpy_batch(batched=true) uses a single batched runtime call in this build.
 bool has_batched_memcpy();
+
+// `s` waits for what `after.stream` has queued so far, if anything (stream_order.cu; shared by the one-call paths).
+const char* wait_for_stream(std::uintptr_t s, const StreamOrder& after);
 
 }  // namespace kvport

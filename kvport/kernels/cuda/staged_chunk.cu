@@ -27,15 +27,8 @@ const char* hand_over(cudaStream_t from, cudaStream_t to, std::uintptr_t event) 
   return check(cudaStreamWaitEvent(to, event_of(event), 0));
 }
 
-// `s` waits for what `o.stream` has queued so far, if anything: an idle stream costs one query, no wait (each
-// cross-stream wait cost the copy engines ~1% of a back-to-back chunk, docs/performance.md).
 const char* wait_for(cudaStream_t s, const StreamOrder& o) {
-  if (o.event == 0) return nullptr;
-  auto other = reinterpret_cast<cudaStream_t>(o.stream);
-  cudaError_t err = cudaStreamQuery(other);
-  if (err == cudaSuccess) return nullptr;
-  if (err != cudaErrorNotReady) return cudaGetErrorString(err);
-  return hand_over(other, s, o.event);
+  return wait_for_stream(reinterpret_cast<std::uintptr_t>(s), o);
 }
 
 const char* launch_all(const StagedChunkArgs& a) {

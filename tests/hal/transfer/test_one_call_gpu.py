@@ -1,5 +1,6 @@
-"""One-call staged chunks on a GPU: the native call's own stream ordering (the engine's current stream, an explicit
-``after``, staging slots handed between the kernel and copy streams) and the platform's raw handles it relies on."""
+"""One-call chunks on a GPU (staged, and DMA chunks, which order themselves the same way): the native call's own
+stream ordering (the engine's current stream, an explicit ``after``, staging slots handed between the kernel and copy
+streams) and the platform's raw handles it relies on."""
 
 from __future__ import annotations
 
@@ -38,11 +39,12 @@ def _setup(layout, tokens, model=None, **dims):
     return kv.descriptor, ids, Transfer(native, "cuda", model, native=native)
 
 
-def _warm(transfer, d, ids, host, tokens):
-    """Tables compiled, staging and every block-id slot allocated: a first call synchronizes the host on the way
-    (pinned and device allocations, table uploads), which would hide a missing stream wait."""
+def _warm(transfer, d, ids, host, tokens, path="staged"):
+    """Tables compiled, staging and every block-id slot allocated (DMA: its region template and engine-order event):
+    a first call synchronizes the host on the way (pinned and device allocations, table uploads), which would hide a
+    missing stream wait."""
     for _ in range(SLOTS + 1):
-        transfer.to_host(d, ids, host, tokens, path="staged").synchronize()
+        transfer.to_host(d, ids, host, tokens, path=path).synchronize()
 
 
 def _write_later(d, value):
@@ -70,31 +72,52 @@ def test_platform_handles_follow_the_current_stream():
             assert platform.current_stream_handle(0) == side.cuda_stream
 
 
-@pytest.mark.parametrize("layout", ["deepseek-v4", "vllm-mla"])
-def test_waits_for_the_engines_current_side_stream(layout):
-    """The engine computes on a stream of its own: the one call orders the gather after the KV write queued there."""
+@pytest.mark.parametrize("path", ["staged", "dma"])
+@pytest.mark.parametrize("layout", ["deepseek-v4", "vllm-mla", "vllm-flash-nhd"])
+def test_waits_for_the_engines_current_side_stream(layout, path):
+    """The engine computes on a stream of its own: the one call orders the gather after the KV write queued there,
+    on every call (the engine-order event is reused)."""
     tokens = 64
     d, ids, transfer = _setup(layout, tokens)
     host = torch.zeros(d.canonical_bytes(tokens), dtype=torch.uint8).pin_memory()
-    _warm(transfer, d, ids, host, tokens)
+    _warm(transfer, d, ids, host, tokens, path)
     engine = torch.cuda.Stream()
-    with torch.cuda.stream(engine):
-        _write_later(d, 0x5A)
-        result = transfer.to_host(d, ids, host, tokens, path="staged")
-    result.synchronize()
-    assert bool((host == 0x5A).all()), "the one-call gather read KV before the engine's stream wrote it"
+    for value in (0x5A, 0x6B):
+        with torch.cuda.stream(engine):
+            _write_later(d, value)
+            result = transfer.to_host(d, ids, host, tokens, path=path)
+        assert result.path == path
+        result.synchronize()
+        assert bool((host == value).all()), f"the one-call {path} gather read KV before the engine's stream wrote it"
 
 
-def test_explicit_after_stream_orders_the_one_call():
+@pytest.mark.parametrize("path", ["staged", "dma"])
+def test_explicit_after_stream_orders_the_one_call(path):
     tokens = 64
     d, ids, transfer = _setup("deepseek-v4", tokens)
     host = torch.zeros(d.canonical_bytes(tokens), dtype=torch.uint8).pin_memory()
-    _warm(transfer, d, ids, host, tokens)
+    _warm(transfer, d, ids, host, tokens, path)
     writer = torch.cuda.Stream()
     with torch.cuda.stream(writer):
         _write_later(d, 0x33)
-    transfer.to_host(d, ids, host, tokens, path="staged", after=writer).synchronize()
-    assert bool((host == 0x33).all()), "the one-call gather did not wait for the explicit after stream"
+    transfer.to_host(d, ids, host, tokens, path=path, after=writer).synchronize()
+    assert bool((host == 0x33).all()), f"the one-call {path} gather did not wait for the explicit after stream"
+
+
+def test_dma_load_waits_for_the_engines_stream_and_round_trips():
+    """A DMA load (scatter) issued after engine work on the current stream lands after it: the engine's own write
+    of the same blocks, queued first, is overwritten by the chunk, byte for byte as the reference gather reads."""
+    tokens = 64
+    d, ids, transfer = _setup("vllm-flash-nhd", tokens)
+    want = torch.randint(0, 256, (d.canonical_bytes(tokens),), dtype=torch.uint8).pin_memory()
+    _warm(transfer, d, ids, torch.zeros_like(want).pin_memory(), tokens, "dma")
+    engine = torch.cuda.Stream()
+    with torch.cuda.stream(engine):
+        _write_later(d, 0x11)
+        result = transfer.from_host(want, d, ids, tokens, path="dma")
+    assert result.path == "dma"
+    result.synchronize()
+    assert torch.equal(_expect(d, ids, tokens), want), "the DMA scatter ran before the engine's write, or wrongly"
 
 
 @pytest.mark.parametrize("direction", ["d2h", "h2d"])
