@@ -262,8 +262,8 @@ class Transfer:
         """One batched copy-engine call per chunk (split further past ``dma_batch_regions``): the engines start on
         the first chunk while the host describes the next. The first call also orders the copies after the engine's
         current stream (``after`` None), in the same native call: per chunk, the Python-level stream scope, id
-        tensor and engine-order steps cost the host ~40 of ~70 us of overhead on a ~900 us call (H200 host,
-        docs/performance.md, "2026-12-01")."""
+        tensor and engine-order steps cost the host ~35 of ~75 us of overhead on a 500-900 us call (H200 host,
+        docs/performance.md, "2026-11-30, eleventh stop")."""
         template = self._memo(
             self._templates, (num_tokens,), descriptor, lambda: region_template(descriptor, num_tokens)
         )

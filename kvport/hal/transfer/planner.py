@@ -26,7 +26,9 @@ class CostModel:
     # 2026-11-29 (docs/performance.md, "the copy engines' two speeds"): 0.46-0.95 us per region, varying within one
     # process; with the stream held by a kernel while the host described 1024 regions of 32 KiB, the engines then
     # moved them at 54 GB/s. So a 32 KiB region costs 0.6-0.9 us of host for 0.6 us of link: the two speeds
-    # (~54 and ~36 GB/s) of 256-token NHD chunks are the host's.
+    # (~54 and ~36 GB/s) of 256-token NHD chunks are the host's. Later measured: they follow the vCPU's own speed (a
+    # fixed pure-Python loop took 2.67 ms in fast windows and 4.40 ms in slow ones, corr 0.88 with the driver's
+    # time; docs/performance.md, "2026-11-30, eleventh stop").
     region_us_d2h: float = 0.6
     region_us_h2d: float = 0.6
     # Host time per region where the native build has no batched call and issues one async copy per region (HIP
