@@ -104,7 +104,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def describe(usage: Any) -> str:
-    """A namespace in one line: the fields of a vLLM shard namespace that tell shards apart, or the name as it is."""
+    """A namespace in one line: the fields of a shard namespace (kvport.engines.key_namespace) that tell shards apart,
+    or the name as it is. Namespaces of kvport versions before that format (an ``engine`` field) are marked: no engine
+    reads their chunks any more; ``kvport cache clear`` reclaims them."""
     if not any(usage.digest):
         return "(stored before namespaces were recorded)"
     if not usage.name:
@@ -113,12 +115,12 @@ def describe(usage: Any) -> str:
         fields = json.loads(usage.name)
     except ValueError:
         return usage.name
-    if not isinstance(fields, dict) or "engine" not in fields:
+    if not isinstance(fields, dict) or not {"format", "engine"} & fields.keys():
         return usage.name
     ident = f"name={fields['name']}" if "name" in fields else f"model={fields.get('model')}"
     if fields.get("revision"):
         ident += f"@{fields['revision']}"
-    parts = [str(fields["engine"]), ident]
+    parts = [ident] if "format" in fields else ["(earlier key format)", ident]
     if fields.get("weights"):
         parts.append(f"weights={str(fields['weights'])[:20]}")
     for key in ("kv_dtype", "layers"):

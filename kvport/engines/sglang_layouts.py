@@ -105,8 +105,7 @@ def namespace(config: Any, info: HostPoolInfo, fingerprint: str, base: str | Non
     same: one pipeline stage holds layers 0..L-1 on both. MLA KV is the same on every tensor-parallel rank (SGLang
     writes it from rank 0 only), so it is keyed as one shard; pipeline stages hold different layers and are keyed
     apart (by stage: the host pool does not say which global layers a stage holds)."""
-    from kvport.engines.vllm_identity import layer_span
-    from kvport.engines.vllm_layouts import namespace_for
+    from kvport.engines.key_namespace import layer_span, namespace_for
 
     ident = base or f"sglang:{config.model_name or ''}"
     rank, world = (0, 1) if info.mla else (config.tp_rank, config.tp_size)

@@ -104,8 +104,7 @@ def load_spec(info: PoolInfo, override: str | None = None):
 def namespace(llm_args: Any, kv_dtype: str, rank: int, fingerprint: str, layers: int, base: str | None = None) -> str:
     """Model identity + KV dtype + chunk format (the descriptor's ``fingerprint``) + shard, with the fields of
     kvport's other adapters (the same ``base`` on every engine gives the same keys where the KV is the same)."""
-    from kvport.engines.vllm_identity import layer_span
-    from kvport.engines.vllm_layouts import namespace_for
+    from kvport.engines.key_namespace import layer_span, namespace_for
 
     world = int(getattr(llm_args, "tensor_parallel_size", 1) or 1)
     ident = base or f"trtllm:{getattr(llm_args, 'model', '')}:{getattr(llm_args, 'revision', None) or ''}"

@@ -2,7 +2,7 @@
 stage holds, and per request what vLLM's own block hashes carry beyond token ids. Must not import vLLM at import time.
 
 Chunk keys (kvport.store.keys) are a hash chain over token ids rooted in a namespace (the shard: see
-``kvport.engines.vllm_layouts.namespace_for``) and a per-request extra (``request_extra``)."""
+``kvport.engines.key_namespace.namespace_for``) and a per-request extra (``request_extra``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,18 +96,6 @@ def resolve_weights(model: str, revision: str | None) -> Path | None:
         return None
 
 
-def layer_span(indices: Iterable[int]) -> str:
-    """The layer indices a stage holds as ranges, e.g. ``0-15`` or ``0-3,8-11``."""
-    ordered = sorted(set(indices))
-    spans: list[list[int]] = []
-    for i in ordered:
-        if spans and i == spans[-1][1] + 1:
-            spans[-1][1] = i
-        else:
-            spans.append([i, i])
-    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in spans)
-
-
 def request_extra(request: Any) -> bytes:
     """A digest of what vLLM's block hashes of ``request`` carry beyond token ids (vllm/v1/core/kv_cache_utils.py
     generate_block_hash_extra_keys): the LoRA adapter (name and path), the cache salt, every multimodal input (its
@@ -161,11 +149,12 @@ def tp_rank_world(worker: bool) -> tuple[int, int]:
 
 
 def worker_namespace(vllm_config: Any, options: dict[str, Any], fingerprint: str, layers: list[str]) -> str:
-    """This worker shard's namespace (kvport.engines.vllm_layouts.namespace_for): model, weights, config, KV dtype,
+    """This worker shard's namespace (kvport.engines.key_namespace.namespace_for): model, weights, config, KV dtype,
     layout fingerprint, TP rank/size, pipeline stage and the layer indices it holds."""
     from vllm.distributed.parallel_state import get_pp_group
 
-    from kvport.engines.vllm_layouts import layer_index, namespace_for
+    from kvport.engines.key_namespace import layer_span, namespace_for
+    from kvport.engines.vllm_layouts import layer_index
 
     model = vllm_config.model_config
     dtype = vllm_config.cache_config.cache_dtype

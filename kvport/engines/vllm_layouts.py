@@ -4,7 +4,6 @@ KV tensors to that layout's compiled descriptor. Must not import vLLM or guess N
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -240,37 +239,6 @@ def spec_for(infos: Sequence[AttentionInfo], override: str | None = None):
         groups.extend(dc.replace(g, name=f"group{i}", layers=indices) for g in spec.groups)
     names = " + ".join(s.name for s in specs)
     return LayoutSpec(f"vllm-groups[{names}]", "vLLM KV cache groups: " + names, (), tuple(groups))
-
-
-def namespace_for(
-    model: str,
-    revision: str | None,
-    kv_dtype: str = "auto",
-    rank: int = 0,
-    world: int = 1,
-    base: str | None = None,
-    *,
-    weights: str = "",
-    config: str = "",
-    layout: str = "",
-    pp_rank: int = 0,
-    pp_world: int = 1,
-    layers: str = "",
-) -> str:
-    """One vLLM shard's key namespace: every field that makes its KV bytes differ, as a JSON object with fixed keys
-    (so no two field tuples encode alike). ``model``/``revision`` with ``weights`` (kvport.engines.vllm_identity
-    weights_digest) and ``config`` (a digest of the effective model config, dtype and quantization) identify the
-    model; ``base`` (the adapter's ``namespace`` option) replaces all four with an operator-chosen name. Then the KV
-    dtype, the layout fingerprint (the canonical chunk format), the tensor-parallel rank/size, the pipeline stage and
-    the layer indices it holds."""
-    fields: dict[str, Any] = {"engine": "vllm"}
-    if base:
-        fields["name"] = base
-    else:
-        fields |= {"model": model, "revision": revision, "weights": weights, "config": config}
-    fields |= {"kv_dtype": kv_dtype, "layout": layout, "tp": [rank, world], "pp": [pp_rank, pp_world]}
-    fields["layers"] = layers
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")

@@ -11,7 +11,7 @@ import pytest
 
 from kvport.cache import CacheEngine, load_config
 from kvport.cli.main import main
-from kvport.engines.vllm_layouts import namespace_for
+from kvport.engines.key_namespace import namespace_for
 from kvport.engines.vllm_plan import TransferSpec
 from kvport.engines.vllm_worker import WorkerSide
 from kvport.hal.backends.torch_ref import TorchBackend
@@ -52,7 +52,7 @@ def test_list_shows_chunks_and_bytes_per_namespace(capsys, l2):
     assert listed[NS_A]["id"] == namespace_digest(NS_A).hex()
     assert main(["cache", "list", "--l2-path", str(l2)]) == 0
     text = capsys.readouterr().out
-    assert "vllm model=/models/b@v2 weights=stat:bb kv_dtype=bfloat16 layers=0-1 tp=1/2 pp=0/1" in text
+    assert "  model=/models/b@v2 weights=stat:bb kv_dtype=bfloat16 layers=0-1 tp=1/2 pp=0/1" in text
     assert namespace_digest(NS_A).hex()[:12] in text
 
 
@@ -149,3 +149,15 @@ def test_stats_from_a_prometheus_endpoint(tmp_path, capsys):
     label = engine.metrics.label
     assert report[label]["tokens_stored"] == 2 * C
     assert report[label]["misses_lookup_all"] >= 1
+
+
+def test_describe_marks_namespaces_of_the_earlier_key_format():
+    """Chunks stored before the shared key format (an ``engine`` field) stay listed, marked, so they can be cleared."""
+    from kvport.cli.cache import describe
+    from kvport.store.tiers.base import NamespaceUsage
+
+    old = json.dumps({"engine": "vllm", "model": "/models/a", "revision": None, "kv_dtype": "bfloat16", "tp": [0, 1]})
+    want = "(earlier key format) model=/models/a kv_dtype=bfloat16 tp=0/1"
+    assert describe(NamespaceUsage(b"\x01" * 16, old)) == want
+    assert describe(NamespaceUsage(b"\x01" * 16, NS_A)).startswith("model=/models/a weights=content:aa")
+    assert describe(NamespaceUsage(b"\x01" * 16, "plain-name")) == "plain-name"

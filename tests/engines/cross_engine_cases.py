@@ -37,8 +37,7 @@ def tier(path: Path) -> list[dict]:
 def vllm_namespace(fingerprint: str) -> str:
     """The namespace kvport's vLLM worker computes (kvport.engines.vllm_identity.worker_namespace) with the
     ``namespace`` option set: one tensor-parallel shard, one pipeline stage holding every layer."""
-    from kvport.engines.vllm_identity import layer_span
-    from kvport.engines.vllm_layouts import namespace_for
+    from kvport.engines.key_namespace import layer_span, namespace_for
 
     return namespace_for("m", None, "bfloat16", 0, 1, SHARED, layout=fingerprint, layers=layer_span(range(LAYERS)))
 

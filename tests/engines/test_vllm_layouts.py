@@ -12,7 +12,6 @@ from kvport.engines.vllm_layouts import (
     catalog_layout,
     layer_order,
     load_for,
-    namespace_for,
     normalize_layout,
     tensors_in_order,
 )
@@ -124,30 +123,6 @@ def test_layer_order_is_numeric_not_lexical() -> None:
         layer_order(["lm_head"])
     with pytest.raises(UserError, match="no tensor for layer"):
         tensors_in_order({}, ["model.layers.0.attn"])
-
-
-def test_namespace_separates_models_dtypes_shards_stages_weights_and_layouts() -> None:
-    import json
-
-    a = namespace_for("m", None, "bfloat16", 0, 1)
-    others = [
-        namespace_for("m2", None, "bfloat16", 0, 1),
-        namespace_for("m", None, "float16", 0, 1),
-        namespace_for("m", None, "bfloat16", 1, 2),
-        namespace_for("m", None, "bfloat16", 0, 2),
-        namespace_for("m", "v2", "bfloat16", 0, 1),
-        namespace_for("m", None, "bfloat16", 0, 1, weights="content:aa"),
-        namespace_for("m", None, "bfloat16", 0, 1, config="bb"),
-        namespace_for("m", None, "bfloat16", 0, 1, layout="fp1"),
-        namespace_for("m", None, "bfloat16", 0, 1, pp_rank=1, pp_world=2),
-        namespace_for("m", None, "bfloat16", 0, 1, layers="16-31"),
-        namespace_for("m", None, "bfloat16", 0, 1, base="shared"),
-    ]
-    assert len({a, *others}) == len(others) + 1
-    assert json.loads(namespace_for("m", None, base="shared"))["name"] == "shared"
-    # Unambiguous: moving separators between fields gives another namespace (the collision).
-    assert namespace_for("org/a:b", None) != namespace_for("org/a", "b:")
-    assert namespace_for("a|kv=x", None, "y") != namespace_for("a", None, "x|kv=y")
 
 
 def test_cpu_attn_views_round_trip_whole_blocks() -> None:

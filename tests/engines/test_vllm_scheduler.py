@@ -113,7 +113,7 @@ def test_stats_file_is_replaced_whole_and_dead_writers_temps_are_removed(model, 
 
 def test_a_hit_needs_every_pipeline_stage_and_tp_rank(model, extra):
     """Two pipeline stages x two TP ranks report four namespaces; a chunk counts only when all four hold it."""
-    from kvport.engines.vllm_layouts import namespace_for
+    from kvport.engines.key_namespace import namespace_for
 
     shards = {
         (pp, tp): namespace_for(

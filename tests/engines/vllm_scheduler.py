@@ -20,12 +20,13 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 from kvport.cache import CacheEngine, load_config
 from kvport.demo.driver import kvport_transfer_config
+from kvport.engines.key_namespace import namespace_for
 from kvport.engines.vllm import KVPortHandshake
 from kvport.hal.backends.torch_ref import TorchBackend
 from kvport.testing.kv import nhd_kv
 
 BLOCK = 16
-NAMESPACE = '{"engine":"vllm","name":"scheduler-test"}'
+NAMESPACE = namespace_for("", None, base="scheduler-test")
 _ids = itertools.count()
 init_none_hash(sha256)
 
