@@ -77,11 +77,23 @@ def test_platform_handles_follow_the_current_stream():
 def test_waits_for_the_engines_current_side_stream(layout, path):
     """The engine computes on a stream of its own: the one call orders the gather after the KV write queued there,
     on every call (the engine-order event is reused)."""
+    _gather_after_engine_writes(layout, path, torch.cuda.Stream())
+
+
+@pytest.mark.parametrize("path", ["staged", "dma"])
+def test_waits_for_the_legacy_default_stream(path):
+    """An engine on torch's default stream (the legacy stream, raw handle 0): the native call's query and wait take
+    that handle too."""
+    default = torch.cuda.default_stream()
+    assert default.cuda_stream == 0
+    _gather_after_engine_writes("vllm-flash-nhd", path, default)
+
+
+def _gather_after_engine_writes(layout, path, engine):
     tokens = 64
     d, ids, transfer = _setup(layout, tokens)
     host = torch.zeros(d.canonical_bytes(tokens), dtype=torch.uint8).pin_memory()
     _warm(transfer, d, ids, host, tokens, path)
-    engine = torch.cuda.Stream()
     for value in (0x5A, 0x6B):
         with torch.cuda.stream(engine):
             _write_later(d, value)
