@@ -146,7 +146,9 @@ def test_walkthrough_server_and_client_from_the_docs(tmp_path):
         text=True,
         timeout=60,
     )
-    assert listing.returncode == 0 and "vllm model=" in listing.stdout, listing
+    # The shard's namespace in the shared key format: its model, no engine label, not marked as an earlier format.
+    assert listing.returncode == 0 and "  model=" in listing.stdout, listing
+    assert "(earlier key format)" not in listing.stdout, listing
     with walk.server():
         (prompt, first), _ = walk.client()
         assert first == (prompt - 1) // CHUNK * CHUNK, "after a restart the document's chunks come from kvport"
